@@ -1,0 +1,79 @@
+"""Scaled sign: ``Q(x) = (||x||_1 / d) * sign(x)``, one bit per entry plus one float.
+
+Contractive: ``||Q(x) - x||^2 = ||x||^2 - ||x||_1^2 / d < ||x||^2`` for ``x != 0``.
+Zero entries are sent as ``+`` (this keeps the identity above exact).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from conef_fl.bitpack import CHUNK, pack_bits, packed_nbytes, unpack_bits
+from conef_fl.compressors.base import Compressor, Payload
+
+__all__ = ["ScaledSign"]
+
+
+class ScaledSign(Compressor):
+    """Scaled sign compressor.
+
+    Wire: ``"signs"``: ``ceil(d/8)`` uint8 bytes (bit = 1 for ``x >= 0``, bit-packed 8
+    per byte, little-endian bit order, see :mod:`conef_fl.bitpack`); ``"scale"``: one
+    float32 ``||x||_1 / d``. Deterministic; takes no constructor arguments.
+    """
+
+    name = "scaled-sign"
+    contractive = True
+
+    def __repr__(self) -> str:
+        return "ScaledSign()"
+
+    @torch.no_grad()
+    def compress(self, x: torch.Tensor, *, seed: int = 0, key: str = "") -> Payload:
+        """Sign bits of ``x`` and the mean absolute value (``seed`` and ``key`` are unused)."""
+        flat = x.reshape(-1)
+        d = flat.numel()
+        l1 = flat.abs().sum(dtype=torch.float32) if d else torch.zeros((), device=flat.device)
+        scale = (l1 / max(d, 1)).to(torch.float32).reshape(1)
+        signs = pack_bits(flat >= 0, 1)
+        return Payload(self.name, tuple(int(s) for s in x.shape), {"signs": signs, "scale": scale}, {})
+
+    def _check(self, payload: Payload) -> tuple[torch.Tensor, torch.Tensor]:
+        if payload.kind != self.name:
+            raise ValueError(f"payload kind {payload.kind!r} does not match compressor {self.name!r}")
+        signs, scale = payload.arrays["signs"], payload.arrays["scale"]
+        if signs.dtype != torch.uint8 or signs.numel() != packed_nbytes(payload.numel, 1):
+            raise ValueError(
+                f"scaled-sign payload has {signs.numel()} {signs.dtype} sign bytes; expected "
+                f"{packed_nbytes(payload.numel, 1)} uint8 for shape {payload.shape}"
+            )
+        if scale.numel() != 1:
+            raise ValueError(f"scaled-sign payload scale must have 1 element, got {scale.numel()}")
+        return signs, scale.to(signs.device, torch.float32)
+
+    def decompress(self, payload: Payload) -> torch.Tensor:
+        """Dense float32 ``scale * (+1 | -1)``."""
+        out = torch.zeros(payload.numel, dtype=torch.float32, device=payload.arrays["signs"].device)
+        self.decompress_add_(payload, out)
+        return out.view(payload.shape)
+
+    def decompress_add_(self, payload: Payload, target: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        """``target += alpha * Q(x)``, chunk by chunk (no dense float temporary)."""
+        signs, scale = self._check(payload)
+        if target.numel() != payload.numel:
+            raise ValueError(f"target has {target.numel()} elements, payload shape {payload.shape}")
+        flat = target.view(-1)
+        s = scale.to(flat.device, torch.float32) * alpha
+        d = payload.numel
+        for lo in range(0, d, CHUNK):
+            c = min(CHUNK, d - lo)
+            bits = unpack_bits(signs[lo // 8 : lo // 8 + packed_nbytes(c, 1)], 1, c).to(flat.device)
+            # bit 1 -> +s, bit 0 -> -s
+            flat[lo : lo + c].add_((bits.to(torch.float32) * 2 - 1).mul_(s).to(flat.dtype))
+        return target
+
+    def expected_nbytes(self, shape: tuple[int, ...]) -> int:
+        """``ceil(d / 8) + 4`` bytes."""
+        return packed_nbytes(math.prod(shape), 1) + 4

@@ -1,0 +1,444 @@
+"""The error-feedback family: one ``step(update) → payload`` per worker and tensor.
+
+=================  ==========================================================
+method             one step (``u`` = update, ``ê`` = stored error estimate)
+=================  ==========================================================
+none               ``Δ = Q(u)`` (SGD with identity Q; QSGD, rbSGD, ATOMO)
+efsgd              ``p = u + e; Δ = Q(p); e ← p − Δ``
+conef              ``p = u + (1−β)ê; Δ = Q(p)``; linear C (count sketch):
+                   ``S ← S + C(u − Δ)`` (mass-conserving); other C:
+                   ``state ← C(ê + u − Δ)``
+iconef-v1          ``p = u + ẽ + q; Δ = Q(p); ẽ ← C(p − Δ); q ← C(p − Δ − ẽ)``
+iconef-v2          same with ``ẽ ← Q'(p − Δ)`` (the gradient compressor, private seed)
+hefsgd             ``p = u + e; Δ = Q(p); e ← top-k(p − Δ)`` (stored sparse)
+=================  ==========================================================
+
+The receiver computes ``x ← x − η·mean_i Δ_i``. See ``ALGORITHMS.md``; the
+sketch update is the mass-conserving one (a literal ``β·S + C(p − Δ)`` diverges).
+
+Memory. With a linear error store and a selective Q (random-block-k, random-k,
+rbSGD), ConEF never materialises ``p``: it needs ê only at the ``k`` selected
+coordinates, then adds ``C(u)`` and subtracts ``C(Δ)`` (O(k)); the update
+itself is not modified. Otherwise ``p`` is formed in the update's buffer when
+``consume=True`` (the caller hands the buffer over), or in one copy.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+
+import torch
+
+from conef_fl.compressors import make_compressor
+from conef_fl.compressors.base import Compressor, Payload, SelectiveCompressor
+from conef_fl.config import MethodConfig
+from conef_fl.errors.base import DenseError, ErrorStore, NonFiniteError, check_finite
+from conef_fl.errors.quantizer import QuantizedError
+from conef_fl.errors.sketch import CountSketch, SketchGeometry
+from conef_fl.errors.topk import TopKError
+from conef_fl.seeding import derive_seed
+
+__all__ = [
+    "ErrorFeedback",
+    "NoFeedback",
+    "EFSGD",
+    "ConEF",
+    "IConEF",
+    "HEFSGD",
+    "NonFiniteError",
+    "make_compressor_for",
+    "make_error_store",
+    "make_feedback",
+]
+
+
+def make_compressor_for(config: MethodConfig, *, generator: torch.Generator | None = None) -> Compressor:
+    """The gradient compressor Q described by ``config``."""
+    name = config.compressor
+    kwargs: dict[str, object] = {}
+    if name in ("random-block-k", "random-k", "top-k", "rbsgd"):
+        kwargs = {"ratio": config.k_ratio, "value_dtype": config.value_dtype}
+    elif name in ("powersgd",):
+        kwargs = {"rank": config.rank, "value_dtype": config.value_dtype}
+    elif name == "atomo":
+        kwargs = {"rank": config.rank, "generator": generator, "seed": derive_seed(config.seed, "atomo")}
+    elif name == "qsgd":
+        kwargs = {"levels": config.qsgd_levels, "generator": generator, "seed": derive_seed(config.seed, "qsgd")}
+    elif name == "identity":
+        kwargs = {"value_dtype": config.value_dtype}
+    return make_compressor(name, **kwargs)
+
+
+def make_error_store(
+    config: MethodConfig, numel: int, key: str = "", device: torch.device | str = "cpu", kind: str | None = None
+) -> ErrorStore:
+    """The error store C of ``config`` for a tensor of ``numel`` elements (seeded per ``key``)."""
+    kind = kind or config.error_compressor
+    seed = derive_seed(config.seed, "error-store", kind, key)
+    if kind == "count-sketch":
+        geometry = SketchGeometry.for_ratio(
+            numel, config.sketch_ratio, config.sketch_rows, unit=config.sketch_unit or None
+        )
+        return CountSketch(
+            geometry, seed=seed, dtype=config.sketch_dtype, device=device, estimate_scale=config.estimate_scale
+        )
+    if kind == "quantizer":
+        return QuantizedError(numel, levels=config.quant_levels, seed=seed, device=device)
+    if kind == "identity":
+        return DenseError(numel, device=device)
+    if kind == "top-k":
+        return TopKError(numel, ratio=config.error_topk_ratio, device=device)
+    raise ValueError(f"error_compressor={kind!r} is not valid; allowed: count-sketch, quantizer, identity, top-k")
+
+
+class ErrorFeedback(ABC):
+    """One worker's compression of one tensor (flat or shaped).
+
+    Parameters
+    ----------
+    shape:
+        Shape of the tensor (the payload keeps it; the error is stored flat).
+    compressor:
+        The gradient compressor Q (shared by all tensors of a worker).
+    config:
+        The method configuration.
+    key:
+        Stable name of the tensor (layer name or bucket index): seeds hashes and selections.
+    device:
+        Device of the error state.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        compressor: Compressor,
+        config: MethodConfig,
+        key: str = "",
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.shape = tuple(int(s) for s in shape)
+        self.numel = math.prod(self.shape)
+        if self.numel < 1:
+            raise ValueError(f"shape={self.shape} has no elements")
+        self.compressor = compressor
+        self.config = config
+        self.key = key
+        self.device = torch.device(device)
+        self.steps = 0
+
+    # -- accounting ---------------------------------------------------------------------------
+    def stores(self) -> dict[str, ErrorStore]:
+        """The error stores kept between steps, by role."""
+        return {}
+
+    def persistent_tensors(self) -> list[torch.Tensor]:
+        """Every tensor kept between steps (error state, warm starts)."""
+        out = [t for s in self.stores().values() for t in s.persistent_tensors()]
+        out += [t for t in self.compressor.state_dict().values() if isinstance(t, torch.Tensor)]
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of error state kept between steps (excluding Q's own warm-start state)."""
+        return sum(s.nbytes for s in self.stores().values())
+
+    # -- the step -------------------------------------------------------------------------------
+    def step(self, update: torch.Tensor, *, seed: int = 0, consume: bool = False) -> Payload:
+        """Compress ``update`` with error feedback and return the payload to send.
+
+        Parameters
+        ----------
+        update:
+            ``u`` (gradient in DDP, ``x_global − x_local`` in FL), ``numel`` elements.
+        seed:
+            The shared seed of this step/round (identical on every worker).
+        consume:
+            The caller hands over ``update``'s buffer, which may then be overwritten
+            (avoids one copy of the update). With ``False`` it is never modified.
+
+        Raises
+        ------
+        NonFiniteError
+            If ``update`` has NaN/Inf; the error state is left untouched.
+        ValueError
+            If ``update`` has the wrong number of elements or is not floating point.
+        """
+        if update.numel() != self.numel:
+            raise ValueError(f"update for {self.key!r} has {update.numel()} elements, expected {self.numel}")
+        if not update.is_floating_point():
+            raise ValueError(f"update for {self.key!r} has dtype {update.dtype}, expected a floating dtype")
+        check_finite(update, f"update for {self.key!r}")
+        payload = self._step(update.reshape(-1), seed, consume)
+        self.steps += 1
+        return payload
+
+    @abstractmethod
+    def _step(self, u: torch.Tensor, seed: int, consume: bool) -> Payload: ...
+
+    def _buffer(self, u: torch.Tensor, consume: bool) -> torch.Tensor:
+        """A float32 buffer holding ``u`` that may be overwritten."""
+        if consume and u.dtype == torch.float32 and u.is_contiguous():
+            return u
+        return u.to(torch.float32, copy=True).contiguous()
+
+    def _compress(self, p: torch.Tensor, seed: int) -> Payload:
+        return self.compressor.compress(p.view(self.shape), seed=seed, key=self.key)
+
+    def reset(self) -> None:
+        """Forget the error (error reset)."""
+        for s in self.stores().values():
+            s.zero_()
+
+    # -- persistence ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, object]:
+        """Error stores and compressor state, with validation metadata."""
+        return {
+            "method": type(self).__name__,
+            "numel": self.numel,
+            "steps": self.steps,
+            "stores": {k: s.state_dict() for k, s in self.stores().items()},
+            "compressor": self.compressor.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """Restore :meth:`state_dict`; raises ``ValueError`` on any mismatch (state unchanged then)."""
+        if state.get("method") != type(self).__name__:
+            raise ValueError(f"state is for method {state.get('method')!r}, not {type(self).__name__!r}")
+        if state.get("numel") != self.numel:
+            raise ValueError(f"state has numel={state.get('numel')}, expected {self.numel}")
+        stores = state.get("stores")
+        mine = self.stores()
+        if not isinstance(stores, Mapping) or set(stores) != set(mine):
+            got = sorted(stores) if isinstance(stores, Mapping) else stores
+            raise ValueError(f"state has stores {got}, expected {sorted(mine)}")
+        # validate all before changing anything: load into fresh copies first
+        backups = {k: {kk: (vv.clone() if isinstance(vv, torch.Tensor) else vv) for kk, vv in s.state_dict().items()}
+                   for k, s in mine.items()}
+        try:
+            for k, s in mine.items():
+                s.load_state_dict(stores[k])
+        except Exception:
+            for k, s in mine.items():
+                s.load_state_dict(backups[k])
+            raise
+        comp = state.get("compressor", {})
+        if isinstance(comp, Mapping) and comp:
+            self.compressor.load_state_dict(comp)
+        self.steps = int(state.get("steps", 0))  # type: ignore[arg-type]
+
+
+class NoFeedback(ErrorFeedback):
+    """No memory: ``Δ = Q(u)`` (SGD with identity Q; QSGD, rbSGD, ATOMO)."""
+
+    def _step(self, u: torch.Tensor, seed: int, consume: bool) -> Payload:
+        return self._compress(u, seed)
+
+
+class EFSGD(ErrorFeedback):
+    """Error feedback with a dense float32 error (4·numel bytes): ``p = u + e; Δ = Q(p); e ← p − Δ``."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.error = DenseError(self.numel, device=self.device)
+
+    def stores(self) -> dict[str, ErrorStore]:
+        return {"e": self.error}
+
+    def _step(self, u: torch.Tensor, seed: int, consume: bool) -> Payload:
+        e = self.error.e
+        e.add_(u.to(e.dtype))  # e := p
+        payload = self._compress(e, seed)
+        self.compressor.decompress_add_(payload, e, alpha=-1.0)  # e := p − Δ
+        return payload
+
+
+class ConEF(ErrorFeedback):
+    """Partial contractive error feedback with error store C (``beta = 0``: plain ConEF).
+
+    Parameters
+    ----------
+    store:
+        The error compressor C; default from ``config.error_compressor``.
+    beta:
+        Partial feedback β ∈ [0, 1); default ``config.beta``.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        compressor: Compressor,
+        config: MethodConfig,
+        key: str = "",
+        device: torch.device | str = "cpu",
+        *,
+        store: ErrorStore | None = None,
+        beta: float | None = None,
+    ) -> None:
+        super().__init__(shape, compressor, config, key, device)
+        self.store = store if store is not None else make_error_store(config, self.numel, key, device)
+        self.beta = config.beta if beta is None else float(beta)
+        if not 0.0 <= self.beta < 1.0:
+            raise ValueError(f"beta={self.beta} is out of range; allowed: [0, 1)")
+
+    def stores(self) -> dict[str, ErrorStore]:
+        return {"e": self.store}
+
+    def _step(self, u: torch.Tensor, seed: int, consume: bool) -> Payload:
+        if self.store.linear and isinstance(self.compressor, SelectiveCompressor):
+            return self._step_selective(u, seed)
+        return self._step_general(u, seed, consume)
+
+    def _step_selective(self, u: torch.Tensor, seed: int) -> Payload:
+        q = self.compressor
+        assert isinstance(q, SelectiveCompressor)
+        tseed = q.tensor_seed(seed, self.key)  # type: ignore[attr-defined]
+        sel = q.select(self.numel, tseed, u.device)
+        if sel.indices is None:
+            e_sel = torch.cat([self.store.estimate_block(lo, hi - lo) for lo, hi in sel.slices()])
+        else:
+            e_sel = self.store.estimate_at(sel.indices)
+        p_sel = sel.gather(u).to(torch.float32).add_(e_sel.to(u.device), alpha=1.0 - self.beta)
+        payload = q.pack(p_sel, sel, self.shape, tseed)
+        delta_sel = payload.arrays["values"].to(torch.float32) * q.value_scale(self.numel)
+        # S ← S + C(u) − C(Δ): the mass-conserving update, u itself untouched
+        self.store.accumulate_(u)
+        if sel.indices is None:
+            off = 0
+            for lo, hi in sel.slices():
+                self.store.accumulate_block_(delta_sel[off : off + hi - lo], lo, alpha=-1.0)
+                off += hi - lo
+        else:
+            self.store.accumulate_sparse_(sel.indices, delta_sel, alpha=-1.0)
+        return payload
+
+    def _step_general(self, u: torch.Tensor, seed: int, consume: bool) -> Payload:
+        buf = self._buffer(u, consume)
+        fb = 1.0 - self.beta
+        self.store.estimate_add_(buf, alpha=fb)  # buf := p = u + (1−β)ê
+        payload = self._compress(buf, seed)
+        self.compressor.decompress_add_(payload, buf, alpha=-1.0)  # buf := p − Δ
+        if self.store.linear:
+            # S_new = S + C(u − Δ) = S − (1−β)C(ê) + C(p − Δ)
+            if self.store.subtract_estimate_feedback_(fb):
+                self.store.accumulate_(buf)
+            else:
+                self.store.estimate_add_(buf, alpha=-fb)  # buf := u − Δ (old state still intact)
+                self.store.accumulate_(buf)
+        else:
+            self.store.estimate_add_(buf, alpha=self.beta)  # buf := ê + u − Δ
+            self.store.assign_(buf)
+        return payload
+
+
+class HEFSGD(ConEF):
+    """hEFSGD: EFSGD whose error is kept as its own top-k (``config.error_topk_ratio``), stored sparse."""
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        compressor: Compressor,
+        config: MethodConfig,
+        key: str = "",
+        device: torch.device | str = "cpu",
+    ) -> None:
+        store = make_error_store(config, math.prod(shape), key, device, kind="top-k")
+        super().__init__(shape, compressor, config, key, device, store=store, beta=0.0)
+
+
+class IConEF(ErrorFeedback):
+    """Improved ConEF (Alg. 3): two error terms, ``p = u + ẽ + q``.
+
+    ``version=1``: ``ẽ ← C(p − Δ)`` and ``q ← C(p − Δ − ẽ)`` with two independently
+    seeded error stores. ``version=2``: ``ẽ ← Q(p − Δ)`` kept as Q's payload
+    (private seed), ``q ← C(p − Δ − ẽ)``.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        compressor: Compressor,
+        config: MethodConfig,
+        key: str = "",
+        device: torch.device | str = "cpu",
+        *,
+        version: int = 1,
+    ) -> None:
+        super().__init__(shape, compressor, config, key, device)
+        if version not in (1, 2):
+            raise ValueError(f"iConEF version={version!r}; allowed: 1, 2")
+        self.version = version
+        self.q_store = make_error_store(config, self.numel, key + "#q", device)
+        self.e_store: ErrorStore | None = (
+            make_error_store(config, self.numel, key + "#e", device) if version == 1 else None
+        )
+        self.e_payload: Payload | None = None
+        self._v2_q = make_compressor_for(config) if version == 2 else None
+
+    def stores(self) -> dict[str, ErrorStore]:
+        out: dict[str, ErrorStore] = {"q": self.q_store}
+        if self.e_store is not None:
+            out["e"] = self.e_store
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        extra = self.e_payload.nbytes if self.e_payload is not None else 0
+        return super().nbytes + extra
+
+    def persistent_tensors(self) -> list[torch.Tensor]:
+        out = super().persistent_tensors()
+        if self.e_payload is not None:
+            out += list(self.e_payload.arrays.values())
+        return out
+
+    def _step(self, u: torch.Tensor, seed: int, consume: bool) -> Payload:
+        buf = self._buffer(u, consume)
+        self.q_store.estimate_add_(buf)
+        if self.e_store is not None:
+            self.e_store.estimate_add_(buf)
+        elif self.e_payload is not None and self._v2_q is not None:
+            self._v2_q.decompress_add_(self.e_payload, buf)
+        payload = self._compress(buf, seed)  # buf = p
+        self.compressor.decompress_add_(payload, buf, alpha=-1.0)  # buf := r = p − Δ
+        if self.e_store is not None:
+            self.e_store.assign_(buf)
+            self.e_store.estimate_add_(buf, alpha=-1.0)  # buf := r − ẽ
+        else:
+            assert self._v2_q is not None
+            private = derive_seed(self.config.seed, "iconef-v2", self.steps)
+            self.e_payload = self._v2_q.compress(buf.view(self.shape), seed=private, key=self.key)
+            self._v2_q.decompress_add_(self.e_payload, buf, alpha=-1.0)
+        self.q_store.assign_(buf)
+        return payload
+
+    def reset(self) -> None:
+        super().reset()
+        self.e_payload = None
+
+
+def make_feedback(
+    config: MethodConfig,
+    shape: tuple[int, ...],
+    key: str = "",
+    *,
+    compressor: Compressor | None = None,
+    device: torch.device | str = "cpu",
+) -> ErrorFeedback:
+    """The :class:`ErrorFeedback` of ``config.feedback`` for one tensor."""
+    q = compressor if compressor is not None else make_compressor_for(config)
+    fb = config.feedback
+    if fb == "none":
+        return NoFeedback(shape, q, config, key, device)
+    if fb == "efsgd":
+        return EFSGD(shape, q, config, key, device)
+    if fb == "conef":
+        return ConEF(shape, q, config, key, device)
+    if fb == "hefsgd":
+        return HEFSGD(shape, q, config, key, device)
+    if fb == "iconef-v1":
+        return IConEF(shape, q, config, key, device, version=1)
+    if fb == "iconef-v2":
+        return IConEF(shape, q, config, key, device, version=2)
+    raise ValueError(f"feedback={fb!r} is not valid; allowed: none, efsgd, conef, iconef-v1, iconef-v2, hefsgd")
