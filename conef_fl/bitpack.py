@@ -182,4 +182,3 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
             _unpack_chunk(src, bits, tmp)
             out[lo:].copy_(tmp[:c])
     return out
-

@@ -295,22 +295,39 @@ class ConEF(ErrorFeedback):
         assert isinstance(q, SelectiveCompressor)
         tseed = q.tensor_seed(seed, self.key)  # type: ignore[attr-defined]
         sel = q.select(self.numel, tseed, u.device)
+        fb = 1.0 - self.beta
+        chunk = 1 << 16
+        # p on the selection only, built chunk by chunk: p_sel = u_sel + (1−β)·ê_sel
+        p_sel = torch.empty(sel.k, dtype=torch.float32, device=u.device)
         if sel.indices is None:
-            e_sel = torch.cat([self.store.estimate_block(lo, hi - lo) for lo, hi in sel.slices()])
+            off = 0
+            for lo, hi in sel.slices():
+                p_sel[off : off + hi - lo].copy_(u[lo:hi])
+                if fb:
+                    self.store.estimate_block_add_(p_sel[off : off + hi - lo], lo, alpha=fb)
+                off += hi - lo
         else:
-            e_sel = self.store.estimate_at(sel.indices)
-        p_sel = sel.gather(u).to(torch.float32).add_(e_sel.to(u.device), alpha=1.0 - self.beta)
+            for c in range(0, sel.k, chunk):
+                idx = sel.indices[c : c + chunk]
+                p_sel[c : c + chunk].copy_(u.index_select(0, idx.to(u.device, torch.int64)))
+                if fb:
+                    p_sel[c : c + chunk].add_(self.store.estimate_at(idx).to(u.device), alpha=fb)
         payload = q.pack(p_sel, sel, self.shape, tseed)
-        delta_sel = payload.arrays["values"].to(torch.float32) * q.value_scale(self.numel)
-        # S ← S + C(u) − C(Δ): the mass-conserving update, u itself untouched
+        del p_sel
+        values = payload.arrays["values"]
+        scale = -q.value_scale(self.numel)
+        # S ← S + C(u) − C(Δ): the mass-conserving update; u itself is not modified
         self.store.accumulate_(u)
         if sel.indices is None:
             off = 0
             for lo, hi in sel.slices():
-                self.store.accumulate_block_(delta_sel[off : off + hi - lo], lo, alpha=-1.0)
+                for c in range(lo, hi, chunk):
+                    n = min(chunk, hi - c)
+                    self.store.accumulate_block_(values[off + c - lo : off + c - lo + n], c, alpha=scale)
                 off += hi - lo
         else:
-            self.store.accumulate_sparse_(sel.indices, delta_sel, alpha=-1.0)
+            for c in range(0, sel.k, chunk):
+                self.store.accumulate_sparse_(sel.indices[c : c + chunk], values[c : c + chunk], alpha=scale)
         return payload
 
     def _step_general(self, u: torch.Tensor, seed: int, consume: bool) -> Payload:

@@ -5,8 +5,10 @@ For the ``n x m`` matrix view ``M = sum_i sigma_i u_i v_i^T`` (same view as Powe
 independently with probability ``p_i = min(1, c * sigma_i)``, where ``c`` is set so
 that ``sum_i p_i = r`` (the rank budget; iterative capping, :func:`atomo_probabilities`),
 and sent as ``(u_i, v_i, sigma_i / p_i)``. Hence ``E[Q(x)] = M`` (unbiased) with ``r``
-atoms in expectation. With ``r >= rank(M)`` every nonzero atom has ``p_i = 1`` and the
-reconstruction is exact up to float rounding.
+atoms in expectation. Singular values below ``sigma_max * max(n, m) * eps`` (the
+numerical rank cut-off of ``torch.linalg.matrix_rank``) count as zero. With
+``r >= rank(M)`` every nonzero atom has ``p_i = 1`` and the reconstruction is exact up
+to float rounding.
 
 Tensors whose ``r`` atoms would not be smaller than the tensor
 (``(n + m + 1) * r >= d``) are sent dense (``meta["dense"] = True``).
@@ -117,6 +119,9 @@ class ATOMO(Compressor):
         n, m = matrix_view_shape(shape)
         mat = as_matrix(x.detach(), n, m)
         u, sigma, vh = torch.linalg.svd(mat, full_matrices=False)
+        # Numerical rank: singular values at rounding level are zero atoms (never sampled).
+        tol = float(sigma.max()) * max(n, m) * torch.finfo(sigma.dtype).eps if sigma.numel() else 0.0
+        sigma = torch.where(sigma > tol, sigma, torch.zeros_like(sigma))
         p = atomo_probabilities(sigma, self.rank).to(sigma.device)
         draw = private_uniform(self.generator, sigma.numel(), sigma.device).to(torch.float64)
         keep = (draw < p).nonzero().squeeze(1)

@@ -87,7 +87,7 @@ class QSGD(Compressor):
         inv = s / nval if nval > 0 and math.isfinite(s / nval) else 0.0
         for lo in range(0, d, CHUNK):
             chunk = flat[lo : lo + CHUNK]
-            scaled = chunk.to(torch.float32).abs_().mul_(inv)
+            scaled = chunk.abs().to(torch.float32).mul_(inv)  # a new tensor: x is never modified
             scaled.add_(private_uniform(self.generator, chunk.numel(), flat.device)).floor_()
             level = scaled.clamp_(0, s).to(torch.uint8)
             code = (level << 1) | (chunk < 0).to(torch.uint8)

@@ -133,8 +133,9 @@ class SeededSelectiveCompressor(SelectiveCompressor):
                     f"payload {i} (shape {p.shape}, meta {dict(p.meta)}) cannot be averaged with "
                     f"payload 0 (shape {first.shape}, meta {dict(first.meta)}): seeds/shapes/k must match"
                 )
-        acc = torch.zeros(first.arrays["values"].numel(), dtype=torch.float32,
-                          device=first.arrays["values"].device)
+        acc = torch.zeros(
+            first.arrays["values"].numel(), dtype=torch.float32, device=first.arrays["values"].device
+        )
         for wi, p in zip(w, payloads, strict=True):
             acc.add_(p.arrays["values"].to(acc.device, torch.float32), alpha=wi)
         return Payload(self.name, first.shape, {"values": acc.to(self._dtype)}, dict(first.meta))

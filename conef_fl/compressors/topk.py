@@ -89,8 +89,9 @@ class TopK(Compressor):
         idx = topk_indices(flat.abs(), k)
         values = flat.index_select(0, idx).to(self._dtype)
         arrays = {"indices": idx.to(torch.int32), "values": values}
-        return Payload(self.name, tuple(int(s) for s in x.shape), arrays,
-                       {"k": k, "value_dtype": self.value_dtype})
+        return Payload(
+            self.name, tuple(int(s) for s in x.shape), arrays, {"k": k, "value_dtype": self.value_dtype}
+        )
 
     def _check(self, payload: Payload) -> tuple[torch.Tensor, torch.Tensor]:
         if payload.kind != self.name:

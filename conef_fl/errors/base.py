@@ -77,6 +77,15 @@ class ErrorStore(ABC):
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         """Restore from :meth:`state_dict`, validating shapes, dtypes and parameters."""
 
+    def estimate_block_add_(self, target: torch.Tensor, start: int, alpha: float = 1.0) -> torch.Tensor:
+        """``target += alpha · ê[start : start + len(target)]`` in bounded chunks."""
+        flat = target.view(-1)
+        step = 1 << 16
+        for off in range(0, flat.numel(), step):
+            n = min(step, flat.numel() - off)
+            flat[off : off + n].add_(self.estimate_block(start + off, n).to(flat.dtype), alpha=alpha)
+        return target
+
     def decompress(self) -> torch.Tensor:
         """ê as a new dense float32 vector (allocates ``numel`` floats: tests and inspection only)."""
         out = torch.zeros(self.numel, dtype=torch.float32, device=self.persistent_tensors()[0].device)

@@ -12,7 +12,14 @@ Typical use in a client::
 
 from __future__ import annotations
 
-from conef_fl.tasks.data import TASK_NAMES, TaskData, clear_data_cache, default_data_dir, load_task_data, read_idx
+from conef_fl.tasks.data import (
+    TASK_NAMES,
+    TaskData,
+    clear_data_cache,
+    default_data_dir,
+    load_task_data,
+    read_idx,
+)
 from conef_fl.tasks.models import MODEL_NAMES, build_model, count_parameters
 from conef_fl.tasks.params import get_flat_params, model_to_ndarrays, ndarrays_to_model, set_flat_params
 from conef_fl.tasks.partition import PARTITION_SCHEMES, clear_partition_cache, partition_indices

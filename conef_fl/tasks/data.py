@@ -253,7 +253,9 @@ def _mnist_raw(key: tuple[tuple[str, int, int], ...]) -> dict[str, np.ndarray]:
         images = read_idx(paths[f"{split}_images"], _IDX_IMAGES_MAGIC)
         labels = read_idx(paths[f"{split}_labels"], _IDX_LABELS_MAGIC)
         if images.ndim != 3:
-            raise ValueError(f"IDX file {paths[f'{split}_images']} has shape {images.shape}, expected (N, H, W)")
+            raise ValueError(
+                f"IDX file {paths[f'{split}_images']} has shape {images.shape}, expected (N, H, W)"
+            )
         if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
             raise ValueError(
                 f"IDX file {paths[f'{split}_labels']} has shape {labels.shape}, "
@@ -295,7 +297,9 @@ def clear_data_cache() -> None:
     _digits_raw.cache_clear()
 
 
-def _stratified_test_indices(labels: np.ndarray, test_fraction: float, rng: np.random.Generator) -> np.ndarray:
+def _stratified_test_indices(
+    labels: np.ndarray, test_fraction: float, rng: np.random.Generator
+) -> np.ndarray:
     """Pick ``ceil(test_fraction * N)`` test indices, proportionally per class.
 
     Per-class counts use largest-remainder rounding (ties broken by class), so

@@ -65,7 +65,9 @@ class DigitsCNN(nn.Module):
             nn.ReLU(),
             nn.MaxPool2d(2),
         )
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(16 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(16 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, num_classes)`` of images ``(N, 1, 8, 8)``."""
@@ -85,7 +87,9 @@ class MnistCNN(nn.Module):
             nn.ReLU(),
             nn.MaxPool2d(2),
         )
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, num_classes)`` of images ``(N, 1, 28, 28)``."""
@@ -95,7 +99,9 @@ class MnistCNN(nn.Module):
 class CharLSTM(nn.Module):
     """LEAF's Shakespeare model: embedding(vocab, 8), 2-layer LSTM, linear head."""
 
-    def __init__(self, vocab_size: int, embed_dim: int = 8, hidden_size: int = 256, num_layers: int = 2) -> None:
+    def __init__(
+        self, vocab_size: int, embed_dim: int = 8, hidden_size: int = 256, num_layers: int = 2
+    ) -> None:
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         self.lstm = nn.LSTM(embed_dim, hidden_size, num_layers=num_layers, batch_first=True)

@@ -106,7 +106,9 @@ def partition_indices(
         or a configuration the flwr-datasets partitioner rejects.
     """
     if scheme not in PARTITION_SCHEMES:
-        raise ValueError(f"unknown partition scheme {scheme!r}; valid schemes: {', '.join(PARTITION_SCHEMES)}")
+        raise ValueError(
+            f"unknown partition scheme {scheme!r}; valid schemes: {', '.join(PARTITION_SCHEMES)}"
+        )
     num_partitions = _as_int("num_partitions", num_partitions)
     seed = _as_int("seed", seed)
     n = task.num_train
@@ -262,7 +264,9 @@ def _dirichlet(labels: np.ndarray, num_partitions: int, alpha: float, seed: int)
     return [np.asarray(p, dtype=np.int64) for p in parts]
 
 
-def _pathological(labels: np.ndarray, num_partitions: int, classes_per_partition: int, seed: int) -> list[np.ndarray]:
+def _pathological(
+    labels: np.ndarray, num_partitions: int, classes_per_partition: int, seed: int
+) -> list[np.ndarray]:
     from flwr_datasets.partitioner import PathologicalPartitioner
 
     num_classes = int(np.unique(labels).shape[0])
@@ -303,7 +307,9 @@ def _natural(groups: np.ndarray, num_partitions: int, seed: int) -> list[np.ndar
     for bucket, members in enumerate(np.array_split(order, num_partitions)):
         bucket_of_group[members] = bucket
     partitioner = NaturalIdPartitioner(partition_by="bucket")
-    partitioner.dataset = _dataset({"idx": np.arange(groups.shape[0]), "bucket": bucket_of_group[inverse.reshape(-1)]})
+    partitioner.dataset = _dataset(
+        {"idx": np.arange(groups.shape[0]), "bucket": bucket_of_group[inverse.reshape(-1)]}
+    )
     # NaturalIdPartitioner draws a tqdm progress bar on stderr; keep it out of logs.
     with contextlib.redirect_stderr(io.StringIO()):
         return _collect(partitioner, num_partitions)

@@ -152,7 +152,9 @@ def train_local(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512) -> dict[str, float | int]:
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512
+) -> dict[str, float | int]:
     """Mean cross-entropy and accuracy of ``model`` on ``(x, y)`` in eval mode.
 
     Parameters
