@@ -312,7 +312,7 @@ class ConEF(ErrorFeedback):
                 p_sel[c : c + chunk].copy_(u.index_select(0, idx.to(u.device, torch.int64)))
                 if fb:
                     p_sel[c : c + chunk].add_(self.store.estimate_at(idx).to(u.device), alpha=fb)
-        payload = q.pack(p_sel, sel, self.shape, tseed)
+        payload = q.pack(p_sel, sel, self.shape, tseed, owned=True)
         del p_sel
         values = payload.arrays["values"]
         scale = -q.value_scale(self.numel)
@@ -321,9 +321,7 @@ class ConEF(ErrorFeedback):
         if sel.indices is None:
             off = 0
             for lo, hi in sel.slices():
-                for c in range(lo, hi, chunk):
-                    n = min(chunk, hi - c)
-                    self.store.accumulate_block_(values[off + c - lo : off + c - lo + n], c, alpha=scale)
+                self.store.accumulate_block_(values[off : off + hi - lo], lo, alpha=scale)
                 off += hi - lo
         else:
             for c in range(0, sel.k, chunk):

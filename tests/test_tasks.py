@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import struct
 from pathlib import Path
 
@@ -267,6 +268,15 @@ def test_dirichlet_small_alpha_is_label_skewed(digits: TaskData) -> None:
     skewed = _label_skew(digits, partition_indices(digits, 10, "dirichlet", alpha=0.1))
     assert iid < 0.15
     assert skewed > 0.4 and skewed > 3 * iid
+
+
+def test_dirichlet_fills_partitions_left_empty(digits: TaskData, caplog: pytest.LogCaptureFixture) -> None:
+    clear_partition_cache()
+    with caplog.at_level(logging.INFO, logger="conef_fl.tasks.partition"):
+        parts = partition_indices(digits, 300, "dirichlet", alpha=0.05, seed=0)
+    assert "filling empty partitions" in caplog.text  # every Dirichlet draw left one empty
+    _assert_partition(parts, digits.num_train, 300)
+    assert _label_skew(digits, parts) > 0.6
 
 
 def test_thousand_iid_partitions_of_digits(digits: TaskData) -> None:

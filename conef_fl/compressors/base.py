@@ -237,8 +237,14 @@ class SelectiveCompressor(Compressor):
         """The coordinates chosen for a tensor of ``numel`` elements with ``seed``."""
 
     @abstractmethod
-    def pack(self, values: torch.Tensor, selection: Selection, shape: tuple[int, ...], seed: int) -> Payload:
-        """Build the payload from the selected (unscaled) values of ``x``."""
+    def pack(
+        self, values: torch.Tensor, selection: Selection, shape: tuple[int, ...], seed: int, *, owned: bool = False
+    ) -> Payload:
+        """Build the payload from the selected (unscaled) values of ``x``.
+
+        With ``owned=True`` the caller hands ``values`` over: when it already has the
+        wire dtype it becomes the payload array without a copy.
+        """
 
 
 # ---------------------------------------------------------------------------

@@ -42,6 +42,8 @@ class Identity(SeededSelectiveCompressor):
         """The whole tensor, independent of ``seed``."""
         return Selection(numel=numel, k=self.k_for(numel), start=0)
 
-    def pack(self, values: torch.Tensor, selection: Selection, shape: tuple[int, ...], seed: int) -> Payload:
+    def pack(
+        self, values: torch.Tensor, selection: Selection, shape: tuple[int, ...], seed: int, *, owned: bool = False
+    ) -> Payload:
         """Like the base ``pack``, but records seed 0: the selection does not depend on it."""
-        return super().pack(values, selection, shape, 0)
+        return super().pack(values, selection, shape, 0, owned=owned)

@@ -68,14 +68,18 @@ class SeededSelectiveCompressor(SelectiveCompressor):
         selection = self.select(flat.numel(), tseed, flat.device)
         return self.pack(selection.gather(flat), selection, tuple(x.shape), tseed)
 
-    def pack(self, values: torch.Tensor, selection: Selection, shape: tuple[int, ...], seed: int) -> Payload:
+    def pack(
+        self, values: torch.Tensor, selection: Selection, shape: tuple[int, ...], seed: int, *, owned: bool = False
+    ) -> Payload:
         """Build the payload from the ``k`` selected (unscaled) values.
 
         ``seed`` is the per-tensor seed given to :meth:`select` (``tensor_seed(seed, key)``).
         """
         if values.numel() != selection.k:
             raise ValueError(f"values has {values.numel()} elements, selection.k={selection.k}")
-        wire = values.detach().reshape(-1).to(self._dtype, copy=True)
+        wire = values.detach().reshape(-1)
+        if not (owned and wire.dtype == self._dtype and wire.is_contiguous()):
+            wire = wire.to(self._dtype, copy=True)
         meta = {"seed": int(seed), "k": selection.k, "value_dtype": self.value_dtype}
         return Payload(self.name, tuple(int(s) for s in shape), {"values": wire}, meta)
 

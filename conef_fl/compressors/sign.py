@@ -35,7 +35,7 @@ class ScaledSign(Compressor):
         """Sign bits of ``x`` and the mean absolute value (``seed`` and ``key`` are unused)."""
         flat = x.reshape(-1)
         d = flat.numel()
-        l1 = flat.abs().sum(dtype=torch.float32) if d else torch.zeros((), device=flat.device)
+        l1 = torch.linalg.vector_norm(flat, 1, dtype=torch.float32)  # no |x| temporary
         scale = (l1 / max(d, 1)).to(torch.float32).reshape(1)
         signs = pack_bits(flat >= 0, 1)
         return Payload(self.name, tuple(int(s) for s in x.shape), {"signs": signs, "scale": scale}, {})

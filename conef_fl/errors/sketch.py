@@ -45,6 +45,10 @@ _TARGET_BUCKETS = 1024
 _MAX_UNIT = 4096
 #: Elements processed per chunk on the index path (256 KiB of float32 scratch).
 _CHUNK_ELEMS = 1 << 16
+#: Units per sparse-kernel call: bounds the hash/CSR temporaries (a few int64 per unit).
+_UNIT_BLOCK = 2048
+#: Coordinates per call of the per-coordinate (sparse) paths.
+_SPARSE_CHUNK = 1 << 13
 
 
 def sketch_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -115,13 +119,22 @@ class SketchGeometry:
         return SketchGeometry(numel=numel, rows=rows, buckets=buckets, unit=unit)
 
 
-def _row_hash_params(seed: int, row: int) -> tuple[int, int, int, int]:
+def _row_hash_params(seed: int, row: int) -> tuple[int, ...]:
     base = derive_seed(seed, "count-sketch", row)
-    a = derive_seed(base, 1) % (_PRIME - 1) + 1
-    b = derive_seed(base, 2) % _PRIME
-    c = derive_seed(base, 3) % (_PRIME - 1) + 1
-    d = derive_seed(base, 4) % _PRIME
-    return a, b, c, d
+    return tuple(derive_seed(base, j) % (_PRIME - 1) + 1 for j in range(6))
+
+
+def _mix(i: torch.Tensor, a: int, b: int, c: int) -> torch.Tensor:
+    """``F((a·i + b) mod p)``: a pairwise-independent affine hash followed by a fixed scrambler.
+
+    Every product stays below 2^62, so int64 arithmetic never overflows on any device.
+    The scrambler (xor-shifts and a modular multiply) breaks the arithmetic-progression
+    pattern an affine hash leaves on consecutive unit indices.
+    """
+    x = (i * a + b).remainder_(_PRIME)
+    x = x.bitwise_xor_(x >> 16).remainder_(_PRIME)
+    x = (x * c).remainder_(_PRIME)
+    return x.bitwise_xor_(x >> 13)
 
 
 def unit_hashes(
@@ -129,13 +142,14 @@ def unit_hashes(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Bucket indices (int64) and signs (±1 float32) of units ``lo..hi-1`` for hash row ``row``.
 
-    Carter–Wegman hashing ``((a·i + b) mod p) mod W`` with ``p = 2^31 − 1``; the sign
-    is the parity of an independent hash. Pure function of its arguments.
+    Bucket and sign come from two independently seeded hashes
+    ``F((a·i + b) mod p)`` with ``p = 2^31 − 1`` (see :func:`_mix`). Pure function
+    of its arguments; nothing is stored.
     """
-    a, b, c, d = _row_hash_params(seed, row)
+    a, b, c, d, e, f = _row_hash_params(seed, row)
     i = torch.arange(lo, hi, device=device, dtype=torch.int64)
-    h = (i * a + b).remainder_(_PRIME).remainder_(buckets)
-    s = (i * c + d).remainder_(_PRIME).bitwise_and_(1).mul_(-2).add_(1).to(torch.float32)
+    h = _mix(i, a, b, c).remainder_(buckets)
+    s = _mix(i, d, e, f).bitwise_and_(1).mul_(-2).add_(1).to(torch.float32)
     return h, s
 
 
@@ -235,8 +249,10 @@ class CountSketch(ErrorStore):
         hi = lo + x_units.shape[0]
         for r in range(g.rows):
             if self._use_sparse() and x_units.shape[1] == g.unit:
-                pt = self._units_csr(r, lo, hi, transpose=True)
-                self.table[r].addmm_(pt, x_units.to(self.table.dtype), alpha=alpha)
+                for blo in range(lo, hi, _UNIT_BLOCK):
+                    bhi = min(hi, blo + _UNIT_BLOCK)
+                    pt = self._units_csr(r, blo, bhi, transpose=True)
+                    self.table[r].addmm_(pt, x_units[blo - lo : bhi - lo].to(self.table.dtype), alpha=alpha)
                 continue
             for clo, chi in self._chunks(lo, hi):
                 h, s = unit_hashes(self.seed, r, g.buckets, clo, chi, self.table.device)
@@ -270,7 +286,7 @@ class CountSketch(ErrorStore):
     def accumulate_block_(self, values: torch.Tensor, start: int, alpha: float = 1.0) -> CountSketch:
         """``S ← S + alpha · CS(z)`` where ``z`` is zero except ``z[start:start+len(values)] = values``.
 
-        Costs O(len(values)); used to add a sparse correction (e.g. ``−Δ`` on a block).
+        Costs O(len(values)), in bounded chunks; used to subtract ``Δ`` on a block.
         """
         g = self.geometry
         k = values.numel()
@@ -278,17 +294,21 @@ class CountSketch(ErrorStore):
             raise ValueError(f"block [{start}, {start + k}) outside [0, {g.numel})")
         vals = values.reshape(-1)
         m = g.unit
-        pos = start
-        while pos < start + k:
-            u = pos // m
-            off = pos - u * m
-            take = min(m - off, start + k - pos)
-            seg = vals[pos - start : pos - start + take].to(torch.float32)
-            for r in range(g.rows):
-                h, s = unit_hashes(self.seed, r, g.buckets, u, u + 1, self.table.device)
-                tgt = self.table[r, int(h[0]), off : off + take]
-                tgt.add_((seg * float(s[0]) * alpha).to(tgt.dtype))
-            pos += take
+        first = min(-(-start // m), self._full_units())  # first unit starting inside the block
+        last = max(first, min((start + k) // m, self._full_units()))  # units [first, last) lie inside
+        if last > first:
+            inner = vals[first * m - start : last * m - start].view(last - first, m)
+            if inner.dtype != torch.float32:
+                inner = inner.to(torch.float32)
+            self._scatter_rows(inner, first, alpha)
+            pieces = [(start, first * m), (last * m, start + k)]
+        else:
+            pieces = [(start, start + k)]
+        for lo, hi in pieces:
+            for c in range(lo, hi, _SPARSE_CHUNK):
+                n = min(_SPARSE_CHUNK, hi - c)
+                idx = torch.arange(c, c + n, device=self.table.device)
+                self.accumulate_sparse_(idx, vals[c - start : c - start + n], alpha=alpha)
         return self
 
     def accumulate_sparse_(self, indices: torch.Tensor, values: torch.Tensor, alpha: float = 1.0) -> CountSketch:
@@ -321,8 +341,11 @@ class CountSketch(ErrorStore):
         full = self._full_units()
         m = g.unit
         if g.rows == 1 and self._use_sparse() and flat.dtype == self.table.dtype and full:
-            p = self._units_csr(0, 0, full, transpose=False)
-            flat[: full * m].view(full, m).addmm_(p, self.table[0], alpha=a)
+            units = flat[: full * m].view(full, m)
+            for blo in range(0, full, _UNIT_BLOCK):
+                bhi = min(full, blo + _UNIT_BLOCK)
+                p = self._units_csr(0, blo, bhi, transpose=False)
+                units[blo:bhi].addmm_(p, self.table[0], alpha=a)
         else:
             for lo, hi in self._chunks(0, full):
                 est = self._estimate_units(lo, hi, m)

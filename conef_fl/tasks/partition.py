@@ -160,16 +160,13 @@ def partition_indices(
         _CACHE.move_to_end(key)
         return list(cached)
 
-    if scheme == "iid":
+    if column is None:  # iid
         parts = _iid(n, num_partitions, seed)
     elif scheme == "dirichlet":
-        assert column is not None
         parts = _dirichlet(column, num_partitions, alpha, seed)
     elif scheme == "pathological":
-        assert column is not None
         parts = _pathological(column, num_partitions, classes_per_partition, seed)
     else:
-        assert column is not None
         parts = _natural(column, num_partitions, seed)
 
     result = tuple(_finalise(parts, n, scheme))

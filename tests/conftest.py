@@ -1,0 +1,34 @@
+"""Shared fixtures: paths to ../shared/data and skips when it is missing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+MNIST_DIR = SHARED_DATA / "mnist"
+SHAKESPEARE_FILE = SHARED_DATA / "tinyshakespeare" / "input.txt"
+
+
+@pytest.fixture
+def mnist_dir() -> Path:
+    """The MNIST IDX folder, or skip with the reason."""
+    if not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"MNIST not found at {MNIST_DIR} (../shared/data is not present on this machine)")
+    return MNIST_DIR
+
+
+@pytest.fixture
+def shakespeare_file() -> Path:
+    """The Tiny Shakespeare text, or skip with the reason."""
+    if not SHAKESPEARE_FILE.exists():
+        pytest.skip(f"Tiny Shakespeare not found at {SHAKESPEARE_FILE} (../shared/data is not present)")
+    return SHAKESPEARE_FILE
+
+
+@pytest.fixture(autouse=True)
+def _few_threads() -> None:
+    torch.set_num_threads(2)
