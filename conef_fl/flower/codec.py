@@ -1,0 +1,139 @@
+"""Payloads ⇄ Flower records, in their wire dtypes.
+
+One client reply carries an :class:`ArrayRecord` ``"payload"`` with one
+:class:`Array` per wire array (key ``"<tensor>::<array>"``: int32 indices,
+float16/float32 values, uint8 packed bits, exactly as the compressor produced
+them; bfloat16 travels as its int16 bit pattern) and a :class:`ConfigRecord`
+``"payload-meta"`` with the scalars (kind, seed, ``k``, ...).
+
+Decoding checks every declared dtype and shape against the expected structure
+*before* deserialising an array, so a hostile reply cannot make the server
+allocate memory in proportion to a size it merely declares.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from conef_fl.compressors.base import Payload
+from conef_fl.validation import PayloadError, PayloadSpec, validate_payload
+
+SEP = "::"
+KIND = "__kind__"
+BF16 = "__bf16__"
+
+_TORCH_TO_NUMPY = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.float64: "float64",
+    torch.int32: "int32",
+    torch.int64: "int64",
+    torch.uint8: "uint8",
+    torch.int16: "int16",
+    torch.bool: "bool",
+}
+
+
+def _to_numpy(t: torch.Tensor) -> tuple[np.ndarray, bool]:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy(), True
+    return t.numpy(), False
+
+
+def encode_payloads(payloads: Mapping[str, Payload]) -> tuple[ArrayRecord, ConfigRecord]:
+    """Records for a reply: wire arrays in an ArrayRecord, scalars in a ConfigRecord."""
+    arrays: dict[str, Array] = {}
+    meta: dict[str, int | float | str | bool] = {}
+    for key, p in payloads.items():
+        if SEP in key:
+            raise ValueError(f"tensor name {key!r} must not contain {SEP!r}")
+        meta[f"{key}{SEP}{KIND}"] = p.kind
+        for name, t in p.arrays.items():
+            arr, is_bf16 = _to_numpy(t)
+            arrays[f"{key}{SEP}{name}"] = Array(arr)
+            if is_bf16:
+                meta[f"{key}{SEP}{BF16}{name}"] = True
+        for mk, mv in p.meta.items():
+            meta[f"{key}{SEP}{mk}"] = mv
+    return ArrayRecord(arrays), ConfigRecord(meta)
+
+
+def _split(key: str, known: Mapping[str, object], what: str) -> tuple[str, str]:
+    if SEP not in key:
+        raise PayloadError(f"{what} key {key!r} is not of the form '<tensor>{SEP}<name>'")
+    tensor, name = key.split(SEP, 1)
+    if tensor not in known:
+        raise PayloadError(f"{what} key {key!r} names an unknown tensor {tensor!r}")
+    return tensor, name
+
+
+def decode_payloads(
+    arrays: ArrayRecord, meta: ConfigRecord, specs: Mapping[str, PayloadSpec]
+) -> dict[str, Payload]:
+    """Validate and decode a reply's payload records into one :class:`Payload` per tensor.
+
+    Raises
+    ------
+    PayloadError
+        On any unknown/missing tensor or array, wrong declared dtype/shape, wrong
+        metadata, NaN/Inf values or out-of-range/duplicate indices.
+    """
+    grouped: dict[str, dict[str, Array]] = {k: {} for k in specs}
+    for key in arrays:
+        tensor, name = _split(key, specs, "array")
+        grouped[tensor][name] = arrays[key]
+    metas: dict[str, dict[str, object]] = {k: {} for k in specs}
+    bf16: dict[str, set[str]] = {k: set() for k in specs}
+    kinds: dict[str, str] = {}
+    for key in meta:
+        tensor, name = _split(key, specs, "metadata")
+        val = meta[key]
+        if name == KIND:
+            kinds[tensor] = str(val)
+        elif name.startswith(BF16):
+            bf16[tensor].add(name[len(BF16) :])
+        else:
+            metas[tensor][name] = val
+    out: dict[str, Payload] = {}
+    for tensor, spec in specs.items():
+        where = f"tensor {tensor!r}"
+        if tensor not in kinds:
+            raise PayloadError(f"{where}: missing from the reply")
+        got, want = set(grouped[tensor]), set(spec.arrays)
+        if got != want:
+            raise PayloadError(f"{where}: arrays {sorted(got)}, expected {sorted(want)}")
+        tensors: dict[str, torch.Tensor] = {}
+        for name, aspec in spec.arrays.items():
+            arr = grouped[tensor][name]
+            want_np = "int16" if name in bf16[tensor] else _TORCH_TO_NUMPY.get(aspec.dtype, "?")
+            if aspec.dtype == torch.bfloat16 and name not in bf16[tensor]:
+                raise PayloadError(f"{where}: array {name!r} should be bfloat16 bits")
+            if str(arr.dtype) != want_np:
+                raise PayloadError(f"{where}: array {name!r} declares dtype {arr.dtype}, expected {want_np}")
+            declared = tuple(int(s) for s in arr.shape)
+            if len(declared) != len(aspec.shape) or any(
+                (exp is not None and d != exp) or (exp is None and not 0 <= d <= aspec.max_dim)
+                for d, exp in zip(declared, aspec.shape, strict=False)
+            ):
+                raise PayloadError(f"{where}: array {name!r} declares shape {declared}, expected {aspec.shape}")
+            try:
+                nd = arr.numpy()
+            except Exception as exc:  # malformed bytes
+                raise PayloadError(f"{where}: array {name!r} cannot be decoded ({exc})") from None
+            if tuple(nd.shape) != declared or str(nd.dtype) != want_np:
+                raise PayloadError(
+                    f"{where}: array {name!r} data is {nd.dtype}{tuple(nd.shape)}, declared {arr.dtype}{declared}"
+                )
+            t = torch.from_numpy(np.ascontiguousarray(nd))
+            if name in bf16[tensor]:
+                t = t.view(torch.bfloat16)
+            tensors[name] = t
+        payload = Payload(kinds[tensor], spec.shape, tensors, metas[tensor])
+        validate_payload(payload, spec, key=tensor)
+        out[tensor] = payload
+    return out

@@ -1,0 +1,150 @@
+"""Validation of payloads received from untrusted workers.
+
+A receiver knows the tensor's shape, the compressor and the round's shared
+seed, so it can build the *expected structure* of a payload (array names,
+dtypes, shapes, metadata) from a probe compression of zeros and compare the
+reply against it **before** decoding anything. Nothing is allocated in
+proportion to a size the sender declares. Every rejection is a
+:class:`PayloadError` whose message names the tensor and the problem.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from conef_fl.compressors import make_compressor
+from conef_fl.compressors.base import Compressor, Payload
+
+
+class PayloadError(ValueError):
+    """A payload from a worker failed validation (the message says which tensor and why)."""
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """Expected dtype and shape of one wire array (``None`` in a dim: variable, bounded)."""
+
+    dtype: torch.dtype
+    shape: tuple[int | None, ...]
+    #: Upper bound for variable dimensions.
+    max_dim: int = 0
+
+
+@dataclass(frozen=True)
+class PayloadSpec:
+    """Expected structure of the payload for one tensor."""
+
+    kind: str
+    shape: tuple[int, ...]
+    arrays: Mapping[str, ArraySpec]
+    meta: Mapping[str, object]
+
+
+def expected_spec(compressor: Compressor, shape: tuple[int, ...], *, seed: int, key: str) -> PayloadSpec:
+    """Build the expected payload structure by compressing zeros with a *fresh* probe compressor.
+
+    The probe never touches the caller's compressor (PowerSGD keeps warm-start state).
+    ATOMO sends a variable number of atoms ``j ≤ min(n, m)``; its atom dimension is
+    marked variable.
+    """
+    probe = _fresh_probe(compressor)
+    x = torch.zeros(shape, dtype=torch.float32)
+    if compressor.name == "atomo":
+        # ATOMO: a random rank-1 probe yields the array layout; atom count is variable
+        x = torch.ones(shape, dtype=torch.float32)
+    ref = probe.compress(x, seed=seed, key=key)
+    arrays: dict[str, ArraySpec] = {}
+    for name, t in ref.arrays.items():
+        dims: tuple[int | None, ...] = tuple(int(s) for s in t.shape)
+        max_dim = 0
+        if compressor.name == "atomo" and not ref.meta.get("dense", False) and t.ndim >= 1:
+            n_atoms_dim = t.ndim - 1
+            dims = tuple(None if i == n_atoms_dim else d for i, d in enumerate(dims))
+            max_dim = max(1, min(_matrix_dims(shape)))
+        arrays[name] = ArraySpec(t.dtype, dims, max_dim)
+    meta = dict(ref.meta)
+    if compressor.name == "atomo":
+        meta = {k: v for k, v in meta.items() if k not in ("atoms", "num_atoms")}
+    return PayloadSpec(ref.kind, tuple(int(s) for s in shape), arrays, meta)
+
+
+def _matrix_dims(shape: tuple[int, ...]) -> tuple[int, int]:
+    if len(shape) >= 2:
+        return int(shape[0]), int(math.prod(shape[1:]))
+    d = int(math.prod(shape))
+    n = math.isqrt(max(d, 1))
+    return max(n, 1), -(-d // max(n, 1))
+
+
+def _fresh_probe(compressor: Compressor) -> Compressor:
+    kwargs: dict[str, object] = {}
+    for attr in ("ratio", "value_dtype", "rank", "levels", "norm"):
+        if hasattr(compressor, attr):
+            kwargs[attr] = getattr(compressor, attr)
+    try:
+        return make_compressor(compressor.name, **kwargs)
+    except TypeError:
+        return make_compressor(compressor.name)
+
+
+def validate_payload(payload: Payload, spec: PayloadSpec, *, key: str) -> None:
+    """Check ``payload`` against ``spec``; raise :class:`PayloadError` naming ``key`` and the problem."""
+    where = f"tensor {key!r}"
+    if payload.kind != spec.kind:
+        raise PayloadError(f"{where}: compressor {payload.kind!r}, expected {spec.kind!r}")
+    if tuple(payload.shape) != spec.shape:
+        raise PayloadError(f"{where}: shape {tuple(payload.shape)}, expected {spec.shape}")
+    names, want = set(payload.arrays), set(spec.arrays)
+    if names != want:
+        raise PayloadError(f"{where}: arrays {sorted(names)}, expected {sorted(want)}")
+    for name, aspec in spec.arrays.items():
+        t = payload.arrays[name]
+        if not isinstance(t, torch.Tensor):
+            raise PayloadError(f"{where}: array {name!r} is {type(t).__name__}, not a tensor")
+        if t.dtype != aspec.dtype:
+            raise PayloadError(f"{where}: array {name!r} has dtype {t.dtype}, expected {aspec.dtype}")
+        if t.ndim != len(aspec.shape):
+            raise PayloadError(f"{where}: array {name!r} has shape {tuple(t.shape)}, expected {aspec.shape}")
+        for i, (got, exp) in enumerate(zip(t.shape, aspec.shape, strict=True)):
+            if exp is None:
+                if not 0 <= got <= aspec.max_dim:
+                    raise PayloadError(
+                        f"{where}: array {name!r} dim {i} is {got}, allowed 0..{aspec.max_dim}"
+                    )
+            elif got != exp:
+                raise PayloadError(f"{where}: array {name!r} has shape {tuple(t.shape)}, expected {aspec.shape}")
+        if t.is_floating_point() and t.numel() and not bool(
+            torch.isfinite(torch.linalg.vector_norm(t.float(), ord=float("inf")))
+        ):
+            raise PayloadError(f"{where}: array {name!r} contains NaN or Inf")
+    variable = [n for n, a in spec.arrays.items() if None in a.shape]
+    if len(variable) > 1:  # ATOMO: every variable dim must agree (same number of atoms)
+        counts = {n: payload.arrays[n].shape[[i for i, d in enumerate(spec.arrays[n].shape) if d is None][0]]
+                  for n in variable}
+        if len(set(counts.values())) != 1:
+            raise PayloadError(f"{where}: inconsistent atom counts {counts}")
+    for mkey, mval in spec.meta.items():
+        if mkey not in payload.meta:
+            raise PayloadError(f"{where}: metadata {mkey!r} is missing")
+        got = payload.meta[mkey]
+        if type(got) is not type(mval) and not (isinstance(got, (int, float)) and isinstance(mval, (int, float))):
+            raise PayloadError(f"{where}: metadata {mkey!r}={got!r} has the wrong type")
+        if got != mval:
+            raise PayloadError(f"{where}: metadata {mkey}={got!r}, expected {mval!r}")
+    if "indices" in payload.arrays:
+        _check_indices(payload.arrays["indices"], math.prod(spec.shape), where)
+
+
+def _check_indices(idx: torch.Tensor, numel: int, where: str) -> None:
+    if idx.numel() == 0:
+        return
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= numel:
+        raise PayloadError(f"{where}: indices out of range [{lo}, {hi}] for {numel} elements")
+    flat = idx.reshape(-1).to(torch.int64)
+    if flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()):
+        raise PayloadError(f"{where}: indices are not strictly increasing (duplicates or unsorted)")
