@@ -142,7 +142,8 @@ class SeededSelectiveCompressor(SelectiveCompressor):
         )
         for wi, p in zip(w, payloads, strict=True):
             acc.add_(p.arrays["values"].to(acc.device, torch.float32), alpha=wi)
-        return Payload(self.name, first.shape, {"values": acc.to(self._dtype)}, dict(first.meta))
+        # the average stays in float32: rounding it back to a 16-bit wire dtype would add error
+        return Payload(self.name, first.shape, {"values": acc}, dict(first.meta))
 
     def expected_nbytes(self, shape: tuple[int, ...]) -> int:
         """``k * value size`` bytes."""
