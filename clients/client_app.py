@@ -64,7 +64,7 @@ def train(msg: Message, context: Context) -> Message:
     x_global = {k: v.detach().clone() for k, v in model.state_dict().items()}
     server_round = int(cfg.get("server-round", 0))
     gen = torch.Generator().manual_seed(derive_seed(settings.seed, "client", settings.partition_id, server_round))
-    idx_t = torch.as_tensor(idx, dtype=torch.long)
+    idx_t = torch.tensor(idx, dtype=torch.long)
     out = train_local(
         model,
         task.x_train.index_select(0, idx_t),

@@ -29,10 +29,10 @@ class ClientSettings:
     partition_id: int = 0
     seed: int = 0
     model: str = "auto"
-    local_epochs: int = 1
+    local_epochs: int = 5
     local_steps: int = 0
-    batch_size: int = 16
-    local_lr: float = 0.05
+    batch_size: int = 8
+    local_lr: float = 0.2
     local_momentum: float = 0.0
     weight_decay: float = 0.0
     state_dir: str = ""

@@ -123,7 +123,9 @@ class _Segment:
 
     __slots__ = ("key", "names", "sizes", "shape", "feedback", "store", "q_memory")
 
-    def __init__(self, key: str, names: tuple[str, ...], sizes: tuple[int, ...], shape: tuple[int, ...]) -> None:
+    def __init__(
+        self, key: str, names: tuple[str, ...], sizes: tuple[int, ...], shape: tuple[int, ...]
+    ) -> None:
         self.key = key
         self.names = names
         self.sizes = sizes
@@ -144,18 +146,14 @@ class _Segment:
         """Elements of the segment."""
         return sum(self.sizes)
 
-    def error_stores(self) -> list[ErrorStore]:
-        """The error stores kept between steps."""
-        if self.feedback is not None:
-            return list(self.feedback.stores().values())
-        return [self.store] if self.store is not None else []
-
     def error_tensors(self) -> list[torch.Tensor]:
-        """Every tensor of error state (sketch tables, dense errors, quantized codes, ...)."""
+        """Every tensor of error state (sketch tables, dense errors, quantized codes, ...).
+
+        The compressors of the feedback path are stateless, so everything the core's
+        feedback keeps is error state.
+        """
         if self.feedback is not None:
-            fb_tensors = self.feedback.persistent_tensors()
-            comp = {id(t) for t in self.feedback.compressor.state_dict().values()}
-            return [t for t in fb_tensors if id(t) not in comp]
+            return self.feedback.persistent_tensors()
         return self.store.persistent_tensors() if self.store is not None else []
 
     def compressor_tensors(self) -> list[torch.Tensor]:
@@ -273,8 +271,18 @@ class ConEFHookState:
         "_compressor",
     ]
     _TRANSIENT = frozenset(
-        {"process_group", "_names_by_id", "_bound_names", "_ddp_iter", "_seed_iter", "_used", "_cur_sent",
-         "_cur_dense", "_cur_buckets", "_compressor"}
+        {
+            "process_group",
+            "_names_by_id",
+            "_bound_names",
+            "_ddp_iter",
+            "_seed_iter",
+            "_used",
+            "_cur_sent",
+            "_cur_dense",
+            "_cur_buckets",
+            "_compressor",
+        }
     )
 
     def __init__(
@@ -357,13 +365,17 @@ class ConEFHookState:
         """Restore :meth:`__getstate__`; ``process_group`` becomes ``None`` (the default group)."""
         version = state.get("_version")
         if version != _STATE_VERSION:
-            raise ValueError(f"ConEFHookState version={version!r} is not supported; allowed: {_STATE_VERSION}")
+            raise ValueError(
+                f"ConEFHookState version={version!r} is not supported; allowed: {_STATE_VERSION}"
+            )
         expected = [s for s in self.__slots__ if s not in self._TRANSIENT]
         missing = [s for s in expected if s not in state]
         if missing:
             raise ValueError(f"ConEFHookState state is missing {missing}")
         if not isinstance(state["config"], MethodConfig):
-            raise ValueError(f"ConEFHookState config must be a MethodConfig, got {type(state['config']).__name__}")
+            raise ValueError(
+                f"ConEFHookState config must be a MethodConfig, got {type(state['config']).__name__}"
+            )
         for s in expected:
             setattr(self, s, state[s])
         self.process_group = None
@@ -407,7 +419,9 @@ class ConEFHookState:
         name = self._names_by_id.get(id(param))
         if name is None:
             if self._bound_names:
-                raise ValueError("a bucket holds a parameter that is not in the bound model; call bind(model)")
+                raise ValueError(
+                    "a bucket holds a parameter that is not in the bound model; call bind(model)"
+                )
             name = f"param{len(self._names_by_id)}"
             self._names_by_id[id(param)] = name
         return name
@@ -497,7 +511,12 @@ class ConEFHookState:
 
     # -- segments -------------------------------------------------------------------------------
     def _new_segment(
-        self, key: str, names: tuple[str, ...], sizes: tuple[int, ...], shape: tuple[int, ...], device: torch.device
+        self,
+        key: str,
+        names: tuple[str, ...],
+        sizes: tuple[int, ...],
+        shape: tuple[int, ...],
+        device: torch.device,
     ) -> _Segment:
         seg = _Segment(key, names, sizes, shape)
         cfg = self.config
@@ -532,7 +551,9 @@ class ConEFHookState:
                 shape = tuple(int(s) for s in g.shape)
                 if seg is None or seg.shape != shape:
                     if seg is not None:
-                        logger.warning("ConEF hook: %s changed shape %s -> %s; new error state", name, seg.shape, shape)
+                        logger.warning(
+                            "ConEF hook: %s changed shape %s -> %s; new error state", name, seg.shape, shape
+                        )
                     seg = self.segments[key] = self._new_segment(name, key, (g.numel(),), shape, device)
                 self._used.add(key)
                 works.append(_Work(seg, pieces[name]))
@@ -551,12 +572,16 @@ class ConEFHookState:
         if stale:
             logger.info(
                 "ConEF hook: bucket %d has a new layout (%d parameters, %d elements); new error state",
-                bucket.index(), len(layout), buffer.numel(),
+                bucket.index(),
+                len(layout),
+                buffer.numel(),
             )
             for k in stale:
                 del self.segments[k]
         numel = buffer.numel()
-        seg = self.segments[layout] = self._new_segment(f"bucket{bucket.index()}", layout, sizes, (numel,), device)
+        seg = self.segments[layout] = self._new_segment(
+            f"bucket{bucket.index()}", layout, sizes, (numel,), device
+        )
         self._used.add(layout)
         return [_Work(seg, buffer)]
 
@@ -614,7 +639,8 @@ def _validate(config: MethodConfig, warmup_steps: int, error_reset_every: int) -
         if not linear:
             raise ValueError(
                 f"error_reset_every={error_reset_every} needs a linear error store; got feedback="
-                f"{config.feedback!r}, error_compressor={config.error_compressor!r}; allowed: feedback 'efsgd', "
+                f"{config.feedback!r}, error_compressor={config.error_compressor!r}; "
+                "allowed: feedback 'efsgd', "
                 "or 'conef' with error_compressor 'count-sketch' or 'identity' (or error_reset_every=0)"
             )
 
@@ -657,7 +683,9 @@ def conef_hook(state: ConEFHookState, bucket: dist.GradBucket) -> torch.futures.
         if cfg.compressor == "identity" and cfg.feedback == "none":
             wire = wire_value_dtype(cfg.value_dtype)
             fut = _allreduce_dense(buffer, wire, group, world)
-            state._count(bucket.index(), buffer.numel() * torch.empty((), dtype=wire).element_size(), dense_bytes)
+            state._count(
+                bucket.index(), buffer.numel() * torch.empty((), dtype=wire).element_size(), dense_bytes
+            )
             state._end_bucket(bucket, compressed=True)
             return fut
         seed = state._seed()
@@ -685,7 +713,8 @@ def conef_hook(state: ConEFHookState, bucket: dist.GradBucket) -> torch.futures.
         return fut.then(finish)
 
 
-# DDP compares the annotations with the real objects; ``from __future__ import annotations`` made them strings.
+# DDP compares the annotations with the real objects, and ``from __future__ import annotations``
+# made them strings.
 conef_hook.__annotations__ = {
     "state": ConEFHookState,
     "bucket": dist.GradBucket,
@@ -761,7 +790,7 @@ def _allreduce_step(
 def _gather_step(
     state: ConEFHookState, works: list[_Work], seed: int, group: dist.ProcessGroup, world: int
 ) -> tuple[torch.futures.Future[Any], int]:
-    """Top-k / scaled sign: one all-gather of every rank's payload bytes, then the mean of the decompressions."""
+    """Top-k / scaled sign: one all-gather of every rank's payload bytes, then the mean of decompressions."""
     payloads = [_payload_or_poison(state, w, seed) for w in works]
     layout: list[list[tuple[str, torch.dtype, torch.Size, int]]] = []
     parts = []
@@ -890,7 +919,9 @@ def _powersgd_step(
         except NonFiniteError:
             w.bad = True
             state.nonfinite_segments += 1
-            logger.warning("ConEF hook: gradient of %s has NaN/Inf; sending NaN, error left untouched", w.seg.key)
+            logger.warning(
+                "ConEF hook: gradient of %s has NaN/Inf; sending NaN, error left untouched", w.seg.key
+            )
         if not w.bad and w.seg.store is not None:
             w.seg.store.estimate_add_(w.vec, alpha=fb)  # vec := p = u + fb·ê
         shape = _matrix_shape(w.seg, cfg.rank, cfg.layerwise)

@@ -33,17 +33,17 @@ METHOD_KEYS = {
 class ServerSettings:
     """Run settings of the ServerApp (see pyproject.toml ``[tool.flwr.app.config]``)."""
 
-    num_server_rounds: int = 30
+    num_server_rounds: int = 100
     fraction_train: float = 0.1
     fraction_evaluate: float = 0.0
     num_partitions: int = 100
     min_available_nodes: int = 0
     min_train_nodes: int = 2
     method: str = "conef-cs"
-    local_epochs: int = 1
+    local_epochs: int = 5
     local_steps: int = 0
-    batch_size: int = 16
-    local_lr: float = 0.05
+    batch_size: int = 8
+    local_lr: float = 0.2
     local_momentum: float = 0.0
     weight_decay: float = 0.0
     server_lr: float = 1.0

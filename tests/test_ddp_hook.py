@@ -330,8 +330,12 @@ def test_powersgd_rank1_on_rank1_gradient_matches_plain(runs: list[dict[str, Any
         assert res[name]["stats"]["last_bytes_sent"] == 4 * ((8 + 16) * 1 + 8)
 
 
-@pytest.mark.parametrize(("conef", "efsgd"), [("conef_identity", "efsgd"), ("conef_psgd_identity", "ef_psgd")])
-def test_conef_with_identity_store_is_efsgd_step_for_step(runs: list[dict[str, Any]], conef: str, efsgd: str) -> None:
+@pytest.mark.parametrize(
+    ("conef", "efsgd"), [("conef_identity", "efsgd"), ("conef_psgd_identity", "ef_psgd")]
+)
+def test_conef_with_identity_store_is_efsgd_step_for_step(
+    runs: list[dict[str, Any]], conef: str, efsgd: str
+) -> None:
     for res in runs:
         for step, (a, b) in enumerate(zip(res[conef]["params"], res[efsgd]["params"], strict=True)):
             assert torch.equal(a, b), f"step {step}: {conef} != {efsgd}"
@@ -360,7 +364,9 @@ def _block_bytes(sizes: list[int], ratio: float, elem: int) -> int:
     return sum(k_for_ratio(n, ratio) for n in sizes) * elem
 
 
-@pytest.mark.parametrize(("name", "elem"), [("conef", 4), ("conef_fp16", 2), ("conef_randk", 4), ("efsgd", 4)])
+@pytest.mark.parametrize(
+    ("name", "elem"), [("conef", 4), ("conef_fp16", 2), ("conef_randk", 4), ("efsgd", 4)]
+)
 def test_bytes_equal_k_values_per_segment(runs: list[dict[str, Any]], name: str, elem: int) -> None:
     res = runs[0][name]
     sizes = [math.prod(s) for s in res["shapes"]]
@@ -373,7 +379,7 @@ def test_bytes_equal_k_values_per_segment(runs: list[dict[str, Any]], name: str,
 
 def test_flat_mode_sends_k_values_per_bucket(runs: list[dict[str, Any]]) -> None:
     res = runs[0]["conef_flat"]
-    (index, (sent, dense)), = res["last_bucket_bytes"].items()
+    ((index, (sent, dense)),) = res["last_bucket_bytes"].items()
     assert sent == k_for_ratio(dense // 4, 0.1) * 4
 
 
@@ -426,7 +432,9 @@ def test_conef_error_state_is_a_tenth_of_dense(runs: list[dict[str, Any]], name:
     segments = res["stats"]["segments"]
     error_bytes = res["stats"]["error_state_bytes"]
     assert 0 < error_bytes <= 0.1 * 4 * d * 1.001 + 4 * segments
-    assert runs[0]["efsgd"]["stats"]["error_state_bytes"] == 4 * sum(math.prod(s) for s in runs[0]["efsgd"]["shapes"])
+    assert runs[0]["efsgd"]["stats"]["error_state_bytes"] == 4 * sum(
+        math.prod(s) for s in runs[0]["efsgd"]["shapes"]
+    )
 
 
 @pytest.mark.parametrize("name", ["reset", "reset_psgd"])
@@ -447,7 +455,9 @@ def test_flat_mode_survives_the_bucket_rebuild(runs: list[dict[str, Any]]) -> No
     assert res["stats"]["segments_created"] == 3
     d = sum(math.prod(s) for s in res["shapes"])
     assert sum(res["segment_sizes"]) == d
-    assert sorted(res["segment_sizes"]) == sorted(dense // 4 for _, dense in res["last_bucket_bytes"].values())
+    assert sorted(res["segment_sizes"]) == sorted(
+        dense // 4 for _, dense in res["last_bucket_bytes"].values()
+    )
 
 
 @pytest.mark.parametrize("name", ["nonfinite_conef", "nonfinite_psgd", "nonfinite_topk"])
@@ -490,7 +500,10 @@ def test_state_pickles_without_process_group() -> None:
         ({"method": "atomo"}, r"compressor='atomo'"),
         ({"method": "nope"}, r"unknown method 'nope'"),
         ({"k_ratio": 1.5}, r"k_ratio=1.5 .*\(0, 1\]"),
-        ({"method": MethodConfig(feedback="iconef-v1", compressor="powersgd")}, r"feedback='iconef-v1' .*powersgd"),
+        (
+            {"method": MethodConfig(feedback="iconef-v1", compressor="powersgd")},
+            r"feedback='iconef-v1' .*powersgd",
+        ),
         ({"method": "conef-q", "error_reset_every": 4}, r"error_reset_every=4 .*linear"),
         ({"method": "sgd", "error_reset_every": 4}, r"error_reset_every=4 .*linear"),
     ],
