@@ -80,11 +80,11 @@ def train(msg: Message, context: Context) -> Message:
     local = model.state_dict()
     update = {k: x_global[k].sub_(local[k]) for k in x_global}  # u = x_global − x_local, in place
     shapes = {k: tuple(v.shape) for k, v in update.items()}
-    worker = load_worker(context, method, shapes, settings)
+    worker = load_worker(context, method, shapes, settings, server_round)
     if worker is None:
         worker = CompressionWorker(method, shapes)
     payloads = worker.step(update, seed=int(cfg["round-seed"]), consume=True)
-    state_bytes = save_worker(context, worker, settings)
+    state_bytes = save_worker(context, worker, settings, server_round)
     arrays, meta = encode_payloads(payloads)
     metrics = MetricRecord(
         {

@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from conef_fl.flower.strategy import ConEFStrategy
+from server.checkpoint import load_checkpoint, save_checkpoint
 from conef_fl.tasks import build_model, count_parameters, evaluate, load_task_data
 from server.results import save_model, write_results
 from server.settings import ServerSettings
@@ -112,12 +113,37 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord({"accuracy": float(res["accuracy"]), "loss": float(res["loss"])})
 
     t0 = time.time()
+    run_dir = Path(settings.output_dir) / (settings.run_name or f"{settings.method}-{settings.dataset}-{int(t0)}")
+    ckpt_dir = Path(settings.checkpoint_dir) / run_dir.name if settings.checkpoint_dir else run_dir
+    initial = ArrayRecord(model.state_dict())
+    start_round, prior_evals = 1, {}
+    if settings.resume:
+        ckpt = load_checkpoint(ckpt_dir, model.state_dict())
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            initial = ArrayRecord(model.state_dict())
+            strategy.load_state_dict(ckpt["strategy"])
+            start_round = int(ckpt["round"]) + 1
+            prior_evals = ckpt["evaluations"]
+            log.info("resuming at round %d from %s", start_round, ckpt_dir)
+        else:
+            log.info("resume requested but no checkpoint in %s; starting at round 1", ckpt_dir)
+
+    def checkpoint(server_round: int, arrays: ArrayRecord, res) -> None:
+        evals = dict(prior_evals)
+        evals.update({r: {k: float(v) for k, v in m.items()} for r, m in res.evaluate_metrics_serverapp.items()})
+        save_checkpoint(ckpt_dir, server_round, arrays.to_torch_state_dict(), strategy.state_dict(), evals)
+
     result = strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
+        initial_arrays=initial,
         num_rounds=settings.num_server_rounds,
         evaluate_fn=central_eval,
+        start_round=start_round,
+        on_round_end=checkpoint,
     )
+    for r, m in prior_evals.items():
+        result.evaluate_metrics_serverapp.setdefault(int(r), MetricRecord(dict(m)))
     seconds = time.time() - t0
     rows: list[dict[str, Any]] = []
     for st in strategy.history:
@@ -127,7 +153,7 @@ def main(grid: Grid, context: Context) -> None:
         row["loss"] = float(ev["loss"]) if ev is not None else None
         rows.append(row)
     summary = build_summary(settings, strategy, rows, num_params, seconds)
-    out_dir = Path(settings.output_dir) / (settings.run_name or f"{settings.method}-{settings.dataset}-{int(t0)}")
+    out_dir = run_dir
     write_results(out_dir, rows, summary)
     if result.arrays is not None:
         model.load_state_dict(result.arrays.to_torch_state_dict())

@@ -21,12 +21,22 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for a TLS SuperLink: the CA that signed the server certificate, and the server's pair."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
 
 
 def free_port() -> int:
@@ -95,6 +105,8 @@ class FlowerProcesses:
         self.procs: list[subprocess.Popen] = []
         self.federation_config: dict[str, Any] = {}
         self.logs: list[Path] = []
+        self.superlink_port: int | None = None
+        self.superlink_address: str | None = None
 
     @property
     def env(self) -> dict[str, str]:
@@ -142,6 +154,79 @@ class FlowerProcesses:
         }
         self.wait_healthy(port, proc)
         return "sim"
+
+    def start_superlink(
+        self, *, tls: TlsFiles | None = None, auth: bool = False, connection: str = "deploy",
+        host: str = "127.0.0.1", port: int | None = None,
+    ) -> str:
+        """Start a deployment-mode ``flower-superlink`` (not ``--simulation``); return a connection name.
+
+        One HTTP port serves the Fleet, Control and Runtime APIs. Runtime dependency
+        installation is disabled. With ``tls`` the SuperLink serves HTTPS with those
+        files and the connection written to ``config.toml`` trusts ``tls.ca_cert``;
+        with ``auth`` only SuperNodes whose public key was registered
+        (:meth:`register_supernode`) may connect.
+        """
+        self.superlink_port = port or free_port()
+        self.superlink_address = f"{host}:{self.superlink_port}"
+        args = [_bin("flower-superlink"), "--host", host, "--port", str(self.superlink_port),
+                "--disable-runtime-dependency-installation"]
+        if tls is None:
+            args.append("--insecure")
+        else:
+            args += ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
+                     "--ssl-keyfile", str(tls.server_key)]
+        if auth:
+            args.append("--enable-supernode-auth")
+        proc = self.start("superlink", args)
+        self.write_connection(connection, self.superlink_address, insecure=tls is None,
+                              root_certificates=str(tls.ca_cert) if tls is not None else None)
+        self.wait_healthy(self.superlink_port, proc, scheme="http" if tls is None else "https")
+        return connection
+
+    def start_supernode(
+        self, name: str, *, superlink: str | None = None, node_config: Mapping[str, Any] | None = None,
+        root_certificates: Path | str | None = None, private_key: Path | str | None = None,
+        port: int | None = None, max_retries: int | None = None, own_home: bool = True,
+    ) -> subprocess.Popen:
+        """Start ``flower-supernode`` connected to ``superlink`` (default: the SuperLink started here).
+
+        ``node_config`` (e.g. ``{"partition-id": 0, "num-partitions": 2}``) becomes
+        ``--node-config``; each SuperNode gets its own ``--port`` (its local
+        ClientApp API) and, with ``own_home``, its own FLWR_HOME under this one,
+        as on separate devices. Without ``root_certificates`` it connects insecurely.
+        """
+        address = superlink or self.superlink_address
+        if address is None:
+            raise ValueError("superlink address is unknown: start a SuperLink first or pass superlink='host:port'")
+        args = [_bin("flower-supernode"), "--superlink", address, "--port", str(port or free_port())]
+        if root_certificates is None:
+            args.append("--insecure")
+        else:
+            args += ["--root-certificates", str(Path(root_certificates).resolve())]
+        if private_key is not None:
+            args += ["--auth-supernode-private-key", str(Path(private_key).resolve())]
+        if node_config:
+            args += ["--node-config", " ".join(f"{k}={toml_value(v)}" for k, v in node_config.items())]
+        if max_retries is not None:
+            args += ["--max-retries", str(max_retries)]
+        env = self.env
+        if own_home:
+            node_home = self.home / name
+            node_home.mkdir(parents=True, exist_ok=True)
+            env["FLWR_HOME"] = str(node_home)
+        return self.start(name, args, env=env)
+
+    def register_supernode(self, public_key: Path | str, connection: str, *, timeout: float = 60.0) -> str:
+        """``flwr supernode register <public_key> <connection>``; returns its output, raises if it fails."""
+        args = [_bin("flwr"), "supernode", "register", str(Path(public_key).resolve()), connection]
+        res = subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
+        if res.returncode != 0:
+            raise RuntimeError(
+                f"flwr supernode register {public_key} exited with {res.returncode}:\n{res.stdout}\n{res.stderr}"
+            )
+        log.info("registered SuperNode key %s", public_key)
+        return res.stdout
 
     def write_connection(
         self, name: str, address: str, *, insecure: bool = True, root_certificates: str | None = None,

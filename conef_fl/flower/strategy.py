@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 
 from conef_fl.aggregate import average_payloads
 from conef_fl.compressors.base import Compressor, Payload
@@ -347,14 +347,81 @@ class ConEFStrategy(FedAvg):
             return None
         return new
 
+    # ------------------------------------------------------------------ the round loop
+    def start(  # type: ignore[override]
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        start_round: int = 1,
+        on_round_end: Callable[[int, ArrayRecord, Result], None] | None = None,
+    ) -> Result:
+        """Run rounds ``start_round..num_rounds`` (FedAvg's loop, resumable).
+
+        ``on_round_end(round, arrays, result)`` runs after each round's aggregation and
+        evaluation (the ServerApp checkpoints there). With ``start_round > 1`` the initial
+        evaluation is skipped: the run continues a checkpointed one.
+        """
+        if not 1 <= start_round <= num_rounds + 1:
+            raise ValueError(f"start_round={start_round} is out of range; allowed: 1..{num_rounds + 1}")
+        self.summary()
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result = Result()
+        result.arrays = initial_arrays
+        if evaluate_fn is not None and start_round == 1:
+            res = evaluate_fn(0, initial_arrays)
+            if res is not None:
+                result.evaluate_metrics_serverapp[0] = res
+        arrays = initial_arrays
+        for current_round in range(start_round, num_rounds + 1):
+            log.info("[ROUND %d/%d]", current_round, num_rounds)
+            replies = grid.send_and_receive(
+                messages=self.configure_train(current_round, arrays, train_config, grid), timeout=timeout
+            )
+            agg_arrays, agg_metrics = self.aggregate_train(current_round, replies)
+            if agg_arrays is not None:
+                result.arrays = arrays = agg_arrays
+            if agg_metrics is not None:
+                result.train_metrics_clientapp[current_round] = agg_metrics
+            eval_replies = grid.send_and_receive(
+                messages=self.configure_evaluate(current_round, arrays, evaluate_config, grid), timeout=timeout
+            )
+            agg_eval = self.aggregate_evaluate(current_round, eval_replies)
+            if agg_eval is not None:
+                result.evaluate_metrics_clientapp[current_round] = agg_eval
+            if evaluate_fn is not None:
+                res = evaluate_fn(current_round, arrays)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[current_round] = res
+            if on_round_end is not None:
+                on_round_end(current_round, arrays, result)
+        return result
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Strategy state for checkpoints: history, momentum, current global model."""
+        """Strategy state for checkpoints: per-round history and the server momentum buffer."""
         return {
+            "method": self.method.to_dict(),
+            "seed": self.seed,
             "history": [asdict(h) for h in self.history],
             "momentum": self.momentum_buffer,
-            "global": self._global,
         }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the method and seed must match this strategy's)."""
+        if state.get("method") != self.method.to_dict():
+            raise ValueError(f"checkpoint is for method {state.get('method')}, strategy has {self.method.to_dict()}")
+        if state.get("seed") != self.seed:
+            raise ValueError(f"checkpoint has seed {state.get('seed')}, strategy has {self.seed}")
+        self.history = [RoundStats(**h) for h in state.get("history", [])]
+        mom = state.get("momentum")
+        self.momentum_buffer = {k: v.clone() for k, v in mom.items()} if mom else None
 
 
 def _array(t: torch.Tensor):
