@@ -173,7 +173,8 @@ class ShardedBatches:
         """Indices of the next batch (a new epoch starts when the shard is exhausted)."""
         if self._pos + self.batch_size > self._shard.numel():
             self.epoch += 1
-            perm = torch.randperm(self.n, generator=make_generator(derive_seed(self.seed, "epoch", self.epoch)))
+            gen = make_generator(derive_seed(self.seed, "epoch", self.epoch))
+            perm = torch.randperm(self.n, generator=gen)
             usable = (self.n // self.world) * self.world  # every rank gets the same number of samples
             self._shard = perm[:usable][self.rank :: self.world]
             self._pos = 0
@@ -183,9 +184,10 @@ class ShardedBatches:
 
 
 def params_identical(model: nn.Module) -> bool:
-    """Whether every rank holds bit-identical parameters (max − min over ranks is zero everywhere)."""
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    hi, lo = flat.clone(), flat.clone()
+    """Whether every rank holds bit-identical parameters (NaN included): max and min of the bits agree."""
+    flat = torch.cat([p.detach().reshape(-1).to(torch.float32) for p in model.parameters()])
+    bits = flat.view(torch.int32).to(torch.int64)
+    hi, lo = bits.clone(), bits.clone()
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     return bool(torch.equal(hi, lo))
@@ -220,8 +222,8 @@ def _train(
     lr = args.lr if args.lr is not None else defaults["lr"]
     momentum = args.momentum if args.momentum is not None else defaults["momentum"]
     task = load_task_data(args.task, args.data_dir, max_train=args.max_train, seed=args.seed)
-    logger.info("%s; %d ranks, backend %s, device %s, %d threads/rank", task.description, world, backend, device,
-                threads)
+    logger.info("%s", task.description)
+    logger.info("%d ranks, backend %s, device %s, %d threads/rank", world, backend, device, threads)
     model = build_model(task, seed=args.seed).to(device)
     ddp = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
     state: ConEFHookState | None = None
@@ -293,7 +295,9 @@ def _train(
         "bytes_sent_total": sent_total,
         "bytes_dense_total": dense_total,
         "bytes_ratio": sent_total / dense_total,
-        "bytes_ratio_after_warmup": sum(r["bytes_sent"] for r in after) / sum(r["bytes_dense"] for r in after),
+        "bytes_ratio_after_warmup": (
+            sum(r["bytes_sent"] for r in after) / sum(r["bytes_dense"] for r in after)
+        ),
         "error_state_bytes": err,
         "dense_error_bytes": dense_error_bytes(model),
         "error_state_ratio": err / dense_error_bytes(model),

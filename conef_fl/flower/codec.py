@@ -13,6 +13,7 @@ allocate memory in proportion to a size it merely declares.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 
 import numpy as np
@@ -61,6 +62,36 @@ def encode_payloads(payloads: Mapping[str, Payload]) -> tuple[ArrayRecord, Confi
         for mk, mv in p.meta.items():
             meta[f"{key}{SEP}{mk}"] = mv
     return ArrayRecord(arrays), ConfigRecord(meta)
+
+
+def _check_npy(data: bytes, shape: tuple[int, ...], dtype: str, where: str) -> None:
+    """Parse the ``.npy`` header ourselves: dtype, shape and body length must match before numpy reads it.
+
+    ``numpy.load`` on an in-memory buffer allocates the array the header declares
+    before reading the body, so a forged header could make it allocate terabytes.
+    """
+    from numpy.lib import format as npy_format
+
+    bio = io.BytesIO(data)
+    try:
+        version = npy_format.read_magic(bio)
+        if version == (1, 0):
+            hshape, fortran, hdtype = npy_format.read_array_header_1_0(bio)
+        elif version in ((2, 0), (3, 0)):
+            hshape, fortran, hdtype = npy_format.read_array_header_2_0(bio)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    except Exception as exc:
+        raise PayloadError(f"{where}: malformed array bytes ({exc})") from None
+    if tuple(hshape) != tuple(shape) or str(hdtype) != dtype or fortran:
+        raise PayloadError(
+            f"{where}: array bytes declare {hdtype}{tuple(hshape)}{' fortran' if fortran else ''}, "
+            f"expected {dtype}{tuple(shape)}"
+        )
+    body = len(data) - bio.tell()
+    need = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if body != need:
+        raise PayloadError(f"{where}: array body is {body} bytes, {dtype}{tuple(shape)} needs {need}")
 
 
 def _split(key: str, known: Mapping[str, object], what: str) -> tuple[str, str]:
@@ -121,6 +152,7 @@ def decode_payloads(
                 for d, exp in zip(declared, aspec.shape, strict=False)
             ):
                 raise PayloadError(f"{where}: array {name!r} declares shape {declared}, expected {aspec.shape}")
+            _check_npy(arr.data, declared, want_np, f"{where}: array {name!r}")
             try:
                 nd = arr.numpy()
             except Exception as exc:  # malformed bytes
