@@ -21,12 +21,13 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.downlink import receive_global_model
 from clients.settings import ClientSettings
 from clients.state import load_worker, save_worker
 from conef_fl.flower.codec import encode_payloads
 from conef_fl.flower.strategy import METRICS_KEY, PAYLOAD_KEY, PAYLOAD_META_KEY, method_from_config
 from conef_fl.seeding import derive_seed
-from conef_fl.tasks import build_model, evaluate, load_task_data, partition_indices, train_local
+from conef_fl.tasks import build_model, evaluate, load_task_data_shared, partition_indices, train_local
 from conef_fl.worker import CompressionWorker
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ app = ClientApp()
 
 
 def _load_partition(settings: ClientSettings):
-    task = load_task_data(settings.dataset, settings.data_dir or None, seed=settings.seed)
+    task = load_task_data_shared(settings.dataset, settings.data_dir or None, seed=settings.seed)
     parts = partition_indices(
         task, settings.num_partitions, settings.partitioning, alpha=settings.dirichlet_alpha, seed=settings.seed
     )
@@ -44,10 +45,12 @@ def _load_partition(settings: ClientSettings):
     return task, parts[settings.partition_id]
 
 
-def _model_from(msg: Message, task, settings: ClientSettings) -> torch.nn.Module:
+def _model_from(msg: Message, task, settings: ClientSettings, context: Context | None = None) -> torch.nn.Module:
     model = build_model(task, settings.model)
-    arrays = msg.content["arrays"]
-    state = arrays.to_torch_state_dict()
+    if context is not None and "downlink-mode" in msg.content["config"]:
+        state = receive_global_model(msg, context, model.state_dict())
+    else:
+        state = msg.content["arrays"].to_torch_state_dict()
     model.load_state_dict(state, strict=True)
     return model
 
@@ -60,7 +63,7 @@ def train(msg: Message, context: Context) -> Message:
     settings = ClientSettings.from_context(context, cfg)
     method = method_from_config(cfg)
     task, idx = _load_partition(settings)
-    model = _model_from(msg, task, settings)
+    model = _model_from(msg, task, settings, context)
     x_global = {k: v.detach().clone() for k, v in model.state_dict().items()}
     server_round = int(cfg.get("server-round", 0))
     gen = torch.Generator().manual_seed(derive_seed(settings.seed, "client", settings.partition_id, server_round))
@@ -106,7 +109,7 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     cfg = msg.content["config"] if "config" in msg.content else {}
     settings = ClientSettings.from_context(context, cfg)
-    task = load_task_data(settings.dataset, settings.data_dir or None, seed=settings.seed)
+    task = load_task_data_shared(settings.dataset, settings.data_dir or None, seed=settings.seed)
     model = _model_from(msg, task, settings)
     n_test = task.x_test.shape[0]
     lo = n_test * settings.partition_id // settings.num_partitions

@@ -57,7 +57,7 @@ from torch import nn
 from conef_fl.compressors.base import Payload, wire_value_dtype
 from conef_fl.compressors.powersgd import matrix_view_shape, uses_dense
 from conef_fl.config import MethodConfig
-from conef_fl.errors.base import DenseError, ErrorStore, NonFiniteError, check_finite
+from conef_fl.errors.base import DenseError, ErrorStore, NonFiniteError
 from conef_fl.feedback import ErrorFeedback, make_compressor_for, make_error_store, make_feedback
 from conef_fl.memory import persistent_bytes
 from conef_fl.registry import method_config
@@ -896,6 +896,23 @@ def _orthonormal(p: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(p, mode="reduced").Q
 
 
+def _all_finite(x: torch.Tensor) -> bool:
+    """No NaN/Inf in ``x``: one fast reduction (NaN and Inf propagate into the sum), exact check if not.
+
+    ``vector_norm(x, inf)`` and ``isfinite(x).all()`` cost 30-50 times a sum on this CPU.
+    """
+    if bool(torch.isfinite(x.sum())):
+        return True
+    return bool(torch.isfinite(x).all())  # the sum may have overflowed with finite entries
+
+
+def _mark_bad(state: ConEFHookState, w: _Work) -> None:
+    if not w.bad:
+        w.bad = True
+        state.nonfinite_segments += 1
+        logger.warning("ConEF hook: gradient of %s has NaN/Inf; sending NaN, error left untouched", w.seg.key)
+
+
 def _powersgd_step(
     state: ConEFHookState, works: list[_Work], seed: int, group: dist.ProcessGroup, world: int
 ) -> tuple[torch.futures.Future[Any], int]:
@@ -905,6 +922,10 @@ def _powersgd_step(
     error ``p − Δ_i = (I − P Pᵀ) p``; the bucket receives ``P mean_i(Q_i)ᵀ``. The first
     all-reduce is waited for inside the hook so that collectives are issued in the same
     order on every rank.
+
+    Non-finite gradients are detected on the small local factors (a NaN/Inf of ``M``
+    reaches ``P = M Q`` or ``Q_i = Mᵀ P``), so no pass over the gradient is added; the error
+    is updated only from finite factors.
     """
     cfg = state.config
     wire = wire_value_dtype(cfg.value_dtype)
@@ -914,26 +935,20 @@ def _powersgd_step(
     dense: list[tuple[_Work, tuple[int, int]]] = []
     p_len = q_len = 0
     for w in works:
-        try:
-            check_finite(w.vec, f"gradient of {w.seg.key!r}")
-        except NonFiniteError:
-            w.bad = True
-            state.nonfinite_segments += 1
-            logger.warning(
-                "ConEF hook: gradient of %s has NaN/Inf; sending NaN, error left untouched", w.seg.key
-            )
-        if not w.bad and w.seg.store is not None:
-            w.seg.store.estimate_add_(w.vec, alpha=fb)  # vec := p = u + fb·ê
         shape = _matrix_shape(w.seg, cfg.rank, cfg.layerwise)
         if shape is None:
+            if not _all_finite(w.vec):  # small (vectors) or a tiny flat bucket
+                _mark_bad(state, w)
             dense.append((w, (0, 0)))
-            continue
-        mat = _Matrix(w, *shape)
-        mat.p_slice = (p_len, p_len + mat.n * mat.r)
-        mat.q_slice = (q_len, q_len + mat.m * mat.r)
-        p_len += mat.n * mat.r
-        q_len += mat.m * mat.r
-        mats.append(mat)
+        else:
+            if w.seg.store is not None:
+                w.seg.store.estimate_add_(w.vec, alpha=fb)  # vec := p = u + fb·ê (reads the store only)
+            mat = _Matrix(w, *shape)  # its n x m view of p (a zero-padded copy if needed)
+            mat.p_slice = (p_len, p_len + mat.n * mat.r)
+            mat.q_slice = (q_len, q_len + mat.m * mat.r)
+            p_len += mat.n * mat.r
+            q_len += mat.m * mat.r
+            mats.append(mat)
     d_len = sum(w.vec.numel() for w, _ in dense)
     comm1 = torch.empty(p_len + d_len, dtype=wire, device=device)
     for mat in mats:
@@ -943,10 +958,11 @@ def _powersgd_step(
             gen = make_generator(derive_seed(seed, "powersgd-q0", seg.key))
             q = torch.randn(mat.m, mat.r, generator=gen).to(device)
         lo, hi = mat.p_slice
-        if mat.work.bad:
-            comm1[lo:hi].fill_(float("nan"))
-        else:
-            comm1[lo:hi].view(mat.n, mat.r).copy_(mat.mat @ q)
+        p_local = comm1[lo:hi].view(mat.n, mat.r)
+        p_local.copy_(mat.mat @ q)
+        if not bool(torch.isfinite(p_local).all()):
+            _mark_bad(state, mat.work)
+            p_local.fill_(float("nan"))
     off = p_len
     for i, (w, _) in enumerate(dense):
         n = w.vec.numel()
@@ -955,10 +971,13 @@ def _powersgd_step(
         if w.bad:
             sl.fill_(float("nan"))
         else:
+            store = w.seg.store
+            if store is not None:
+                store.estimate_add_(w.vec, alpha=fb)  # vec := p
             sl.copy_(w.vec)
-            if w.seg.store is not None:
+            if store is not None:
                 residual = w.vec.to(torch.float32, copy=True).sub_(sl.to(torch.float32))  # p − wire(p)
-                _feedback_out(w.seg.store, residual, fb, beta)
+                _feedback_out(store, residual, fb, beta)
         sl.div_(world)
         off += n
     sent = (comm1.numel() + q_len) * comm1.element_size()
@@ -971,24 +990,24 @@ def _powersgd_step(
         lo, hi = mat.p_slice
         p_sum = comm1[lo:hi].view(mat.n, mat.r).to(torch.float32)
         qlo, qhi = mat.q_slice
+        q_local = comm2[qlo:qhi].view(mat.m, mat.r)
         if not bool(torch.isfinite(p_sum).all()):  # some rank sent NaN: identical decision everywhere
             mat.p = None
-            comm2[qlo:qhi].fill_(float("nan"))
+            q_local.fill_(float("nan"))
             continue
         mat.p = _orthonormal(p_sum)
-        q_local = comm2[qlo:qhi].view(mat.m, mat.r)
         if mat.work.bad:
             q_local.fill_(float("nan"))
             continue
         q_local.copy_((mat.p.t() @ mat.mat).t())  # Q_i = Mᵀ P, computed the fast way round
+        if not bool(torch.isfinite(q_local).all()):
+            _mark_bad(state, mat.work)
+            q_local.fill_(float("nan"))
+            continue
         store = mat.work.seg.store
         if store is not None:
             mat.mat.addmm_(mat.p, q_local.t().to(torch.float32), alpha=-1.0)  # M := p − P Q_iᵀ
-            if mat.is_view:
-                residual = mat.work.vec
-            else:
-                residual = mat.mat.view(-1)[: mat.work.vec.numel()]
-            _feedback_out(store, residual, fb, beta)
+            _feedback_out(store, mat.mat.view(-1)[: mat.work.vec.numel()], fb, beta)
     comm2.div_(world)
     fut = dist.all_reduce(comm2, group=group, async_op=True).get_future()
 

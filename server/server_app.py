@@ -96,6 +96,8 @@ def main(grid: Grid, context: Context) -> None:
         seed=settings.seed,
         train_config=settings.train_config(),
         max_update_norm=settings.max_update_norm or None,
+        downlink=settings.downlink_config(method),
+        downlink_log_rounds=settings.downlink_log_rounds,
     )
     log.info(
         "task %s (%d train / %d test), model %s with %d parameters, %d clients, method %s",

@@ -60,6 +60,9 @@ class ServerSettings:
     eval_every: int = 1
     checkpoint_dir: str = ""
     resume: bool = False
+    downlink: str = ""
+    downlink_k_ratio: float = 0.1
+    downlink_log_rounds: int = 50
 
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1:
@@ -109,6 +112,13 @@ class ServerSettings:
         if "seed" not in overrides:
             method = method.replace(seed=settings.seed)
         return settings, method
+
+    def downlink_config(self, method: MethodConfig) -> MethodConfig | None:
+        """The downlink compressor (server-side error feedback), or None for a dense downlink."""
+        if not self.downlink or self.downlink == "dense":
+            return None
+        return MethodConfig(feedback="efsgd", compressor=self.downlink, k_ratio=self.downlink_k_ratio,
+                            value_dtype=method.value_dtype, rank=method.rank, seed=method.seed)
 
     def train_config(self) -> dict[str, Any]:
         """Local-training settings sent to clients every round."""

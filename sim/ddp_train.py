@@ -50,7 +50,7 @@ logger = logging.getLogger("sim.ddp_train")
 
 #: Per-task defaults of the optimizer (SGD): learning rate and momentum.
 TASK_DEFAULTS: dict[str, dict[str, float]] = {
-    "mnist": {"lr": 0.05, "momentum": 0.9},
+    "mnist": {"lr": 0.05, "momentum": 0.5},
     "shakespeare": {"lr": 0.8, "momentum": 0.0},
 }
 #: Method-config overrides that the command line can set (argparse dest -> MethodConfig field).
@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=32, help="per rank")
     p.add_argument("--lr", type=float, default=None, help="default per task (mnist 0.05, shakespeare 0.8)")
-    p.add_argument("--momentum", type=float, default=None, help="default per task (mnist 0.9, shakespeare 0)")
+    p.add_argument("--momentum", type=float, default=None, help="default per task (mnist 0.5, shakespeare 0)")
     p.add_argument("--warmup-steps", type=int, default=10, help="plain all-reduce iterations first")
     p.add_argument("--error-reset-every", type=int, default=0, help="average the sketches every R steps")
     p.add_argument("--k-ratio", type=float, default=None)

@@ -107,6 +107,7 @@ class FlowerProcesses:
         self.logs: list[Path] = []
         self.superlink_port: int | None = None
         self.superlink_address: str | None = None
+        self.superlink_proc: subprocess.Popen | None = None
 
     @property
     def env(self) -> dict[str, str]:
@@ -178,7 +179,7 @@ class FlowerProcesses:
                      "--ssl-keyfile", str(tls.server_key)]
         if auth:
             args.append("--enable-supernode-auth")
-        proc = self.start("superlink", args)
+        proc = self.superlink_proc = self.start("superlink", args)
         self.write_connection(connection, self.superlink_address, insecure=tls is None,
                               root_certificates=str(tls.ca_cert) if tls is not None else None)
         self.wait_healthy(self.superlink_port, proc, scheme="http" if tls is None else "https")
@@ -263,9 +264,14 @@ class FlowerProcesses:
 
     def run_app(
         self, connection: str, run_config: Mapping[str, Any] | None = None, *, app_dir: Path = REPO,
-        timeout: float | None = None, stream_to: Path | None = None,
+        timeout: float | None = None, stream_to: Path | None = None, watch: Sequence[subprocess.Popen] = (),
     ) -> int:
-        """``flwr run <app> <connection> --stream`` with overrides; returns its exit code."""
+        """``flwr run <app> <connection> --stream`` with overrides; returns its exit code.
+
+        Processes in ``watch`` (the SuperLink, SuperNodes) must stay up while the run
+        lasts: if one exits, a :class:`RuntimeError` with the logs is raised at once
+        instead of waiting for ``timeout``.
+        """
         args = [_bin("flwr"), "run", str(app_dir), connection, "--stream"]
         if run_config:
             args += ["--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())]
@@ -277,7 +283,18 @@ class FlowerProcesses:
             proc = subprocess.Popen(args, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO),
                                     start_new_session=True)
             self.procs.append(proc)
-            return proc.wait(timeout=timeout)
+            if not watch:
+                return proc.wait(timeout=timeout)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    return proc.wait(timeout=0.5)
+                dead = [w for w in watch if w.poll() is not None]
+                if dead:
+                    codes = ", ".join(f"pid {w.pid} exited with {w.returncode}" for w in dead)
+                    raise RuntimeError(f"a Flower process stopped during the run ({codes}); logs:\n{self.tail()}")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(args, timeout or 0.0)
         finally:
             if out is not None:
                 out.close()
@@ -328,6 +345,11 @@ class FlowerProcesses:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live (not zombie) process (Linux ``/proc``)."""
+    return _alive(pid)
 
 
 def _alive(pid: int) -> bool:

@@ -31,7 +31,8 @@ from conef_fl.aggregate import average_payloads
 from conef_fl.compressors.base import Compressor, Payload
 from conef_fl.config import MethodConfig
 from conef_fl.feedback import make_compressor_for
-from conef_fl.flower.codec import decode_payloads
+from conef_fl.flower.codec import decode_payloads, encode_payloads
+from conef_fl.flower.downlink import DownlinkCompressor
 from conef_fl.seeding import derive_seed
 from conef_fl.validation import PayloadError, PayloadSpec, expected_spec
 
@@ -42,6 +43,7 @@ PAYLOAD_KEY = "payload"
 PAYLOAD_META_KEY = "payload-meta"
 METRICS_KEY = "metrics"
 METHOD_PREFIX = "conef."
+DOWNLINK_PREFIX = "down."
 
 
 def method_to_config(method: MethodConfig) -> dict[str, Any]:
@@ -49,9 +51,9 @@ def method_to_config(method: MethodConfig) -> dict[str, Any]:
     return {METHOD_PREFIX + k: v for k, v in method.to_dict().items()}
 
 
-def method_from_config(config: Mapping[str, Any]) -> MethodConfig:
+def method_from_config(config: Mapping[str, Any], prefix: str = METHOD_PREFIX) -> MethodConfig:
     """Inverse of :func:`method_to_config` (ignores unrelated keys; validates)."""
-    values = {k[len(METHOD_PREFIX) :]: v for k, v in config.items() if k.startswith(METHOD_PREFIX)}
+    values = {k[len(prefix) :]: v for k, v in config.items() if k.startswith(prefix)}
     return MethodConfig.from_dict(values)
 
 
@@ -71,7 +73,9 @@ class RoundStats:
     uplink_record_bytes_total: int = 0
     dense_bytes_per_client: int = 0
     downlink_bytes_total: int = 0
+    downlink_config_bytes_total: int = 0
     client_error_state_bytes_mean: float = 0.0
+    client_serialized_state_bytes_total: int = 0
     update_norm: float = float("nan")
     aggregate_seconds: float = 0.0
     rejections: list[str] = field(default_factory=list)
@@ -102,6 +106,12 @@ class ConEFStrategy(FedAvg):
         Extra settings sent to clients every round (local epochs, learning rate, ...).
     max_update_norm:
         Optional bound: a client whose decoded update has a larger L2 norm is rejected.
+    downlink:
+        Compress the downlink too (None: clients get the dense model). The server keeps
+        its own error; stale clients get the updates they missed or the dense model
+        (see :mod:`conef_fl.flower.downlink`).
+    downlink_log_rounds:
+        Rounds of downlink payloads kept for catching up stale clients.
     """
 
     def __init__(
@@ -119,6 +129,8 @@ class ConEFStrategy(FedAvg):
         seed: int = 0,
         train_config: Mapping[str, Any] | None = None,
         max_update_norm: float | None = None,
+        downlink: MethodConfig | None = None,
+        downlink_log_rounds: int = 50,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -149,6 +161,11 @@ class ConEFStrategy(FedAvg):
         self._round_seed: int | None = None
         self._sampled: int = 0
         self._downlink: int = 0
+        self._downlink_cfg: int = 0
+        self.downlink_config = downlink
+        self.downlink_log_rounds = downlink_log_rounds
+        self.downlink: DownlinkCompressor | None = None
+        self._sent_version: dict[int, int] = {}
 
     # ------------------------------------------------------------------ helpers
     def round_seed(self, server_round: int) -> int:
@@ -196,10 +213,51 @@ class ConEFStrategy(FedAvg):
         cfg["method-name"] = self.method_name
         cfg["server-round"] = server_round
         cfg["round-seed"] = self._round_seed
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
-        self._downlink = (arrays.count_bytes() + cfg.count_bytes()) * len(node_ids)
         log.info("round %d: sampled %d of %d nodes", server_round, len(node_ids), len(list(grid.get_node_ids())))
-        return self._construct_messages(record, node_ids, "train")
+        if self.downlink_config is None:
+            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
+            self._downlink = arrays.count_bytes() * len(node_ids)
+            self._downlink_cfg = cfg.count_bytes() * len(node_ids)
+            return self._construct_messages(record, node_ids, "train")
+        return self._downlink_messages(arrays, cfg, node_ids)
+
+    def _downlink_messages(self, arrays: ArrayRecord, cfg: ConfigRecord, node_ids: list[int]) -> list[Message]:
+        """Per-node messages: the dense model or the compressed updates the node missed."""
+        assert self.downlink_config is not None and self._global is not None
+        if self.downlink is None:
+            self.downlink = DownlinkCompressor(
+                self.downlink_config, self._global, max_log_rounds=self.downlink_log_rounds, seed=self.seed
+            )
+        dl = self.downlink
+        cfg.update({DOWNLINK_PREFIX + k: v for k, v in self.downlink_config.to_dict().items()})
+        cfg["model-version"] = dl.version
+        encoded = {r: encode_payloads(p) for r, p in dl.log.items()}
+        messages, total, cfg_total = [], 0, 0
+        self._sent_version = {}
+        for node in node_ids:
+            plan = dl.plan(node)
+            node_cfg = ConfigRecord(dict(cfg))
+            if plan.dense:
+                node_cfg["downlink-mode"] = "dense"
+                content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: node_cfg})
+                total += arrays.count_bytes()
+            else:
+                node_cfg["downlink-mode"] = "delta"
+                node_cfg["base-version"] = plan.base
+                node_cfg["downlink-rounds"] = list(plan.rounds)
+                node_cfg["downlink-seeds"] = [dl.seeds[r] for r in plan.rounds]
+                records: dict[str, Any] = {self.configrecord_key: node_cfg}
+                for r in plan.rounds:
+                    records[f"down-{r}"], records[f"down-{r}-meta"] = encoded[r]
+                    total += encoded[r][0].count_bytes()
+                    cfg_total += encoded[r][1].count_bytes()
+                content = RecordDict(records)
+            cfg_total += node_cfg.count_bytes()
+            self._sent_version[node] = dl.version
+            messages.append(Message(content=content, dst_node_id=node, message_type="train"))
+        self._downlink = total
+        self._downlink_cfg = cfg_total
+        return messages
 
     def payload_specs(self, server_round: int) -> dict[str, PayloadSpec]:
         """Expected payload structure of every tensor in ``server_round``."""
@@ -233,6 +291,7 @@ class ConEFStrategy(FedAvg):
             "payload-bytes": sum(p.nbytes for p in payloads.values()),
             "record-bytes": arrays.count_bytes() + meta.count_bytes(),
             "error-state-bytes": float(metrics.get("error-state-bytes", 0.0)),
+            "serialized-state-bytes": float(metrics.get("serialized-state-bytes", 0.0)),
         }
         return payloads, stats
 
@@ -244,14 +303,19 @@ class ConEFStrategy(FedAvg):
         replies = list(replies)
         stats = RoundStats(round=server_round, sampled=self._sampled, replied=len(replies))
         stats.downlink_bytes_total = self._downlink
+        stats.downlink_config_bytes_total = self._downlink_cfg
         specs = self.payload_specs(server_round)
         accepted: list[tuple[dict[str, Payload], dict]] = []
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
+                if self.downlink is not None:
+                    self.downlink.forget(node)
                 stats.failed += 1
                 log.warning("round %d: node %s replied with an error: %s", server_round, node, msg.error.reason)
                 continue
+            if self.downlink is not None and node in self._sent_version:
+                self.downlink.mark_synced(node, self._sent_version[node])
             try:
                 payloads, info = self._check_reply(msg, specs)
                 if self.max_update_norm is not None:
@@ -287,6 +351,7 @@ class ConEFStrategy(FedAvg):
             stats.uplink_payload_bytes_mean = stats.uplink_payload_bytes_total / len(accepted)
             stats.uplink_record_bytes_total = int(sum(info["record-bytes"] for _, info in accepted))
             stats.client_error_state_bytes_mean = sum(info["error-state-bytes"] for _, info in accepted) / len(accepted)
+            stats.client_serialized_state_bytes_total = int(sum(info["serialized-state-bytes"] for _, info in accepted))
             del wsum
         else:
             log.warning("round %d: no valid replies; the global model is unchanged", server_round)
@@ -345,6 +410,10 @@ class ConEFStrategy(FedAvg):
         if not all(bool(torch.isfinite(v).all()) for v in new.values()):
             log.error("server step produced NaN/Inf; keeping the previous global model")
             return None
+        if self.downlink is not None:
+            self.downlink.step({k: self.server_lr * step[k].to(torch.float32) for k in self._global},
+                               seed=self._round_seed)
+            return {k: v.clone() for k, v in self.downlink.model.items()}
         return new
 
     # ------------------------------------------------------------------ the round loop

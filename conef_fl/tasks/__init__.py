@@ -18,6 +18,7 @@ from conef_fl.tasks.data import (
     clear_data_cache,
     default_data_dir,
     load_task_data,
+    load_task_data_shared,
     read_idx,
 )
 from conef_fl.tasks.models import MODEL_NAMES, build_model, count_parameters
@@ -39,6 +40,7 @@ __all__ = [
     "evaluate",
     "get_flat_params",
     "load_task_data",
+    "load_task_data_shared",
     "model_to_ndarrays",
     "ndarrays_to_model",
     "partition_indices",

@@ -527,3 +527,16 @@ def load_task_data(
     task = _LOADERS[name](data_dir, seq_len, max_train, int(seed))
     logger.debug("loaded task %s: %s", name, task.description)
     return task
+
+
+@functools.lru_cache(maxsize=4)
+def load_task_data_shared(
+    name: str, data_dir: str | None = None, *, seq_len: int = 80, max_train: int | None = None, seed: int = 0
+) -> TaskData:
+    """:func:`load_task_data`, cached per process: the same (read-only) tensors on every call.
+
+    The ClientApp runs once per message; in a simulation one process serves many
+    virtual clients, so the data is parsed and normalised once per process.
+    Callers must not modify the returned tensors.
+    """
+    return load_task_data(name, data_dir, seq_len=seq_len, max_train=max_train, seed=seed)

@@ -1,0 +1,145 @@
+"""Compressed downlink with server-side error feedback (DoubleSqueeze-style), for partial participation.
+
+Instead of the dense global model, the server broadcasts a compressed model
+update ``Δ̃_t = Q_down(η·Δ_t + e_s)`` and keeps its own error
+``e_s ← η·Δ_t + e_s − Δ̃_t`` (the server has memory to spare). The global model
+everyone agrees on is ``x_t = x_{t−1} − Δ̃_t``; the server's error makes sure
+nothing of the averaged update is lost, only delayed.
+
+Partial participation: a client that holds ``x_v`` and is sampled in round
+``r`` (global model ``x_{r−1}``) receives the logged updates ``Δ̃_{v+1..r−1}`` —
+or the dense model when it has none, when its version is unknown or too old,
+or when the catch-up would cost more bytes than the dense model. Either way
+it ends up with exactly ``x_{r−1}``; every byte it is sent is counted.
+
+The log keeps the last ``max_log_rounds`` rounds' payloads (server memory).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from conef_fl.compressors.base import Compressor, Payload
+from conef_fl.config import MethodConfig
+from conef_fl.feedback import make_compressor_for
+from conef_fl.seeding import derive_seed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CatchUp:
+    """What to send one client: the dense model, or the payloads of rounds ``base+1..target``."""
+
+    dense: bool
+    base: int
+    target: int
+    rounds: tuple[int, ...] = ()
+
+
+class DownlinkCompressor:
+    """Server side of the compressed downlink.
+
+    Parameters
+    ----------
+    config:
+        Downlink compressor settings (``compressor``, ``k_ratio``, ``value_dtype``, ...).
+    model:
+        The initial global model ``x_0`` (name → tensor); copied.
+    max_log_rounds:
+        Rounds of payloads kept for catching up stale clients.
+    seed:
+        Seeds the downlink compressor's shared randomness per round.
+    """
+
+    def __init__(
+        self, config: MethodConfig, model: Mapping[str, torch.Tensor], *, max_log_rounds: int = 50, seed: int = 0
+    ) -> None:
+        if max_log_rounds < 0:
+            raise ValueError(f"max_log_rounds={max_log_rounds} is out of range; allowed: >= 0")
+        self.config = config
+        self.compressor: Compressor = make_compressor_for(config)
+        self.model = {k: v.detach().to(torch.float32).clone() for k, v in model.items()}
+        self.error = {k: torch.zeros_like(v) for k, v in self.model.items()}
+        self.version = 0
+        self.max_log_rounds = int(max_log_rounds)
+        self.seed = int(seed)
+        self.log: OrderedDict[int, dict[str, Payload]] = OrderedDict()
+        self.client_version: dict[int, int] = {}
+        self.seeds: dict[int, int] = {}
+
+    @property
+    def error_norm(self) -> float:
+        """L2 norm of the server's error (0 when the downlink sends everything)."""
+        return float(torch.sqrt(sum((e.double() ** 2).sum() for e in self.error.values())))
+
+    @property
+    def dense_nbytes(self) -> int:
+        """Bytes of the dense float32 model."""
+        return sum(4 * v.numel() for v in self.model.values())
+
+    def round_seed(self, version: int) -> int:
+        """Default shared seed of the downlink payload that produces ``x_version``."""
+        return derive_seed(self.seed, "downlink", version)
+
+    def step(self, update: Mapping[str, torch.Tensor], seed: int | None = None) -> dict[str, Payload]:
+        """Apply one server update ``x ← x − update`` through the compressed downlink.
+
+        ``update`` is the server step ``η·Δ`` (after momentum). ``seed`` is the shared
+        seed of the downlink compressor; passing the uplink's round seed makes a
+        random-block-k downlink pick the same block as the uplink, so the average of
+        block payloads is sent exactly (the server error stays zero). Returns the
+        payloads that turn ``x_{v}`` into ``x_{v+1}`` on every client.
+        """
+        self.version += 1
+        seed = self.round_seed(self.version) if seed is None else int(seed)
+        self.seeds[self.version] = seed
+        payloads: dict[str, Payload] = {}
+        for k, e in self.error.items():
+            e.add_(update[k].to(e.dtype))  # e := p_s = η·Δ + e_s
+            p = self.compressor.compress(e, seed=seed, key=k)
+            delta = self.compressor.decompress(p).view(e.shape)
+            e.sub_(delta)  # e_s ← p_s − Δ̃
+            self.model[k].sub_(delta)
+            payloads[k] = p
+        self.log[self.version] = payloads
+        while len(self.log) > self.max_log_rounds:
+            old, _ = self.log.popitem(last=False)
+            self.seeds.pop(old, None)
+        return payloads
+
+    def plan(self, node_id: int) -> CatchUp:
+        """How to bring ``node_id`` from its known version to the current one."""
+        have = self.client_version.get(node_id)
+        target = self.version
+        if have is None or have > target:
+            return CatchUp(dense=True, base=-1, target=target)
+        rounds = tuple(range(have + 1, target + 1))
+        if any(r not in self.log for r in rounds):
+            return CatchUp(dense=True, base=-1, target=target)
+        cost = sum(p.nbytes for r in rounds for p in self.log[r].values())
+        if cost >= self.dense_nbytes:
+            return CatchUp(dense=True, base=-1, target=target)
+        return CatchUp(dense=False, base=have, target=target, rounds=rounds)
+
+    def mark_synced(self, node_id: int, version: int) -> None:
+        """Record that ``node_id`` holds ``x_version``."""
+        self.client_version[node_id] = int(version)
+
+    def forget(self, node_id: int) -> None:
+        """The node's version is unknown (it failed or was rejected): send it the dense model next time."""
+        self.client_version.pop(node_id, None)
+
+    def state_dict(self) -> dict[str, object]:
+        """Server-side downlink state for checkpoints."""
+        return {
+            "version": self.version,
+            "model": self.model,
+            "error": self.error,
+            "client_version": dict(self.client_version),
+        }

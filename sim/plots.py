@@ -1,0 +1,109 @@
+"""PNG plots of an experiment grid (matplotlib, Agg backend).
+
+``plot_grid`` writes, into the grid's folder:
+
+- ``accuracy_vs_round.png``: test accuracy (mean over seeds) against the round;
+- ``accuracy_vs_uplink.png``: test accuracy against the cumulative uplink (MB, all clients);
+- ``memory_per_client.png``: error-feedback memory kept by each client (KB), EFSGD as reference;
+- ``perplexity_vs_round.png`` (text tasks): test perplexity against the round.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _curves(runs: Sequence[Mapping[str, Any]], key: str) -> dict[str, tuple[list[int], list[float], list[float]]]:
+    """Per method: eval rounds, mean of ``key`` over seeds and cumulative uplink MB at those rounds."""
+    by_method: dict[str, list[Mapping[str, Any]]] = {}
+    for r in runs:
+        by_method.setdefault(r["method_id"], []).append(r)
+    out = {}
+    for mid, rs in by_method.items():
+        series = []
+        for r in rs:
+            cum, pts = 0.0, {}
+            for row in r["rounds"]:
+                cum += row.get("uplink_payload_bytes_total") or 0.0
+                v = row.get(key)
+                if v is not None and math.isfinite(v):
+                    pts[int(row["round"])] = (v, cum / 1e6)
+            series.append(pts)
+        common = sorted(set.intersection(*(set(s) for s in series))) if series else []
+        xs = common
+        ys = [sum(s[x][0] for s in series) / len(series) for x in xs]
+        mb = [sum(s[x][1] for s in series) / len(series) for x in xs]
+        out[mid] = (xs, ys, mb)
+    return out
+
+
+def _style(i: int) -> dict[str, Any]:
+    return {"linestyle": ["-", "--", ":", "-."][(i // 10) % 4], "marker": "o" if i < 10 else "s", "markersize": 3}
+
+
+def plot_grid(runs: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]], out: Path,
+              text: bool = False) -> list[Path]:
+    """Write the grid's plots into ``out``; returns the paths written."""
+    labels = {r["method_id"]: r["label"] for r in rows}
+    order = [r["method_id"] for r in rows]
+    written = []
+    acc = _curves(runs, "accuracy")
+    for fname, xi, xlabel in [("accuracy_vs_round.png", 0, "round"),
+                              ("accuracy_vs_uplink.png", 2, "cumulative uplink, all clients (MB, log scale)")]:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for i, mid in enumerate(order):
+            c = acc.get(mid)
+            if not c or not c[0]:
+                continue
+            ax.plot(c[xi], [100 * y for y in c[1]], label=labels[mid], **_style(i))
+        ax.set_xlabel(xlabel)
+        if xi == 2:
+            ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_ylabel("test accuracy (%)" + (" (per character)" if text else ""))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        ax.set_title("mean over seeds")
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        written.append(out / fname)
+    if text:
+        loss = _curves(runs, "loss")
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for i, mid in enumerate(order):
+            c = loss.get(mid)
+            if not c or not c[0]:
+                continue
+            ax.plot(c[0], [math.exp(min(y, 20)) for y in c[1]], label=labels[mid], **_style(i))
+        ax.set_xlabel("round")
+        ax.set_ylabel("test perplexity (per character)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "perplexity_vs_round.png", dpi=110)
+        plt.close(fig)
+        written.append(out / "perplexity_vs_round.png")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    mem = [(labels[m], r["error_memory_kb"]) for m, r in zip(order, rows, strict=True)]
+    ax.barh([m[0] for m in mem], [m[1] for m in mem], color="tab:blue")
+    ef = rows[0]["efsgd_error_memory_kb"] if rows else 0.0
+    ax.axvline(ef, color="tab:red", linestyle="--", label=f"EFSGD: {ef:.0f} KB (4·d bytes)")
+    for y, (_, v) in enumerate(mem):
+        ax.text(v, y, f" {v:.0f}", va="center", fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("error-feedback memory kept per client between rounds (KB)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "memory_per_client.png", dpi=110)
+    plt.close(fig)
+    written.append(out / "memory_per_client.png")
+    return written

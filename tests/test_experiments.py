@@ -1,0 +1,115 @@
+"""The experiment runner (sim.experiments) on digits: outputs, resume, --only, the β study."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from sim import experiments as ex
+
+FAST = ["--task", "digits", "--rounds", "2", "--quiet"]
+PLOTS = ("accuracy_vs_round.png", "accuracy_vs_uplink.png", "memory_per_client.png")
+
+
+def _mtime(out: Path, run: str) -> float:
+    return (out / run / "summary.json").stat().st_mtime_ns
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("grid")
+    assert ex.main([*FAST, "--out", str(out), "--methods", "sgd,conef-cs-90"]) == 0
+    return out
+
+
+def test_grid_writes_runs_tables_and_plots(grid: Path) -> None:
+    for run in ("sgd-s0", "conef-cs-90-s0"):
+        for f in ("rounds.json", "rounds.csv", "summary.json", "experiment.json"):
+            assert (grid / run / f).exists(), f"{run}/{f}"
+        cfg = json.loads((grid / run / "experiment.json").read_text())["run_config"]
+        assert cfg["num-server-rounds"] == 2 and cfg["seed"] == 0
+    for f in ("results.md", "results.json", *PLOTS):
+        assert (grid / f).stat().st_size > 0, f
+    res = json.loads((grid / "results.json").read_text())
+    rows = {r["method_id"]: r for r in res["rows"]}
+    assert set(rows) == {"sgd", "conef-cs-90"}
+    assert rows["sgd"]["uplink_percent_of_dense"] == pytest.approx(100.0)
+    assert rows["conef-cs-90"]["uplink_percent_of_dense"] <= 10.0 + 1e-6
+    assert rows["conef-cs-90"]["memory_saving_percent_vs_efsgd"] == pytest.approx(90.0, abs=0.5)
+    assert 0.0 <= rows["sgd"]["final_accuracy_mean"] <= 100.0
+    md = (grid / "results.md").read_text()
+    assert "| SGD (dense FedAvg) |" in md and "| ConEF-CS 90 % |" in md and "uplink % of dense" in md
+
+
+def test_resume_skips_finished_runs(grid: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = {r: _mtime(grid, r) for r in ("sgd-s0", "conef-cs-90-s0")}
+
+    def boom(*args: object, **kwargs: object) -> dict[str, object]:
+        raise AssertionError("a finished run was started again")
+
+    monkeypatch.setattr(ex, "execute", boom)
+    assert ex.main([*FAST, "--out", str(grid), "--methods", "sgd,conef-cs-90"]) == 0
+    assert {r: _mtime(grid, r) for r in before} == before
+
+
+def test_only_reruns_one_method(grid: Path) -> None:
+    sgd, cs = _mtime(grid, "sgd-s0"), _mtime(grid, "conef-cs-90-s0")
+    assert ex.main([*FAST, "--out", str(grid), "--only", "conef-cs-90", "--force"]) == 0
+    assert _mtime(grid, "sgd-s0") == sgd
+    assert _mtime(grid, "conef-cs-90-s0") > cs
+    rows = json.loads((grid / "results.json").read_text())["rows"]
+    assert {r["method_id"] for r in rows} == {"sgd", "conef-cs-90"}  # the report still covers both
+
+
+def test_only_adds_a_missing_method(tmp_path: Path) -> None:
+    assert ex.main([*FAST, "--out", str(tmp_path), "--only", "efsgd", "--rounds", "1"]) == 0
+    assert (tmp_path / "efsgd-s0" / "summary.json").exists()
+    assert not (tmp_path / "sgd-s0").exists()
+
+
+def test_plan_grid_seeds_and_ids() -> None:
+    task = ex.TASKS["mnist"]
+    runs = ex.plan_grid(task, ["sgd", "ef-sign"], [0, 1, 2], 5, Path("/tmp/x"))
+    assert [r.name for r in runs] == ["sgd-s0", "ef-sign-s0", "sgd-s1", "sgd-s2"]  # extra seeds: main methods only
+    cfg = runs[0].config
+    assert cfg["method"] == "sgd" and cfg["partitioning"] == "dirichlet" and cfg["num-server-rounds"] == 5
+    with pytest.raises(SystemExit):
+        ex.main(["--task", "digits", "--out", "/tmp/x-unused", "--methods", "nope"])
+
+
+def test_aggregate_mean_std_and_delta() -> None:
+    def run(mid: str, seed: int, acc: float, mem: float) -> dict[str, object]:
+        s = {"final_accuracy": acc, "best_accuracy": acc, "final_loss": 0.5, "wall_seconds": 10.0,
+             "uplink_bytes_total": 1e6, "dense_fedavg_uplink_bytes_total": 1e7, "uplink_fraction_of_dense": 0.1,
+             "client_error_state_bytes": mem, "efsgd_error_state_bytes": 1000.0, "rounds": 3}
+        return {"method_id": mid, "seed": seed, "summary": s, "rounds": [], "run_config": {}}
+
+    rows = ex.aggregate([run("efsgd", 0, 0.90, 1000.0), run("efsgd", 1, 0.92, 1000.0),
+                         run("conef-cs-90", 0, 0.89, 100.0), run("conef-cs-90", 1, 0.89, 100.0)], text=True)
+    ef, cs = rows
+    assert ef["final_accuracy_mean"] == pytest.approx(91.0) and ef["final_accuracy_std"] == pytest.approx(math.sqrt(2))
+    assert cs["delta_vs_efsgd_points"] == pytest.approx(-2.0)
+    assert cs["memory_saving_percent_vs_efsgd"] == pytest.approx(90.0)
+    assert cs["perplexity_mean"] == pytest.approx(math.exp(0.5))
+
+
+def test_beta_study_picks_smallest_ratio(tmp_path: Path) -> None:
+    table = ex.beta_study(ex.TASKS["digits"], tmp_path, betas=[0.9, 0.5], ladder=[0.1, 0.5], rounds=1,
+                          tolerance=100.0)
+    assert [r["smallest_sketch_ratio"] for r in table["rows"]] == [0.1, 0.1]  # anything is within 100 points
+    assert (tmp_path / "beta_study.md").exists() and (tmp_path / "beta_study.json").exists()
+    strict = ex.beta_study(ex.TASKS["digits"], tmp_path, betas=[0.9], ladder=[0.1, 0.5], rounds=1, tolerance=-100.0)
+    assert strict["rows"][0]["smallest_sketch_ratio"] is None  # nothing is 100 points above EFSGD
+    assert [t["ratio"] for t in strict["rows"][0]["tried"]] == [0.1, 0.5]
+
+
+def test_beta_study_reuses_grid_runs(grid: Path, tmp_path: Path) -> None:
+    table = ex.beta_study(ex.TASKS["digits"], tmp_path, betas=[0.95], ladder=[0.1], rounds=2, tolerance=100.0,
+                          reuse=[grid])
+    tried = table["rows"][0]["tried"]
+    assert tried[0]["run"] == str(grid / "conef-cs-90-s0")  # same config as the grid's ConEF-CS 90 % run
+    assert not (tmp_path / "cs-b0.95-w0.1-s0").exists()
+    assert (tmp_path / "efsgd-s0" / "summary.json").exists()
