@@ -46,7 +46,9 @@ def store_model(context: Context, version: int, model: Mapping[str, torch.Tensor
     return len(blob)
 
 
-def receive_global_model(msg: Message, context: Context, template: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def receive_global_model(
+    msg: Message, context: Context, template: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """The global model this message carries or implies (dense, or stored copy + missed updates)."""
     cfg = msg.content["config"]
     mode = cfg.get("downlink-mode")

@@ -18,8 +18,8 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from conef_fl.flower.strategy import ConEFStrategy
-from server.checkpoint import load_checkpoint, save_checkpoint
 from conef_fl.tasks import build_model, count_parameters, evaluate, load_task_data
+from server.checkpoint import load_checkpoint, save_checkpoint
 from server.results import save_model, write_results
 from server.settings import ServerSettings
 

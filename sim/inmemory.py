@@ -119,7 +119,6 @@ def run_inmemory(run_config: Mapping[str, Any], num_nodes: int) -> InMemoryGrid:
     """Run the project's ServerApp over an :class:`InMemoryGrid`; returns the grid (contexts inside)."""
     from clients.client_app import app as client_app
     from server.server_app import app as server_app
-
     from sim.run import app_defaults
 
     cfg = {**app_defaults(), **dict(run_config)}

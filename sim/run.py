@@ -83,7 +83,8 @@ def format_summary(s: dict[str, Any]) -> str:
             f"  uplink                {s['uplink_bytes_total'] / 1e6:.2f} MB vs dense FedAvg "
             f"{s['dense_fedavg_uplink_bytes_total'] / 1e6:.2f} MB ({100 * (frac or 0):.1f} %)",
             f"  client error memory   {s['client_error_state_bytes'] / 1e3:.1f} KB vs EFSGD "
-            f"{s['efsgd_error_state_bytes'] / 1e3:.1f} KB (saving {100 * (s['error_memory_saving_vs_efsgd'] or 0):.1f} %)",
+            f"{s['efsgd_error_state_bytes'] / 1e3:.1f} KB "
+            f"(saving {100 * (s['error_memory_saving_vs_efsgd'] or 0):.1f} %)",
         ]
     )
 

@@ -510,7 +510,8 @@ class CountSketch(ErrorStore):
             if int(state[key]) != val:  # type: ignore[call-overload]
                 raise ValueError(f"count-sketch state has {key}={state[key]}, expected {val}")
         if state["dtype"] != _DTYPE_NAMES[self.table.dtype]:
-            raise ValueError(f"count-sketch state has dtype {state['dtype']}, expected {_DTYPE_NAMES[self.table.dtype]}")
+            want = _DTYPE_NAMES[self.table.dtype]
+            raise ValueError(f"count-sketch state has dtype {state['dtype']}, expected {want}")
         table = state["table"]
         if not isinstance(table, torch.Tensor) or tuple(table.shape) != tuple(self.table.shape):
             shape = getattr(table, "shape", None)
