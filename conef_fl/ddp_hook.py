@@ -29,8 +29,9 @@ Bucket layouts. DDP rebuilds its buckets after the first iteration (the paramete
 are re-ordered by the order their gradients became ready), so a bucket's index and
 size alone do not identify its contents. Every segment is therefore keyed by the
 tuple of its parameters' names and validated by size: in flat mode a bucket whose
-layout changed gets a new segment (the old one is dropped, logged), as
-``torch``'s PowerSGD hook re-creates its memories. A state restored into a new DDP
+layout changed gets a new segment (the old one is dropped, logged). (``torch``'s
+PowerSGD hook keys its memories by bucket index only and relies on
+``start_powerSGD_iter > 1`` to skip the first layout.) A state restored into a new DDP
 model sees DDP's *initial* layout during that model's first iteration; the flat
 segments saved in the rebuilt layout are then gathered from the bucket and scattered
 back (one copy, that iteration only), so training continues exactly.
@@ -66,9 +67,12 @@ from conef_fl.seeding import derive_seed, make_generator
 __all__ = [
     "ALLREDUCE_COMPRESSORS",
     "GATHER_COMPRESSORS",
+    "POWERSGD_FEEDBACKS",
     "SUPPORTED_COMPRESSORS",
     "ConEFHookState",
     "conef_hook",
+    "dense_error_bytes",
+    "expected_bytes_per_step",
     "register_conef_hook",
 ]
 

@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "command": "python -m sim.bench_ddp " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python -m sim.bench_ddp", *(argv if argv is not None else sys.argv[1:])]),
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "logical_cpus": os.cpu_count(),

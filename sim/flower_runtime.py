@@ -117,6 +117,8 @@ class FlowerProcesses:
         env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
         env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
         env.setdefault("HF_HUB_OFFLINE", "1")
+        # the app runs from a copy under FLWR_HOME: name the shared data root explicitly
+        env.setdefault("CONEF_DATA_DIR", str((REPO / ".." / "shared" / "data").resolve()))
         env.setdefault("RAY_DEDUP_LOGS", "0")
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         # Flower starts helpers (flower-superexec, flwr-serverapp, ...) by name: use this interpreter's bin

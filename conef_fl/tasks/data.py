@@ -145,6 +145,10 @@ class TaskData:
 def default_data_dir(name: str) -> Path:
     """The default data folder of a task: ``<repo>/../shared/data/<subdir>``.
 
+    When the environment variable ``CONEF_DATA_DIR`` names a data root, the task's
+    folder under it is tried first (Flower runs apps from a copy under
+    ``FLWR_HOME``, where ``<repo>/..`` means something else).
+
     Parameters
     ----------
     name : str
@@ -164,6 +168,10 @@ def _resolve_dir(name: str, data_dir: str | os.PathLike[str] | None, probe: str)
     """
     if data_dir is None or str(data_dir) == "":
         candidates = [default_data_dir(name)]
+        env_root = os.environ.get("CONEF_DATA_DIR", "")
+        if env_root:  # Flower runs the app from a copy under FLWR_HOME: the launcher names the data root
+            root = Path(env_root).expanduser()
+            candidates = [root / default_data_dir(name).name, root, *candidates]
     else:
         base = Path(data_dir).expanduser()
         candidates = [base, base / default_data_dir(name).name]
