@@ -159,9 +159,19 @@ def _configs(
     default = "ConEF, random-block-k 10 %, count sketch 10 %, beta 0.9 (default)"
     out: list[tuple[str, str, Callable[[DDP], Any], dict[str, Any]]] = [
         ("allreduce", "plain DDP all-reduce (no hook)", lambda ddp: None, ONE_BUCKET),
-        (f"torch-powersgd-r{rank}", f"torch powerSGD_hook, rank {rank}, EF + warm start", torch_psgd, ONE_BUCKET),
+        (
+            f"torch-powersgd-r{rank}",
+            f"torch powerSGD_hook, rank {rank}, EF + warm start",
+            torch_psgd,
+            ONE_BUCKET,
+        ),
         ("conef-cs", f"ours: {default}", ours("conef-cs"), ONE_BUCKET),
-        ("conef-cs-flat", "ours: conef-cs, whole bucket as one segment", ours("conef-cs", layerwise=False), ONE_BUCKET),
+        (
+            "conef-cs-flat",
+            "ours: conef-cs, whole bucket as one segment",
+            ours("conef-cs", layerwise=False),
+            ONE_BUCKET,
+        ),
         ("efsgd", "ours: EFSGD, random-block-k 10 %, dense error", ours("efsgd"), ONE_BUCKET),
         (
             f"conef-powersgd-r{rank}",

@@ -266,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted; every process started was stopped")
         return 130
+    except SystemExit as exc:  # SIGTERM / SIGHUP via signals_raise
+        log.error("terminated (exit %s); every process started was stopped", exc.code)
+        raise
     print(format_summary(res.summary))
     mode = ", ".join(m for m, on in (("TLS", args.tls), ("SuperNode auth", args.auth)) if on) or "insecure"
     print(f"  deployment            {args.supernodes} SuperNodes on loopback ({mode}), {res.seconds:.0f} s in all")

@@ -457,8 +457,9 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], title: str, setting: str
         d = r.get("delta_vs_efsgd_points")
         cells += [("–" if r["method_id"] == "efsgd" else _f(d, "+.2f")), _f(r["best_accuracy_mean"]),
                   f"{r['wall_seconds_mean']:.0f}", f"{r['uplink_mb_mean']:.1f}", f"{r['uplink_percent_of_dense']:.1f}",
-                  f"{r['error_memory_kb']:.1f}",
-                  "–" if r["memory_saving_percent_vs_efsgd"] is None else f"{r['memory_saving_percent_vs_efsgd']:.1f} %"]
+                  f"{r['error_memory_kb']:.1f}", _f(r["memory_saving_percent_vs_efsgd"], ".1f") + " %"]
+        if r["memory_saving_percent_vs_efsgd"] is None:
+            cells[-1] = "–"
         if r["diverged_runs"]:
             cells[0] += f" ({r['diverged_runs']} diverged)"
         lines.append("| " + " | ".join(cells) + " |")

@@ -115,7 +115,7 @@ class SketchGeometry:
         elif unit < 1:
             raise ValueError(f"sketch unit={unit} must be >= 1")
         unit = min(unit, numel)
-        buckets = max(1, round(per_row / unit))
+        buckets = max(1, int(per_row // unit))  # floor: the table never exceeds ratio·numel (unless tiny)
         return SketchGeometry(numel=numel, rows=rows, buckets=buckets, unit=unit)
 
 

@@ -1,0 +1,439 @@
+"""Edge footprint of a client: peak RSS of the ClientApp process and the error state a SuperNode keeps.
+
+    python -m sim.footprint --out docs/results/footprint.json            # writes .json and .md
+    python -m sim.footprint --widths 700 --methods efsgd conef-cs        # one size, quick
+
+In a deployment each training message runs the ClientApp in a fresh process
+(``flwr-clientapp``); the error state lives between rounds in the SuperNode's
+``context.state`` as serialized bytes. So for each method and model size this
+script starts one fresh Python process per round and, in it, does exactly what
+``clients.client_app.train`` does:
+
+1. the global model arrives as an ``ArrayRecord`` and is loaded into the model;
+2. ``x_global`` is cloned, the model is trained locally (SGD, one thread);
+3. ``u = x_global − x_local`` in place, the worker is restored from the previous
+   round's serialized state (round 2) or created (round 1), ``worker.step(u,
+   seed, consume=True)``, the new state is serialized and the payload encoded
+   into reply records.
+
+At the end the process reads ``VmHWM`` (peak RSS) from ``/proc/self/status``.
+Round 2 (state restored from bytes, as on a SuperNode) is the steady state and
+is what the table reports. The model is an MLP on 28×28 inputs with two hidden
+layers of width ``w`` (``conef_fl.tasks`` has no model of 1M–10M parameters),
+the data are synthetic (fixed seed) MNIST-shaped samples. Method settings are
+the app defaults of ``pyproject.toml`` (``k-ratio``, ``sketch-ratio`` ...).
+``sgd`` (no error feedback, dense reply) is the reference for what training
+alone costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from sim.flower_runtime import REPO
+
+log = logging.getLogger("sim.footprint")
+
+MIB = 1024 * 1024
+DEFAULT_WIDTHS = (700, 2000, 2700)  # 1.05M, 5.59M, 9.44M parameters
+DEFAULT_METHODS = ("sgd", "efsgd", "conef-cs")
+
+
+def mlp_params(width: int, in_features: int = 784, num_classes: int = 10) -> int:
+    """Parameters of ``784 → w → w → 10`` with biases."""
+    return in_features * width + width + width * width + width + width * num_classes + num_classes
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+
+
+# --------------------------------------------------------------------------------------- one round, in a child
+def child_round(method_name: str, width: int, samples: int, batch_size: int, epochs: int, lr: float,
+                server_round: int, state_in: Path | None, state_out: Path) -> dict[str, Any]:
+    """One ClientApp round in this (fresh) process; returns measurements."""
+    import torch
+    from flwr.app import ArrayRecord
+
+    from clients.state import deserialize_state, serialize_state
+    from conef_fl.flower.codec import encode_payloads
+    from conef_fl.tasks import count_parameters, train_local
+    from conef_fl.tasks.models import MLP
+    from conef_fl.worker import CompressionWorker
+    from server.settings import ServerSettings
+    from sim.run import app_defaults
+
+    torch.set_num_threads(1)  # as the ClientApp
+    _, method = ServerSettings.from_run_config({**app_defaults(), "method": method_name})
+    gen = torch.Generator().manual_seed(1234)
+    x = torch.randn(samples, 1, 28, 28, generator=gen)
+    y = torch.randint(0, 10, (samples,), generator=gen)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(server_round)
+        incoming = ArrayRecord(MLP(784, (width, width), 10).state_dict())  # the global model in the message
+    rss_ready = _status_kib("VmRSS")  # interpreter + torch + flwr + data, before the round's work
+
+    model = MLP(784, (width, width), 10)
+    model.load_state_dict(incoming.to_torch_state_dict(), strict=True)
+    d = count_parameters(model)
+    x_global = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    out = train_local(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, generator=gen)
+    local = model.state_dict()
+    update = {k: x_global[k].sub_(local[k]) for k in x_global}  # u = x_global − x_local, in place
+    shapes = {k: tuple(v.shape) for k, v in update.items()}
+    worker = CompressionWorker(method, shapes)
+    blob_in = 0
+    if state_in is not None:
+        blob = state_in.read_bytes()
+        blob_in = len(blob)
+        worker.load_state_dict(deserialize_state(blob))
+        del blob
+    payloads = worker.step(update, seed=1000 + server_round, consume=True)
+    blob_out = serialize_state(worker)
+    state_out.write_bytes(blob_out)
+    arrays, meta = encode_payloads(payloads)
+    reply_bytes = sum(len(a.data) for a in arrays.values())
+    return {
+        "method": method_name,
+        "width": width,
+        "num_params": d,
+        "round": server_round,
+        "train_loss": float(out["loss"]),
+        "error_state_bytes": int(worker.nbytes),
+        "persistent_tensor_bytes": int(sum(t.numel() * t.element_size() for t in worker.persistent_tensors())),
+        "serialized_state_bytes": len(blob_out),
+        "restored_state_bytes": blob_in,
+        "payload_bytes": int(sum(p.nbytes for p in payloads.values())),
+        "reply_array_bytes": int(reply_bytes),
+        "dense_model_bytes": 4 * d,
+        "rss_ready_bytes": rss_ready * 1024,
+        "rss_end_bytes": _status_kib("VmRSS") * 1024,
+        "peak_rss_bytes": _status_kib("VmHWM") * 1024,
+    }
+
+
+# --------------------------------------------------------------------------------------- a live deployment
+_ROLES = (("flwr-clientapp", "clientapp"), ("flower-superexec", "superexec"), ("flower-supernode", "supernode"))
+
+
+def _proc_mem(pid: int) -> tuple[str, int, int] | None:
+    """(role, VmRSS, VmHWM) in bytes of a Flower process, None if gone or not a Flower process."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    role = next((r for key, r in _ROLES if key in cmd), None)
+    if role is None:
+        return None
+    vals = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in status.splitlines()
+            if ln.startswith(("VmRSS:", "VmHWM:"))}
+    return role, vals.get("VmRSS", 0), vals.get("VmHWM", 0)
+
+
+def deployment_footprint(method: str, *, dataset: str, rounds: int, interval: float = 0.05,
+                         timeout: float = 600) -> dict[str, Any]:
+    """Run a 2-SuperNode loopback deployment and sample SuperNode 0's process tree.
+
+    Every ``interval`` seconds the ``VmHWM`` of each process under SuperNode 0
+    (the SuperNode, its SuperExec, each short-lived ``flwr-clientapp``) is read;
+    the last sample of a process before it exits approximates its peak (a
+    ClientApp living < ``interval`` can be missed). The sum of ``VmRSS`` over the
+    tree is what the device holds at one time.
+    """
+    import threading
+
+    from sim.deploy import run_config_for
+    from sim.flower_runtime import FlowerProcesses, descendants
+
+    peaks: dict[int, tuple[str, int]] = {}
+    tree_peak = 0
+    stop = threading.Event()
+    fp = FlowerProcesses()
+    try:
+        conn = fp.start_superlink()
+        nodes = [fp.start_supernode(f"supernode-{i}", node_config={"partition-id": i, "num-partitions": 2})
+                 for i in range(2)]
+
+        def sample() -> None:
+            nonlocal tree_peak
+            while not stop.is_set():
+                total = 0
+                for pid in [nodes[0].pid, *descendants(nodes[0].pid)]:
+                    m = _proc_mem(pid)
+                    if m is None:
+                        continue
+                    role, rss, hwm = m
+                    total += rss
+                    peaks[pid] = (role, max(hwm, peaks.get(pid, (role, 0))[1]))
+                tree_peak = max(tree_peak, total)
+                stop.wait(interval)
+
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        with tempfile.TemporaryDirectory(prefix="conef-footprint-out-") as out:
+            cfg, run_dir = run_config_for({"method": method, "dataset": dataset, "num-server-rounds": rounds,
+                                           "fraction-train": 1.0, "local-epochs": 1, "output-dir": out,
+                                           "run-name": "footprint"}, 2)
+            assert fp.superlink_proc is not None
+            code = fp.run_app(conn, cfg, timeout=timeout, stream_to=fp.home / "flwr-run.log",
+                              watch=[fp.superlink_proc, *nodes])
+            stop.set()
+            th.join()
+            summary_path = run_dir / "summary.json"
+            if code != 0 or not summary_path.exists():
+                raise RuntimeError(f"deployment run failed (flwr run exit {code}); logs:\n{fp.tail()}")
+            summary = json.loads(summary_path.read_text())
+    finally:
+        stop.set()
+        fp.close()
+    by_role: dict[str, list[int]] = {}
+    for role, hwm in peaks.values():
+        by_role.setdefault(role, []).append(hwm)
+    return {
+        "method": method,
+        "dataset": dataset,
+        "num_params": summary["num_params"],
+        "rounds": rounds,
+        "accepted_replies_all_rounds": summary["failed_replies"] == 0 and summary["rejected_replies"] == 0,
+        "client_error_state_bytes": summary["client_error_state_bytes"],
+        "peak_rss_bytes": {role: max(v) for role, v in by_role.items()},
+        "clientapp_processes_seen": len(by_role.get("clientapp", [])),
+        "node_tree_peak_rss_bytes": tree_peak,
+        "sample_interval_s": interval,
+    }
+
+
+# --------------------------------------------------------------------------------------- the driver
+def measure(method: str, width: int, *, samples: int, batch_size: int, epochs: int, lr: float,
+            rounds: int = 2) -> list[dict[str, Any]]:
+    """``rounds`` fresh processes, each one ClientApp round, the state passed on as bytes; one dict per round."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="conef-footprint-") as tmp:
+        prev: Path | None = None
+        for r in range(1, rounds + 1):
+            out = Path(tmp) / f"state-{r}.bin"
+            cmd = [sys.executable, "-m", "sim.footprint", "--child", "--method", method, "--width", str(width),
+                   "--samples", str(samples), "--batch-size", str(batch_size), "--epochs", str(epochs),
+                   "--lr", str(lr), "--round", str(r), "--state-out", str(out)]
+            if prev is not None:
+                cmd += ["--state-in", str(prev)]
+            env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   "OMP_NUM_THREADS": "1"}
+            t0 = time.monotonic()
+            res = subprocess.run(cmd, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=900)
+            if res.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} exited with {res.returncode}:\n{res.stderr[-3000:]}")
+            row = json.loads(res.stdout.strip().splitlines()[-1])
+            row["seconds"] = time.monotonic() - t0
+            rows.append(row)
+            log.info("%-9s d=%9d round %d: peak RSS %.1f MiB, error state %.2f MiB (serialized %.2f MiB)",
+                     method, row["num_params"], r, row["peak_rss_bytes"] / MIB, row["error_state_bytes"] / MIB,
+                     row["serialized_state_bytes"] / MIB)
+            prev = out
+    return rows
+
+
+def _median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The row with the median peak RSS (lower median for an even count)."""
+    ranked = sorted(rows, key=lambda r: r["peak_rss_bytes"])
+    return ranked[(len(ranked) - 1) // 2]
+
+
+def summarize(rows: list[dict[str, Any]], reference: str = "efsgd", candidate: str = "conef-cs") -> list[dict]:
+    """Per model size: last-round numbers of each method (median over repeats) and ``reference − candidate``."""
+    steady = [r for r in rows if r["round"] == max(x["round"] for x in rows)]
+    out = []
+    for d in sorted({r["num_params"] for r in steady}):
+        by = {m: _median_row([r for r in steady if r["num_params"] == d and r["method"] == m])
+              for m in dict.fromkeys(r["method"] for r in steady if r["num_params"] == d)}
+        entry: dict[str, Any] = {"num_params": d, "dense_model_bytes": 4 * d, "methods": {}}
+        for m, r in by.items():
+            entry["methods"][m] = {
+                "peak_rss_bytes": r["peak_rss_bytes"],
+                "peak_rss_bytes_all_repeats": sorted(
+                    x["peak_rss_bytes"] for x in steady if x["num_params"] == d and x["method"] == m
+                ),
+                "peak_over_ready_bytes": r["peak_rss_bytes"] - r["rss_ready_bytes"],
+                "error_state_bytes": r["error_state_bytes"],
+                "serialized_state_bytes": r["serialized_state_bytes"],
+                "payload_bytes": r["payload_bytes"],
+            }
+        if reference in by and candidate in by:
+            a, b = by[reference], by[candidate]
+            entry["difference"] = {
+                "of": f"{reference} - {candidate}",
+                "peak_rss_bytes": a["peak_rss_bytes"] - b["peak_rss_bytes"],
+                "error_state_bytes": a["error_state_bytes"] - b["error_state_bytes"],
+                "serialized_state_bytes": a["serialized_state_bytes"] - b["serialized_state_bytes"],
+                "error_state_ratio": (b["error_state_bytes"] / a["error_state_bytes"]
+                                      if a["error_state_bytes"] else None),
+            }
+        out.append(entry)
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """A short table of the steady-state (round 2) numbers."""
+    s = report["setup"]
+    lines = [
+        "# Edge footprint: ClientApp peak RSS and SuperNode error state",
+        "",
+        f"Measured by `python -m sim.footprint` on {s['machine']} ({s['cpu_count']} cores), "
+        f"Python {s['python']}, torch {s['torch']}, one thread. Each row is round {s['rounds']} (median of "
+        f"{s['repeats']} repeats by peak RSS) of a fresh "
+        "process per round doing what `clients.client_app.train` does (load the global model from an "
+        "`ArrayRecord`, train, `u = x_global - x_local`, restore the worker from the previous round's "
+        "serialized state, `worker.step(u, seed, consume=True)`, serialize the state, encode the reply). "
+        f"Model: MLP 784-w-w-10; data: {s['samples']} synthetic MNIST-shaped samples, {s['epochs']} epoch, "
+        f"batch {s['batch_size']}. Method settings: app defaults ({s['method_settings']}).",
+        "",
+        "Peak RSS = `VmHWM` of the ClientApp process; *over ready* = peak minus the RSS after imports, data "
+        "and the incoming message (the part the round itself adds). Error state = `worker.nbytes` (what is "
+        "kept between rounds); serialized = the bytes stored in the SuperNode's `context.state`.",
+        "",
+        "| params | method | peak RSS (MiB) | over ready (MiB) | error state (MiB) | serialized state (MiB) |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for e in report["summary"]:
+        for m, v in e["methods"].items():
+            lines.append(
+                f"| {e['num_params']:,} | {m} | {v['peak_rss_bytes'] / MIB:.1f} | "
+                f"{v['peak_over_ready_bytes'] / MIB:.1f} | {v['error_state_bytes'] / MIB:.2f} | "
+                f"{v['serialized_state_bytes'] / MIB:.2f} |"
+            )
+    lines += ["", "Difference EFSGD − ConEF (count sketch):", "",
+              "| params | peak RSS (MiB) | error state (MiB) | ConEF state / EFSGD state |", "|---:|---:|---:|---:|"]
+    for e in report["summary"]:
+        dd = e.get("difference")
+        if dd:
+            lines.append(
+                f"| {e['num_params']:,} | {dd['peak_rss_bytes'] / MIB:.1f} | {dd['error_state_bytes'] / MIB:.2f} | "
+                f"{dd['error_state_ratio']:.3f} |"
+            )
+    if report.get("deployment"):
+        lines += [
+            "",
+            "Live loopback deployment (`--deployment`): processes under SuperNode 0, `VmHWM` sampled every "
+            f"{report['deployment'][0]['sample_interval_s']} s; the node's total is the largest sum of `VmRSS` "
+            "over its processes at one time.",
+            "",
+            "| dataset | params | method | SuperNode (MiB) | SuperExec (MiB) | ClientApp (MiB) | node total (MiB) |"
+            " error state (KiB) |",
+            "|---|---:|---|---:|---:|---:|---:|---:|",
+        ]
+        for d in report["deployment"]:
+            pk = d["peak_rss_bytes"]
+            lines.append(
+                f"| {d['dataset']} | {d['num_params']:,} | {d['method']} | {pk.get('supernode', 0) / MIB:.0f} | "
+                f"{pk.get('superexec', 0) / MIB:.0f} | {pk.get('clientapp', 0) / MIB:.0f} | "
+                f"{d['node_tree_peak_rss_bytes'] / MIB:.0f} | {d['client_error_state_bytes'] / 1024:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "footprint.json",
+                    help="JSON report; a .md table is written beside it (default: %(default)s)")
+    ap.add_argument("--widths", type=int, nargs="+", default=list(DEFAULT_WIDTHS),
+                    help="hidden widths w of the MLP 784-w-w-10 (default: %(default)s)")
+    ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="default: %(default)s")
+    ap.add_argument("--samples", type=int, default=600, help="local training samples (default: %(default)s)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--rounds", type=int, default=2, help="rounds, one fresh process each (default: %(default)s)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="measure each (size, method) this often; the median is reported (default: %(default)s)")
+    ap.add_argument("--deployment", nargs="*", default=None, metavar="DATASET",
+                    help="also measure SuperNode/SuperExec/ClientApp RSS in a live loopback deployment "
+                         "(2 SuperNodes) with these app datasets, e.g. --deployment digits mnist")
+    ap.add_argument("--deployment-rounds", type=int, default=2)
+    # child mode
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--method", help=argparse.SUPPRESS)
+    ap.add_argument("--width", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--round", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--state-in", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--state-out", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        row = child_round(args.method, args.width, args.samples, args.batch_size, args.epochs, args.lr,
+                          args.round, args.state_in, args.state_out)
+        print(json.dumps(row))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for w in args.widths:
+        if w < 1:
+            raise SystemExit(f"--widths: {w} is out of range; allowed: >= 1")
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds={args.rounds} is out of range; allowed: >= 1")
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats={args.repeats} is out of range; allowed: >= 1")
+    import torch
+
+    from sim.run import app_defaults
+
+    defaults = app_defaults()
+    rows: list[dict[str, Any]] = []
+    for rep in range(args.repeats):  # interleaved, so slow drifts of the machine hit every method alike
+        for w in args.widths:
+            for m in args.methods:
+                for row in measure(m, w, samples=args.samples, batch_size=args.batch_size, epochs=args.epochs,
+                                   lr=args.lr, rounds=args.rounds):
+                    rows.append({**row, "repeat": rep})
+    deployments = []
+    for ds in args.deployment or []:
+        for m in [m for m in args.methods if m != "sgd"]:
+            res = deployment_footprint(m, dataset=ds, rounds=args.deployment_rounds)
+            log.info("deployment %s %s: %s", ds, m, res)
+            deployments.append(res)
+    report = {
+        "setup": {
+            "machine": platform.machine() + " " + platform.system(),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": 1,
+            "model": "MLP 784-w-w-10",
+            "widths": args.widths,
+            "samples": args.samples,
+            "batch_size": args.batch_size,
+            "epochs": args.epochs,
+            "lr": args.lr,
+            "rounds": args.rounds,
+            "repeats": args.repeats,
+            "method_settings": ", ".join(f"{k}={defaults[k]}" for k in
+                                         ("compressor", "k-ratio", "error-compressor", "sketch-ratio",
+                                          "sketch-rows", "sketch-dtype", "value-dtype")),
+            "process_per_round": True,
+        },
+        "rows": rows,
+        "summary": summarize(rows),
+        "deployment": deployments,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    md = args.out.with_suffix(".md")
+    md.write_text(markdown(report))
+    print(markdown(report))
+    log.info("wrote %s and %s", args.out, md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
