@@ -85,6 +85,11 @@ METHODS: dict[str, MethodRun] = {
         MethodRun("hefsgd", "hEFSGD", {"method": "hefsgd", **_BLOCK, "error-topk-ratio": 0.05},
                   "error kept as its top-5 % (values + int32 indices = 0.4 d bytes)"),
         MethodRun("rbsgd", "rbSGD", {"method": "rbsgd", **_BLOCK}, "random block scaled by d/k"),
+        MethodRun("rbsgd-lr0.01", "rbSGD (lr 0.01)", {"method": "rbsgd", **_BLOCK, "local-lr": 0.01},
+                  "random block scaled by d/k; local lr = SGD's × k/d (the paper tunes rbSGD's lr separately)"),
+        MethodRun("conef-cs-60-b0.5", "ConEF-CS 60 % (β 0.5)",
+                  {"method": "conef-cs", **_BLOCK, "sketch-ratio": 0.4, "beta": 0.5},
+                  "count sketch w = 0.4 d, v = 1, β = 0.5"),
         MethodRun("qsgd", "QSGD (s = 3)", {"method": "qsgd", "qsgd-levels": 3}, "3 levels: sign + 2 bits"),
         MethodRun("ef-topk", "EF + top-k (5 %)", {"method": "ef-topk", "compressor": "top-k", "k-ratio": 0.05},
                   "5 % values + int32 indices = 10 % of dense"),
@@ -110,7 +115,7 @@ class TaskSpec:
     text: bool = False
 
 
-_MAIN_METHODS = ("sgd", "efsgd", "conef-cs-60", "conef-cs-90", "rbsgd", "qsgd")
+_MAIN_METHODS = ("sgd", "efsgd", "conef-cs-60", "conef-cs-90", "rbsgd", "rbsgd-lr0.01", "qsgd")
 
 TASKS: dict[str, TaskSpec] = {
     "mnist": TaskSpec(
@@ -122,7 +127,7 @@ TASKS: dict[str, TaskSpec] = {
         },
         num_nodes=100,
         rounds=150,
-        methods=tuple(METHODS),
+        methods=tuple(m for m in METHODS if m != "conef-cs-60-b0.5"),
         seeds=(0, 1, 2),
         multi_seed=_MAIN_METHODS,
     ),

@@ -66,9 +66,10 @@ def child_round(method_name: str, width: int, samples: int, batch_size: int, epo
                 server_round: int, state_in: Path | None, state_out: Path) -> dict[str, Any]:
     """One ClientApp round in this (fresh) process; returns measurements."""
     import torch
-    from flwr.app import ArrayRecord
+    from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
-    from clients.state import deserialize_state, serialize_state
+    from clients.settings import ClientSettings
+    from clients.state import STATE_KEY, load_worker, save_worker
     from conef_fl.flower.codec import encode_payloads
     from conef_fl.tasks import count_parameters, train_local
     from conef_fl.tasks.models import MLP
@@ -86,25 +87,43 @@ def child_round(method_name: str, width: int, samples: int, batch_size: int, epo
         incoming = ArrayRecord(MLP(784, (width, width), 10).state_dict())  # the global model in the message
     rss_ready = _status_kib("VmRSS")  # interpreter + torch + flwr + data, before the round's work
 
+    phases: dict[str, int] = {}  # VmHWM after each step of the round: where the peak is reached
+
+    def mark(name: str) -> None:
+        phases[name] = _status_kib("VmHWM") * 1024
+
     model = MLP(784, (width, width), 10)
     model.load_state_dict(incoming.to_torch_state_dict(), strict=True)
     d = count_parameters(model)
     x_global = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    mark("model_loaded")
     out = train_local(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, generator=gen)
+    mark("trained")
     local = model.state_dict()
     update = {k: x_global[k].sub_(local[k]) for k in x_global}  # u = x_global − x_local, in place
     shapes = {k: tuple(v.shape) for k, v in update.items()}
-    worker = CompressionWorker(method, shapes)
+    # the SuperNode hands the ClientApp its context.state: the previous round's serialized error state
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 1}, state=RecordDict(),
+                      run_config={})
     blob_in = 0
     if state_in is not None:
         blob = state_in.read_bytes()
         blob_in = len(blob)
-        worker.load_state_dict(deserialize_state(blob))
+        context.state[STATE_KEY] = ConfigRecord({"blob": blob})
         del blob
+    settings = ClientSettings(num_partitions=1, partition_id=0)  # memory-only state, as without state-dir
+    worker = load_worker(context, method, shapes, settings, server_round)  # exactly as the ClientApp
+    if worker is None:
+        worker = CompressionWorker(method, shapes)
+    mark("state_restored")
     payloads = worker.step(update, seed=1000 + server_round, consume=True)
-    blob_out = serialize_state(worker)
+    mark("stepped")
+    save_worker(context, worker, settings, server_round)
+    blob_out = context.state[STATE_KEY]["blob"]
     state_out.write_bytes(blob_out)
+    mark("state_serialized")
     arrays, meta = encode_payloads(payloads)
+    mark("reply_encoded")
     reply_bytes = sum(len(a.data) for a in arrays.values())
     return {
         "method": method_name,
@@ -122,6 +141,7 @@ def child_round(method_name: str, width: int, samples: int, batch_size: int, epo
         "rss_ready_bytes": rss_ready * 1024,
         "rss_end_bytes": _status_kib("VmRSS") * 1024,
         "peak_rss_bytes": _status_kib("VmHWM") * 1024,
+        "peak_rss_after_phase_bytes": phases,
     }
 
 
@@ -271,6 +291,7 @@ def summarize(rows: list[dict[str, Any]], reference: str = "efsgd", candidate: s
                 "error_state_bytes": r["error_state_bytes"],
                 "serialized_state_bytes": r["serialized_state_bytes"],
                 "payload_bytes": r["payload_bytes"],
+                "peak_rss_after_phase_bytes": r["peak_rss_after_phase_bytes"],
             }
         if reference in by and candidate in by:
             a, b = by[reference], by[candidate]
