@@ -33,6 +33,10 @@ same coordinates from the shared seed). The server step is the core's error feed
 (``e_s`` in a count sketch, partial feedback ``β``) or ``none`` (no server memory).
 ``Q_down`` draws its coordinates from its own seed, derived from the step seed
 (``derive_seed(step_seed, "liec-downlink")``), so it does not just re-send the uplink's block.
+With ``shared_downlink_seed=True`` it uses the uplink's step seed instead: a random-block-k
+downlink of the uplink's ratio then picks exactly the uplink's block, which holds all of
+``v``, so ``e_s`` stays zero and the downlink is lossless at ``k`` values -- what a parameter
+server can always do with an all-reducible uplink (the unidirectional hooks' downlink).
 
 Why the worker error is not fed into the next uplink: it has already been applied. Summed
 over the workers, the applied gradients are ``Σ_i (Δ̃ + g_i − Δ_i) = Σ_i g_i + n (e_s − e_s')``:
@@ -158,6 +162,7 @@ def _validate(
     average_every: object,
     warmup_steps: object,
     reset_server_error: object,
+    shared_downlink_seed: object = False,
 ) -> None:
     for name, cfg in (("uplink", uplink), ("downlink", downlink)):
         if not isinstance(cfg, MethodConfig):
@@ -167,8 +172,9 @@ def _validate(
         raise ValueError(f"compensation={compensation!r} is not valid; allowed: {', '.join(COMPENSATIONS)}")
     _check_count("warmup_steps", warmup_steps)
     _check_count("average_every", average_every)
-    if not isinstance(reset_server_error, bool):
-        raise ValueError(f"reset_server_error={reset_server_error!r} must be a bool")
+    for flag, value in (("reset_server_error", reset_server_error), ("shared_downlink_seed", shared_downlink_seed)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{flag}={value!r} must be a bool")
     if compensation == "immediate" and average_every == 0:
         raise ValueError(
             "average_every=0 is out of range with compensation='immediate' (the models would drift apart "
@@ -304,6 +310,9 @@ class LIECHookState:
     reset_server_error:
         Zero the server error at each average (the paper's rule; default). ``False``
         keeps it, so nothing the workers sent is lost.
+    shared_downlink_seed:
+        ``Q_down`` uses the uplink's step seed (default ``False``: a seed of its own); see
+        the module notes.
 
     Notes
     -----
@@ -340,6 +349,7 @@ class LIECHookState:
         "average_every",
         "warmup_steps",
         "reset_server_error",
+        "shared_downlink_seed",
         "rng",
         "iter",
         "step_seed",
@@ -394,10 +404,11 @@ class LIECHookState:
         average_every: int = 32,
         warmup_steps: int = 0,
         reset_server_error: bool = True,
+        shared_downlink_seed: bool = False,
     ) -> None:
         uplink = uplink if uplink is not None else default_uplink()
         downlink = downlink if downlink is not None else default_downlink(layerwise=uplink.layerwise)
-        _validate(uplink, downlink, compensation, average_every, warmup_steps, reset_server_error)
+        _validate(uplink, downlink, compensation, average_every, warmup_steps, reset_server_error, shared_downlink_seed)
         self.process_group = process_group
         self.uplink = uplink
         self.downlink = downlink
@@ -405,6 +416,7 @@ class LIECHookState:
         self.average_every = average_every
         self.warmup_steps = warmup_steps
         self.reset_server_error = reset_server_error
+        self.shared_downlink_seed = shared_downlink_seed
         self.rng = make_generator(derive_seed(uplink.seed, "ddp-hook"))
         self.iter = 0
         self.step_seed = 0
@@ -440,6 +452,7 @@ class LIECHookState:
         average_every: int = 32,
         warmup_steps: int = 0,
         reset_server_error: bool = True,
+        shared_downlink_seed: bool = False,
         **overrides: Any,
     ) -> LIECHookState:
         """A state from registry names / configs and keyword overrides.
@@ -466,6 +479,7 @@ class LIECHookState:
             average_every=average_every,
             warmup_steps=warmup_steps,
             reset_server_error=reset_server_error,
+            shared_downlink_seed=shared_downlink_seed,
         )
 
     def _reset_transient(self) -> None:
@@ -503,6 +517,7 @@ class LIECHookState:
             state["average_every"],
             state["warmup_steps"],
             state["reset_server_error"],
+            state["shared_downlink_seed"],
         )
         for s in expected:
             setattr(self, s, state[s])
@@ -521,7 +536,7 @@ class LIECHookState:
         ValueError
             If the saved uplink/downlink/compensation differ from this state's, or the dict is malformed.
         """
-        for name in ("uplink", "downlink", "compensation"):
+        for name in ("uplink", "downlink", "compensation", "shared_downlink_seed"):
             if state.get(name) != getattr(self, name):
                 raise ValueError(f"state_dict has {name}={state.get(name)!r}, expected {getattr(self, name)!r}")
         group = self.process_group
@@ -598,6 +613,7 @@ class LIECHookState:
         return {
             "compensation": self.compensation,
             "average_every": self.average_every,
+            "shared_downlink_seed": self.shared_downlink_seed,
             "iter": self.iter,
             "dense_steps": self.dense_steps,
             "compressed_steps": self.compressed_steps,
@@ -758,7 +774,7 @@ def liec_hook(state: LIECHookState, bucket: dist.GradBucket) -> torch.futures.Fu
             state._end_bucket(bucket, compressed=False)
             return fut
         seed = state._seed()
-        down_seed = derive_seed(seed, "liec-downlink")
+        down_seed = seed if state.shared_downlink_seed else derive_seed(seed, "liec-downlink")
         immediate = state.compensation == "immediate"
         works = state._plan(bucket, buffer)
         values = []
@@ -922,6 +938,7 @@ def register_liec_hook(
     average_every: int = 32,
     warmup_steps: int = 0,
     reset_server_error: bool = True,
+    shared_downlink_seed: bool = False,
     process_group: dist.ProcessGroup | None = None,
     state: LIECHookState | None = None,
     **overrides: Any,
@@ -936,7 +953,7 @@ def register_liec_hook(
         Registry names or :class:`~conef_fl.config.MethodConfig` (defaults
         :func:`default_uplink`, :func:`default_downlink`), e.g. ``downlink="sgd"`` for a
         lossless downlink, ``downlink="conef-cs"`` for a server error in a count sketch.
-    compensation, average_every, warmup_steps, reset_server_error:
+    compensation, average_every, warmup_steps, reset_server_error, shared_downlink_seed:
         See :class:`LIECHookState`.
     process_group:
         Group to communicate in (``None``: the default group).
@@ -967,6 +984,7 @@ def register_liec_hook(
             average_every=average_every,
             warmup_steps=warmup_steps,
             reset_server_error=reset_server_error,
+            shared_downlink_seed=shared_downlink_seed,
             **overrides,
         )
     else:

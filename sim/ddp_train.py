@@ -6,8 +6,11 @@ Usage (2 processes on this machine, gloo on CPU, NCCL when CUDA is available)::
         --out docs/results/ddp_train_conef-cs.json
 
 ``--method`` is a registry name (``sgd``, ``efsgd``, ``conef-cs``, ``ef-powersgd``,
-``conef-powersgd``, ``ef-topk``, ``ef-sign``, ``rbsgd``, ...) or ``ddp`` (plain DDP,
-no hook). The default task is MNIST (``../shared/data/mnist``) with the LeNet-like
+``conef-powersgd``, ``ef-topk``, ``ef-sign``, ``rbsgd``, ...), ``ddp`` (plain DDP,
+no hook) or ``liec`` (LIEC-SGD, :mod:`conef_fl.liec_hook`: bidirectional compression,
+immediate error compensation, parameters averaged every ``--average-every`` steps; the
+uplink takes ``--compressor``/``--k-ratio``/``--value-dtype``/``--flat``, the downlink the
+``--down-*`` options). The default task is MNIST (``../shared/data/mnist``) with the LeNet-like
 CNN; ``--task shakespeare`` trains LEAF's character LSTM on Tiny Shakespeare.
 
 Each rank trains on its own shard (strided indices of a per-epoch permutation that
@@ -41,6 +44,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from conef_fl.ddp_hook import ConEFHookState, dense_error_bytes, register_conef_hook
+from conef_fl.liec_hook import COMPENSATIONS, DOWNLINK_FEEDBACKS, LIECHookState, liec_average_, register_liec_hook
 from conef_fl.registry import available_methods
 from conef_fl.seeding import derive_seed, make_generator
 from conef_fl.tasks import build_model, count_parameters, evaluate, load_task_data
@@ -70,7 +74,7 @@ CONFIG_FLAGS = (
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments (see the module docstring)."""
     p = argparse.ArgumentParser(prog="python -m sim.ddp_train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--method", default="conef-cs", help="registry name or 'ddp' (no hook)")
+    p.add_argument("--method", default="conef-cs", help="registry name, 'ddp' (no hook) or 'liec'")
     p.add_argument("--task", default="mnist", choices=sorted(TASK_DEFAULTS))
     p.add_argument("--data-dir", default=None, help="data folder (default ../shared/data)")
     p.add_argument("--steps", type=int, default=200)
@@ -89,6 +93,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--error-compressor", default=None)
     p.add_argument("--compressor", default=None)
     p.add_argument("--flat", action="store_true", help="compress whole buckets (default: layer-wise)")
+    liec = p.add_argument_group("--method liec")
+    liec.add_argument("--average-every", type=int, default=32, help="H: steps between parameter averages")
+    liec.add_argument("--compensation", default="immediate", choices=list(COMPENSATIONS))
+    liec.add_argument("--up-feedback", default=None, help="worker error feedback (compensation=delayed only)")
+    liec.add_argument("--down-compressor", default=None, help="downlink compressor (default random-block-k)")
+    liec.add_argument("--down-k-ratio", type=float, default=None)
+    liec.add_argument("--down-feedback", default=None, choices=list(DOWNLINK_FEEDBACKS), help="server error")
+    liec.add_argument("--down-sketch-ratio", type=float, default=None)
+    liec.add_argument("--down-beta", type=float, default=None)
+    liec.add_argument("--down-value-dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    liec.add_argument("--keep-server-error", action="store_true", help="do not reset the server error")
+    liec.add_argument("--shared-downlink-seed", action="store_true", help="downlink uses the uplink's seed")
+    liec.add_argument("--average-optimizer-state", action="store_true", help="also average momentum buffers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-train", type=int, default=None, help="subsample the training set")
     p.add_argument("--eval-max", type=int, default=10_000, help="test samples evaluated at the end")
@@ -97,12 +114,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
     p.add_argument("--out", default=None, help="results JSON (default docs/results/ddp_train_<method>.json)")
     args = p.parse_args(argv)
-    if args.method != "ddp" and args.method not in available_methods():
-        p.error(f"--method {args.method!r} is not valid; allowed: ddp, {', '.join(available_methods())}")
+    if args.method not in ("ddp", "liec") and args.method not in available_methods():
+        p.error(f"--method {args.method!r} is not valid; allowed: ddp, liec, {', '.join(available_methods())}")
     for name in ("steps", "batch_size", "log_every", "eval_max"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} is out of range; allowed: >= 1")
-    for name in ("warmup_steps", "error_reset_every", "threads"):
+    for name in ("warmup_steps", "error_reset_every", "threads", "average_every"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} is out of range; allowed: >= 0")
     return args
@@ -226,8 +243,11 @@ def _train(
     logger.info("%d ranks, backend %s, device %s, %d threads/rank", world, backend, device, threads)
     model = build_model(task, seed=args.seed).to(device)
     ddp = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    state: ConEFHookState | None = None
-    if args.method != "ddp":
+    state: ConEFHookState | LIECHookState | None = None
+    liec: LIECHookState | None = None
+    if args.method == "liec":
+        state = liec = register_liec_hook(ddp, **liec_settings(args))
+    elif args.method != "ddp":
         overrides = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
         if args.flat:
             overrides["layerwise"] = False
@@ -253,6 +273,9 @@ def _train(
         loss = _loss(ddp, x, y)
         loss.backward()
         opt.step()
+        averaged = False
+        if liec is not None:
+            averaged = liec_average_(ddp, liec, optimizer=opt if args.average_optimizer_state else None)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - t0
@@ -264,6 +287,9 @@ def _train(
             "bytes_dense": state.last_bytes_dense if state is not None else dense_step_bytes,
             "error_state_bytes": state.error_state_bytes() if state is not None else 0,
         }
+        if liec is not None:
+            rec["bytes_down"] = liec.last_bytes_down
+            rec["averaged"] = averaged
         if not math.isfinite(rec["loss"]):
             logger.warning("step %d: loss is %s", step, rec["loss"])
         records.append(rec)
@@ -274,6 +300,11 @@ def _train(
                 100.0 * rec["bytes_sent"] / rec["bytes_dense"], rec["error_state_bytes"],
             )  # fmt: skip
     wall = time.perf_counter() - start
+    identical_before_final_average = None
+    if liec is not None:  # the ranks' models differ between averages: evaluate their average
+        identical_before_final_average = params_identical(model)
+        if not identical_before_final_average:
+            liec_average_(ddp, liec, optimizer=opt if args.average_optimizer_state else None, force=True)
     identical = params_identical(model)
     if rank != 0:
         return None
@@ -306,6 +337,13 @@ def _train(
         "wall_time_s": wall,
         "hook_stats": state.stats() if state is not None else None,
     }
+    if liec is not None:
+        final.update(liec_final(liec, records, after, identical_before_final_average))
+        logger.info(
+            "LIEC: downlink %.1f%% of dense; %d averages (%d B); server error %d B, worker error %d B",
+            100 * final["bytes_down_ratio"], final["averages"], final["bytes_average_total"],
+            final["server_error_state_bytes"], final["worker_error_state_bytes"],
+        )  # fmt: skip
     logger.info(
         "done: test accuracy %.4f, loss %.4f; sent %.1f%% of dense (%.1f%% after warm-up); error state %d B "
         "(%.2f%% of 4d); identical params on all ranks: %s",
@@ -324,13 +362,61 @@ def _train(
         "model": type(model).__name__,
         "num_params": d,
         "method": args.method,
-        "config": state.config.to_dict() if state is not None else None,
+        "config": (
+            state.config.to_dict()
+            if isinstance(state, ConEFHookState)
+            else {"uplink": state.uplink.to_dict(), "downlink": state.downlink.to_dict()}
+            if state is not None
+            else None
+        ),
         "warmup_steps": args.warmup_steps if state is not None else 0,
         "error_reset_every": args.error_reset_every,
         "optimizer": {"name": "SGD", "lr": lr, "momentum": momentum, "batch_size_per_rank": args.batch_size},
         "args": vars(args),
         "steps": records,
         "final": final,
+    }
+
+
+def liec_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of :func:`register_liec_hook` from the command line."""
+    settings: dict[str, Any] = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
+    if args.up_feedback is not None:
+        settings["feedback"] = args.up_feedback
+    if args.flat:
+        settings["layerwise"] = False
+    settings.setdefault("seed", args.seed)
+    for flag in ("compressor", "k_ratio", "feedback", "sketch_ratio", "beta", "value_dtype"):
+        value = getattr(args, f"down_{flag}")
+        if value is not None:
+            settings[f"down_{flag}"] = value
+    settings.update(
+        compensation=args.compensation,
+        average_every=args.average_every,
+        warmup_steps=args.warmup_steps,
+        reset_server_error=not args.keep_server_error,
+        shared_downlink_seed=args.shared_downlink_seed,
+    )
+    return settings
+
+
+def liec_final(
+    state: LIECHookState, records: list[dict[str, Any]], after: list[dict[str, Any]], identical_before: bool | None
+) -> dict[str, Any]:
+    """The LIEC-specific final keys: downlink and averaging bytes, worker and server error state."""
+    dense_total = sum(r["bytes_dense"] for r in records)
+    down_total = sum(r["bytes_down"] for r in records)
+    return {
+        "bytes_down_total": down_total,
+        "bytes_down_ratio": down_total / dense_total,
+        "bytes_down_ratio_after_warmup": sum(r["bytes_down"] for r in after) / sum(r["bytes_dense"] for r in after),
+        "bytes_average_total": state.bytes_average_total,
+        "bytes_up_with_average_ratio": (sum(r["bytes_sent"] for r in records) + state.bytes_average_total)
+        / dense_total,
+        "averages": state.averages,
+        "worker_error_state_bytes": state.worker_error_state_bytes(),
+        "server_error_state_bytes": state.server_error_state_bytes(),
+        "params_identical_before_final_average": identical_before,
     }
 
 

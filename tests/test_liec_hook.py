@@ -205,6 +205,7 @@ _SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "ef_hook": lambda r: _train(r, "conef", method="efsgd"),
     "conef_hook": lambda r: _train(r, "conef", method="conef-cs"),
     "liec_down_lossless": lambda r: _train(r, "liec", downlink="sgd", average_every=4),
+    "liec_shared_seed": lambda r: _train(r, "liec", shared_downlink_seed=True, average_every=4),
     "liec_down_lossless_h1": lambda r: _train(r, "liec", downlink="sgd", average_every=1),
     "delayed_efsgd": lambda r: _train(r, "liec", compensation="delayed", uplink="efsgd", downlink="sgd"),
     "delayed_conef": lambda r: _train(r, "liec", compensation="delayed", uplink="conef-cs", downlink="sgd"),
@@ -324,6 +325,17 @@ def test_immediate_compensation_applies_the_mean_local_gradient(runs: list[dict[
     # ... while the EF hook delays what it did not send
     step0_ef = sum(res["ef_hook"]["grads"][0] for res in runs) / WORLD
     assert not torch.allclose(step0_ef, sum(res["ef_hook"]["local"][0] for res in runs) / WORLD)
+
+
+def test_shared_downlink_seed_sends_the_uplink_block_losslessly(runs: list[dict[str, Any]]) -> None:
+    # random-block-k down with the uplink's seed and ratio picks the uplink's block, which holds
+    # all of v: the same run as an identity downlink, at k values, with a server error of zero
+    for res in runs:
+        r = res["liec_shared_seed"]
+        for step, (a, b) in enumerate(zip(r["params"], res["liec_down_lossless"]["params"], strict=True)):
+            assert torch.equal(a, b), f"step {step}"
+        assert all(not t.any() for ts in r["server"] for t in ts)
+        assert r["down"] == r["sent"] == [_k_bytes(r["sizes"], 0.1, 4)] * STEPS
 
 
 def test_immediate_lossless_downlink_averaged_every_step_is_sgd(runs: list[dict[str, Any]]) -> None:
@@ -518,6 +530,7 @@ def test_settings_split_between_uplink_and_downlink() -> None:
         ({"average_every": -1, "compensation": "delayed"}, r"average_every=-1 .*>= 0"),
         ({"warmup_steps": 1.5}, r"warmup_steps=1.5"),
         ({"reset_server_error": 1}, r"reset_server_error=1 must be a bool"),
+        ({"shared_downlink_seed": "yes"}, r"shared_downlink_seed='yes' must be a bool"),
         ({"downlink": MethodConfig(feedback="efsgd", layerwise=False)}, r"layerwise"),
         ({"k_ratio": 1.5}, r"k_ratio=1.5 .*\(0, 1\]"),
         ({"down_nope": 1}, r"unknown method config keys \['nope'\]"),
