@@ -30,6 +30,7 @@ import logging
 import math
 import multiprocessing
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -87,6 +88,9 @@ METHODS: dict[str, MethodRun] = {
         MethodRun("rbsgd", "rbSGD", {"method": "rbsgd", **_BLOCK}, "random block scaled by d/k"),
         MethodRun("rbsgd-lr0.01", "rbSGD (lr 0.01)", {"method": "rbsgd", **_BLOCK, "local-lr": 0.01},
                   "random block scaled by d/k; local lr = SGD's × k/d (the paper tunes rbSGD's lr separately)"),
+        MethodRun("conef-cs-90-b0.5", "ConEF-CS 90 % (β 0.5)",
+                  {"method": "conef-cs", **_BLOCK, "sketch-ratio": 0.1, "beta": 0.5},
+                  "count sketch w = 0.1 d, v = 1, β = 0.5 (found by the β study)"),
         MethodRun("conef-cs-60-b0.5", "ConEF-CS 60 % (β 0.5)",
                   {"method": "conef-cs", **_BLOCK, "sketch-ratio": 0.4, "beta": 0.5},
                   "count sketch w = 0.4 d, v = 1, β = 0.5"),
@@ -127,7 +131,7 @@ TASKS: dict[str, TaskSpec] = {
         },
         num_nodes=100,
         rounds=150,
-        methods=tuple(m for m in METHODS if m != "conef-cs-60-b0.5"),
+        methods=tuple(m for m in METHODS if m not in ("conef-cs-60-b0.5", "conef-cs-90-b0.5")),
         seeds=(0, 1, 2),
         multi_seed=_MAIN_METHODS,
     ),
@@ -316,13 +320,33 @@ class Executor:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def run_all(runs: Sequence[Run], out: Path, *, jobs: int = 1, force: bool = False) -> dict[str, dict[str, Any]]:
-    """Run every unfinished run (all with ``force``); returns summaries of the runs done now, by name."""
+def adopt(run: Run, source: Path, out: Path) -> None:
+    """Copy a finished run with the same config (from another folder) in as ``run``'s folder."""
+    dst = run.folder(out)
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(source, dst)
+    meta = json.loads((dst / "experiment.json").read_text())
+    meta["run_config"] = dict(run.config)
+    meta["copied_from"] = str(source)
+    (dst / "experiment.json").write_text(json.dumps(meta, indent=2))
+
+
+def run_all(runs: Sequence[Run], out: Path, *, jobs: int = 1, force: bool = False,
+            reuse: Sequence[Path] = ()) -> dict[str, dict[str, Any]]:
+    """Run every unfinished run (all with ``force``); returns summaries of the runs done now, by name.
+
+    A run with the same config finished in one of the ``reuse`` folders is copied in instead of run."""
     todo = []
     for r in runs:
         if is_done(r, out) and not force:
             _check_same_config(r, out)
             log.info("skip %s (summary.json exists)", r.name)
+            continue
+        same = None if force or not reuse else find_equivalent(r, reuse)
+        if same is not None:
+            adopt(r, same, out)
+            log.info("copied %s from %s (same run config)", r.name, same)
         else:
             todo.append(r)
     log.info("%d runs planned, %d finished before, %d to run (%d in parallel)", len(runs), len(runs) - len(todo),
@@ -385,6 +409,12 @@ def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def _last_evals(rounds: Sequence[Mapping[str, Any]], n: int) -> float | None:
+    """Mean test accuracy (%) of the last ``n`` evaluated rounds (less noisy than the last one alone)."""
+    accs = [100 * r["accuracy"] for r in rounds if r.get("accuracy") is not None]
+    return statistics.fmean(accs[-n:]) if accs else None
+
+
 def _method_order(ids: Sequence[str]) -> list[str]:
     order = list(METHODS)
     return sorted(set(ids), key=lambda m: (order.index(m) if m in order else len(order), m))
@@ -402,6 +432,8 @@ def aggregate(runs: Sequence[Mapping[str, Any]], text: bool = False) -> list[dic
         acc_m, acc_s = _mean_std([100 * s["final_accuracy"] for s in ss if s.get("final_accuracy") is not None])
         ppl = [math.exp(s["final_loss"]) for s in ss if s.get("final_loss") is not None and s["final_loss"] < 50]
         ppl_m, ppl_s = _mean_std(ppl)
+        last3 = [_last_evals(r["rounds"], 3) for r in rs]
+        last3_m, last3_s = _mean_std([x for x in last3 if x is not None])
         frac = [s.get("uplink_fraction_of_dense") for s in ss]
         mem = statistics.fmean(s["client_error_state_bytes"] for s in ss)
         ef = ss[0]["efsgd_error_state_bytes"]
@@ -416,6 +448,8 @@ def aggregate(runs: Sequence[Mapping[str, Any]], text: bool = False) -> list[dic
             "final_accuracy_std": acc_s,
             "final_accuracy_per_seed": [100 * s["final_accuracy"] if s.get("final_accuracy") is not None else None
                                         for s in ss],
+            "last3_accuracy_mean": last3_m,
+            "last3_accuracy_std": last3_s,
             "best_accuracy_mean": _mean_std([100 * s["best_accuracy"] for s in ss
                                              if s.get("best_accuracy") is not None])[0],
             "perplexity_mean": ppl_m if text else None,
@@ -434,6 +468,7 @@ def aggregate(runs: Sequence[Mapping[str, Any]], text: bool = False) -> list[dic
     ref = next((r for r in rows if r["method_id"] == "efsgd"), None)
     for r in rows:
         r["delta_vs_efsgd_points"] = (r["final_accuracy_mean"] - ref["final_accuracy_mean"]) if ref else None
+        r["last3_delta_vs_efsgd_points"] = (r["last3_accuracy_mean"] - ref["last3_accuracy_mean"]) if ref else None
         if text and ref and r["perplexity_mean"] is not None:
             r["delta_perplexity_vs_efsgd"] = r["perplexity_mean"] - ref["perplexity_mean"]
     return rows
@@ -448,7 +483,8 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], title: str, setting: str
     head = ["method", "seeds", "final test acc. (%)"]
     if text:
         head += ["perplexity"]
-    head += ["Δ acc. vs EFSGD", "best acc. (%)", "wall time / run (s)", "uplink MB", "uplink % of dense",
+    head += ["Δ acc. vs EFSGD", "last-3-eval acc. (%)", "Δ last-3 vs EFSGD", "best acc. (%)", "wall time / run (s)",
+             "uplink MB", "uplink % of dense",
              "error memory / client (KB)", "memory saving vs EFSGD"]
     lines = [f"# {title}", "", setting, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -460,7 +496,11 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], title: str, setting: str
             cells.append(f"{_f(r['perplexity_mean'])} ± {_f(r['perplexity_std'])}" if n > 1 else
                          _f(r["perplexity_mean"]))
         d = r.get("delta_vs_efsgd_points")
-        cells += [("–" if r["method_id"] == "efsgd" else _f(d, "+.2f")), _f(r["best_accuracy_mean"]),
+        l3 = f"{r['last3_accuracy_mean']:.2f} ± {r['last3_accuracy_std']:.2f}" if n > 1 else \
+            _f(r["last3_accuracy_mean"])
+        is_ref = r["method_id"] == "efsgd"
+        cells += [("–" if is_ref else _f(d, "+.2f")), l3,
+                  ("–" if is_ref else _f(r.get("last3_delta_vs_efsgd_points"), "+.2f")), _f(r["best_accuracy_mean"]),
                   f"{r['wall_seconds_mean']:.0f}", f"{r['uplink_mb_mean']:.1f}", f"{r['uplink_percent_of_dense']:.1f}",
                   f"{r['error_memory_kb']:.1f}", _f(r["memory_saving_percent_vs_efsgd"], ".1f") + " %"]
         if r["memory_saving_percent_vs_efsgd"] is None:
@@ -468,7 +508,9 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], title: str, setting: str
         if r["diverged_runs"]:
             cells[0] += f" ({r['diverged_runs']} diverged)"
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Per-seed final accuracies (%):", ""]
+    lines += ["", "Wall time is the ServerApp's time for one run (mean over seeds) on the machine as it was loaded "
+              "at that moment; on a shared machine it is not comparable between runs.", "",
+              "Per-seed final accuracies (%):", ""]
     for r in rows:
         per = ", ".join(_f(a) for a in r["final_accuracy_per_seed"])
         lines.append(f"- {r['label']} (`{r['method_id']}`): {per}" + (f" — {r['note']}" if r["note"] else ""))
@@ -676,7 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ladder", type=str, default="", help="β study: comma-separated sketch ratios")
     p.add_argument("--tolerance", type=float, default=1.0, help="β study: accuracy points below EFSGD allowed")
     p.add_argument("--reuse", type=Path, action="append", default=[],
-                   help="β study: folder(s) of finished runs to reuse when their run config is the same")
+                   help="folder(s) of finished runs to reuse (copy in for a grid) when the run config is the same")
     p.add_argument("--quiet", action="store_true", help="warnings only")
     return p
 
@@ -710,7 +752,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"unknown method id(s) {unknown}; valid: {', '.join(METHODS)}")
     if not args.report_only:
         runs = plan_grid(task, methods, seeds, rounds, out, extra, all_seeds=args.all_seeds)
-        done = run_all(runs, out, jobs=args.jobs, force=args.force)
+        done = run_all(runs, out, jobs=args.jobs, force=args.force, reuse=args.reuse)
         failed = len([r for r in runs if not is_done(r, out)])
         if failed:
             log.error("%d run(s) did not finish", failed)

@@ -30,10 +30,21 @@ SMALL = {
 }
 
 
+_BASELINE: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _baseline_processes():
+    """Processes this test process already had (e.g. multiprocessing's resource tracker from other tests)."""
+    _BASELINE.clear()
+    _BASELINE.update(descendants(os.getpid()))
+    yield
+
+
 def _assert_nothing_left(stopped: list[int]) -> None:
     assert stopped, "close() signalled no process: nothing was started?"
     assert [p for p in stopped if pid_alive(p)] == []
-    assert descendants(os.getpid()) == []
+    assert set(descendants(os.getpid())) - _BASELINE == set()
 
 
 def _assert_completed(res: DeploymentResult, rounds: int = 2, nodes: int = 2) -> None:

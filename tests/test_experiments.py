@@ -113,3 +113,11 @@ def test_beta_study_reuses_grid_runs(grid: Path, tmp_path: Path) -> None:
     assert tried[0]["run"] == str(grid / "conef-cs-90-s0")  # same config as the grid's ConEF-CS 90 % run
     assert not (tmp_path / "cs-b0.95-w0.1-s0").exists()
     assert (tmp_path / "efsgd-s0" / "summary.json").exists()
+
+
+def test_grid_copies_equivalent_runs(grid: Path, tmp_path: Path) -> None:
+    assert ex.main([*FAST, "--out", str(tmp_path), "--methods", "conef-cs-90", "--reuse", str(grid)]) == 0
+    meta = json.loads((tmp_path / "conef-cs-90-s0" / "experiment.json").read_text())
+    assert meta["copied_from"] == str(grid / "conef-cs-90-s0")
+    assert meta["run_config"]["output-dir"] == str(tmp_path.resolve())
+    assert (tmp_path / "results.md").exists()
