@@ -97,6 +97,8 @@ def train(msg: Message, context: Context) -> Message:
             "error-state-bytes": int(worker.nbytes),
             "serialized-state-bytes": int(state_bytes),
             "dense-bytes": int(4 * worker.numel),
+            # where the error state came from: 0 = fresh (zero error), 1 = context.state, 2 = disk
+            "state-source": {"memory": 1, "disk": 2}.get(getattr(worker, "restored_from", ""), 0),
         }
     )
     content = RecordDict({PAYLOAD_KEY: arrays, PAYLOAD_META_KEY: meta, METRICS_KEY: metrics})

@@ -156,6 +156,7 @@ def load_worker(
             if not isinstance(blob, bytes):
                 raise StateFileError("context.state record has no bytes")
             _restore(worker, blob)
+            worker.restored_from = "memory"  # type: ignore[attr-defined]
             return worker
         except Exception as exc:  # config changed, corrupt bytes, ...
             log.warning("in-memory error state not restored (%s)", exc)
@@ -171,7 +172,8 @@ def load_worker(
         except Exception as exc:
             log.warning("error state file %s refused (%s); starting from zero error", path, exc)
             return None
-        log.info("restored error state of partition %d from %s", settings.partition_id, path)
+        log.warning("restored error state of partition %d from disk: %s", settings.partition_id, path)
+        worker.restored_from = "disk"  # type: ignore[attr-defined]
         return worker
     return None
 

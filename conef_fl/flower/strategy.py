@@ -76,6 +76,9 @@ class RoundStats:
     downlink_config_bytes_total: int = 0
     client_error_state_bytes_mean: float = 0.0
     client_serialized_state_bytes_total: int = 0
+    clients_state_fresh: int = 0
+    clients_state_from_memory: int = 0
+    clients_state_from_disk: int = 0
     update_norm: float = float("nan")
     aggregate_seconds: float = 0.0
     rejections: list[str] = field(default_factory=list)
@@ -292,6 +295,7 @@ class ConEFStrategy(FedAvg):
             "record-bytes": arrays.count_bytes() + meta.count_bytes(),
             "error-state-bytes": float(metrics.get("error-state-bytes", 0.0)),
             "serialized-state-bytes": float(metrics.get("serialized-state-bytes", 0.0)),
+            "state-source": int(metrics.get("state-source", 0)),
         }
         return payloads, stats
 
@@ -352,6 +356,10 @@ class ConEFStrategy(FedAvg):
             stats.uplink_record_bytes_total = int(sum(info["record-bytes"] for _, info in accepted))
             stats.client_error_state_bytes_mean = sum(info["error-state-bytes"] for _, info in accepted) / len(accepted)
             stats.client_serialized_state_bytes_total = int(sum(info["serialized-state-bytes"] for _, info in accepted))
+            sources = [info["state-source"] for _, info in accepted]
+            stats.clients_state_fresh = sources.count(0)
+            stats.clients_state_from_memory = sources.count(1)
+            stats.clients_state_from_disk = sources.count(2)
             del wsum
         else:
             log.warning("round %d: no valid replies; the global model is unchanged", server_round)
