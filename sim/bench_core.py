@@ -585,6 +585,14 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"total {result['elapsed_s']:.0f} s. Keys: `docs/benchmarks.md`.",
         "",
     ]
+    loads = [result["load_avg_start"], result["load_avg_end"]]
+    loads += [r[k] for r in result["sizes"].values() for k in ("load_avg_start", "load_avg_end")]
+    worst = max((la[0] for la in loads if la), default=0.0)
+    cpus = m.get("logical_cpus") or 0
+    if cpus and worst > cpus:
+        lines += [f"**Warning: the machine was oversubscribed** (1-min load average up to {worst:.1f} on {cpus} "
+                  f"logical CPUs). Timings then include scheduler stalls, worst with several threads (spread between "
+                  f"`min_ms` and `median_ms` in the JSON); ratios of mins are shown next to ratios of medians.", ""]
     t = result["targets"]
     lines += [f"## Targets (d = {t['d']:,}, same run)", "",
               "| target | measured (medians) | ratio of mins | limit | met | note |", "|---|---|---|---|---|---|"]
