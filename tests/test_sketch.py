@@ -53,6 +53,18 @@ def test_estimate_views_agree() -> None:
     torch.testing.assert_close(t, 2 * full[-300:])
 
 
+@pytest.mark.parametrize("start,length", [(0, 5000), (1234, 7777), (19_000, 1011), (5, 3)])
+def test_block_estimate_matches_full_estimate_one_row(start: int, length: int) -> None:
+    numel = 20_011
+    sk = _sketch(numel, unit=16)
+    sk.estimate_scale = 0.5
+    sk.accumulate_(torch.randn(numel))
+    full = sk.decompress()
+    t = torch.ones(length)
+    sk.estimate_block_add_(t, start, alpha=-3.0)
+    torch.testing.assert_close(t, 1 - 3 * full[start : start + length])
+
+
 def test_exact_round_trip_without_collisions() -> None:
     numel = 1000
     sk = CountSketch(SketchGeometry(numel=numel, rows=1, buckets=numel, unit=1), seed=3)

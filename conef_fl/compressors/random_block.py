@@ -66,7 +66,7 @@ class SeededSelectiveCompressor(SelectiveCompressor):
         tseed = self.tensor_seed(seed, key)
         flat = x.reshape(-1)
         selection = self.select(flat.numel(), tseed, flat.device)
-        return self.pack(selection.gather(flat), selection, tuple(x.shape), tseed)
+        return self.pack(selection.gather(flat), selection, tuple(x.shape), tseed, owned=True)
 
     def pack(
         self, values: torch.Tensor, selection: Selection, shape: tuple[int, ...], seed: int, *, owned: bool = False

@@ -46,7 +46,7 @@ _MAX_UNIT = 4096
 #: Elements processed per chunk on the index path (256 KiB of float32 scratch).
 _CHUNK_ELEMS = 1 << 16
 #: Units per sparse-kernel call: bounds the hash/CSR temporaries (a few int64 per unit).
-_UNIT_BLOCK = 2048
+_UNIT_BLOCK = 16384
 #: Coordinates per call of the per-coordinate (sparse) paths.
 _SPARSE_CHUNK = 1 << 13
 
@@ -258,8 +258,13 @@ class CountSketch(ErrorStore):
                 h, s = unit_hashes(self.seed, r, g.buckets, clo, chi, self.table.device)
                 xc = x_units[clo - lo : chi - lo]
                 buf = xc.to(torch.float32) * (s * alpha).unsqueeze(1)
-                tgt = self.table[r, :, : xc.shape[1]]
-                tgt.index_add_(0, h, buf.to(self.table.dtype))
+                width = xc.shape[1]
+                if width == g.unit:
+                    self.table[r].index_add_(0, h, buf.to(self.table.dtype))
+                else:  # a partial unit: flat indices into the contiguous table (a strided 16-bit target
+                    # would make index_add_ allocate a float32 copy of it)
+                    idx = (h * g.unit).unsqueeze(1) + torch.arange(width, device=h.device)
+                    self.table[r].view(-1).index_add_(0, idx.reshape(-1), buf.reshape(-1).to(self.table.dtype))
 
     def _gather_row(self, row: int, lo: int, hi: int, width: int) -> torch.Tensor:
         """Signed bucket contents of units lo..hi-1 for one row (float32, (hi-lo)×width)."""
@@ -425,6 +430,32 @@ class CountSketch(ErrorStore):
             out[pos - start : pos - start + hi - lo] = est[lo:hi]
             pos = base + hi
         return out.mul_(self.estimate_scale)
+
+    def estimate_block_add_(self, target: torch.Tensor, start: int, alpha: float = 1.0) -> torch.Tensor:
+        """``target += alpha · ê[start : start + len(target)]``: whole units through the sparse kernel."""
+        g = self.geometry
+        flat = target.view(-1)
+        k = flat.numel()
+        if start < 0 or start + k > g.numel:
+            raise ValueError(f"range [{start}, {start + k}) outside [0, {g.numel})")
+        m, full = g.unit, self._full_units()
+        first = min(-(-start // m), full)
+        last = max(first, min((start + k) // m, full))
+        pieces = [(start, start + k)]
+        if last > first and g.rows == 1 and self._use_sparse() and flat.dtype == self.table.dtype:
+            inner = flat[first * m - start : last * m - start].view(last - first, m)
+            a = alpha * self.estimate_scale
+            for blo in range(first, last, _UNIT_BLOCK):
+                bhi = min(last, blo + _UNIT_BLOCK)
+                inner[blo - first : bhi - first].addmm_(self._units_csr(0, blo, bhi, transpose=False), self.table[0],
+                                                        alpha=a)
+            pieces = [(start, first * m), (last * m, start + k)]
+        for lo, hi in pieces:
+            for c in range(lo, hi, _SPARSE_CHUNK):
+                n = min(_SPARSE_CHUNK, hi - c)
+                est = self.estimate_at(torch.arange(c, c + n, device=self.table.device))
+                flat[c - start : c - start + n].add_(est.to(flat.dtype), alpha=alpha)
+        return target
 
     def decompress(self) -> torch.Tensor:
         """The full estimate ê as a new float32 vector (allocates ``numel`` floats; for tests/inspection)."""
