@@ -80,6 +80,13 @@ METHODS: dict[str, MethodRun] = {
         MethodRun("conef-cs-90-b0.5", "ConEF-CS 90 % (β 0.5)",
                   {"method": "conef-cs", **_BLOCK, "sketch-ratio": 0.1, "beta": 0.5},
                   "count sketch w = 0.1 d, v = 1, β = 0.5 (found by the β study)"),
+        MethodRun("conef-cs-90-bidir", "ConEF-CS 90 % + compressed downlink",
+                  {"method": "conef-cs", **_BLOCK, "sketch-ratio": 0.1, "beta": 0.5, "downlink": "random-block-k",
+                   "downlink-k-ratio": 0.1},
+                  "β = 0.5; the server sends random-block-k updates (server error feedback, uplink's seed)"),
+        MethodRun("efsgd-bidir", "EFSGD + compressed downlink",
+                  {"method": "efsgd", **_BLOCK, "downlink": "random-block-k", "downlink-k-ratio": 0.1},
+                  "the server sends random-block-k updates (server error feedback, uplink's seed)"),
         MethodRun("conef-q", "ConEF-Q (s = 3)", {"method": "conef-q", **_BLOCK, "quant-levels": 3},
                   "error quantized, 3 levels (3 bits/entry)"),
         MethodRun("iconef-v1", "iConEF-v1", {"method": "iconef-v1", **_BLOCK, "quant-levels": 16},
@@ -128,7 +135,7 @@ TASKS: dict[str, TaskSpec] = {
         },
         num_nodes=100,
         rounds=150,
-        methods=tuple(m for m in METHODS if m != "conef-cs-90-b0.5"),
+        methods=tuple(m for m in METHODS if m not in ("conef-cs-90-b0.5", "conef-cs-90-bidir", "efsgd-bidir")),
         seeds=(0, 1, 2),
         multi_seed=_MAIN_METHODS,
     ),
@@ -453,6 +460,7 @@ def aggregate(runs: Sequence[Mapping[str, Any]], text: bool = False) -> list[dic
             "perplexity_std": ppl_s if text else None,
             "wall_seconds_mean": statistics.fmean(s["wall_seconds"] for s in ss),
             "uplink_mb_mean": statistics.fmean(s["uplink_bytes_total"] for s in ss) / 1e6,
+            "downlink_mb_mean": statistics.fmean(s.get("downlink_bytes_total", 0) for s in ss) / 1e6,
             "dense_uplink_mb_mean": statistics.fmean(s["dense_fedavg_uplink_bytes_total"] for s in ss) / 1e6,
             "uplink_percent_of_dense": 100 * statistics.fmean(f for f in frac if f is not None),
             "error_memory_kb": mem / 1e3,
@@ -481,7 +489,7 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], title: str, setting: str
     if text:
         head += ["perplexity"]
     head += ["Δ acc. vs EFSGD", "last-3-eval acc. (%)", "Δ last-3 vs EFSGD", "best acc. (%)", "wall time / run (s)",
-             "uplink MB", "uplink % of dense",
+             "uplink MB", "uplink % of dense", "downlink MB",
              "error memory / client (KB)", "memory saving vs EFSGD"]
     lines = [f"# {title}", "", setting, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -498,7 +506,8 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], title: str, setting: str
         is_ref = r["method_id"] == "efsgd"
         cells += [("–" if is_ref else _f(d, "+.2f")), l3,
                   ("–" if is_ref else _f(r.get("last3_delta_vs_efsgd_points"), "+.2f")), _f(r["best_accuracy_mean"]),
-                  f"{r['wall_seconds_mean']:.0f}", f"{r['uplink_mb_mean']:.1f}", f"{r['uplink_percent_of_dense']:.1f}",
+                  f"{r['wall_seconds_mean']:.0f}", f"{r['uplink_mb_mean']:.1f}",
+                  f"{r['uplink_percent_of_dense']:.1f}", f"{r.get('downlink_mb_mean', 0.0):.1f}",
                   f"{r['error_memory_kb']:.1f}", _f(r["memory_saving_percent_vs_efsgd"], ".1f") + " %"]
         if r["memory_saving_percent_vs_efsgd"] is None:
             cells[-1] = "–"

@@ -21,8 +21,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _curves(runs: Sequence[Mapping[str, Any]], key: str) -> dict[str, tuple[list[int], list[float], list[float]]]:
-    """Per method: eval rounds, mean of ``key`` over seeds and cumulative uplink MB at those rounds."""
+def _curves(runs: Sequence[Mapping[str, Any]], key: str) -> dict[str, tuple[list[int], list[float], list[float],
+                                                                             list[float]]]:
+    """Per method: eval rounds, mean of ``key`` over seeds, cumulative uplink MB and uplink + downlink MB."""
     by_method: dict[str, list[Mapping[str, Any]]] = {}
     for r in runs:
         by_method.setdefault(r["method_id"], []).append(r)
@@ -30,18 +31,20 @@ def _curves(runs: Sequence[Mapping[str, Any]], key: str) -> dict[str, tuple[list
     for mid, rs in by_method.items():
         series = []
         for r in rs:
-            cum, pts = 0.0, {}
+            cum, cum_total, pts = 0.0, 0.0, {}
             for row in r["rounds"]:
                 cum += row.get("uplink_payload_bytes_total") or 0.0
+                cum_total += (row.get("uplink_payload_bytes_total") or 0.0) + (row.get("downlink_bytes_total") or 0.0)
                 v = row.get(key)
                 if v is not None and math.isfinite(v):
-                    pts[int(row["round"])] = (v, cum / 1e6)
+                    pts[int(row["round"])] = (v, cum / 1e6, cum_total / 1e6)
             series.append(pts)
         common = sorted(set.intersection(*(set(s) for s in series))) if series else []
         xs = common
         ys = [sum(s[x][0] for s in series) / len(series) for x in xs]
         mb = [sum(s[x][1] for s in series) / len(series) for x in xs]
-        out[mid] = (xs, ys, mb)
+        tb = [sum(s[x][2] for s in series) / len(series) for x in xs]
+        out[mid] = (xs, ys, mb, tb)
     return out
 
 
@@ -57,7 +60,9 @@ def plot_grid(runs: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any
     written = []
     acc = _curves(runs, "accuracy")
     for fname, xi, xlabel in [("accuracy_vs_round.png", 0, "round"),
-                              ("accuracy_vs_uplink.png", 2, "cumulative uplink, all clients (MB, log scale)")]:
+                              ("accuracy_vs_uplink.png", 2, "cumulative uplink, all clients (MB, log scale)"),
+                              ("accuracy_vs_total_bytes.png", 3,
+                               "cumulative uplink + downlink, all clients (MB, log scale)")]:
         fig, ax = plt.subplots(figsize=(8, 5))
         for i, mid in enumerate(order):
             c = acc.get(mid)
@@ -65,7 +70,7 @@ def plot_grid(runs: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any
                 continue
             ax.plot(c[xi], [100 * y for y in c[1]], label=labels[mid], **_style(i))
         ax.set_xlabel(xlabel)
-        if xi == 2:
+        if xi >= 2:
             ax.set_xscale("symlog", linthresh=1.0)
         ax.set_ylabel("test accuracy (%)" + (" (per character)" if text else ""))
         ax.grid(alpha=0.3)
