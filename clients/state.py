@@ -137,7 +137,8 @@ def _state_files(folder: Path, partition_id: int) -> list[tuple[int, Path]]:
 
 
 def _restore(worker: CompressionWorker, blob: bytes) -> None:
-    worker.load_state_dict(deserialize_state(blob))
+    # a fresh worker, discarded if this fails: no backup copy of its (zero) state is needed
+    worker.load_state_dict(deserialize_state(blob), atomic=False)
 
 
 def load_worker(

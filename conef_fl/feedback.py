@@ -202,8 +202,13 @@ class ErrorFeedback(ABC):
             "compressor": self.compressor.state_dict(),
         }
 
-    def load_state_dict(self, state: Mapping[str, object]) -> None:
-        """Restore :meth:`state_dict`; raises ``ValueError`` on any mismatch (state unchanged then)."""
+    def load_state_dict(self, state: Mapping[str, object], *, atomic: bool = True) -> None:
+        """Restore :meth:`state_dict`; raises ``ValueError`` on any mismatch.
+
+        With ``atomic`` (default) the current state is backed up first and put back on
+        failure. A caller that discards the object on failure (a freshly built worker)
+        passes ``atomic=False`` and saves that copy of the state.
+        """
         if state.get("method") != type(self).__name__:
             raise ValueError(f"state is for method {state.get('method')!r}, not {type(self).__name__!r}")
         if state.get("numel") != self.numel:
@@ -213,16 +218,21 @@ class ErrorFeedback(ABC):
         if not isinstance(stores, Mapping) or set(stores) != set(mine):
             got = sorted(stores) if isinstance(stores, Mapping) else stores
             raise ValueError(f"state has stores {got}, expected {sorted(mine)}")
-        # validate all before changing anything: load into fresh copies first
-        backups = {k: {kk: (vv.clone() if isinstance(vv, torch.Tensor) else vv) for kk, vv in s.state_dict().items()}
-                   for k, s in mine.items()}
-        try:
+        if not atomic:
             for k, s in mine.items():
                 s.load_state_dict(stores[k])
-        except Exception:
-            for k, s in mine.items():
-                s.load_state_dict(backups[k])
-            raise
+        else:
+            backups = {
+                k: {kk: (vv.clone() if isinstance(vv, torch.Tensor) else vv) for kk, vv in s.state_dict().items()}
+                for k, s in mine.items()
+            }
+            try:
+                for k, s in mine.items():
+                    s.load_state_dict(stores[k])
+            except Exception:
+                for k, s in mine.items():
+                    s.load_state_dict(backups[k])
+                raise
         comp = state.get("compressor", {})
         if isinstance(comp, Mapping) and comp:
             self.compressor.load_state_dict(comp)

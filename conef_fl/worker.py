@@ -94,8 +94,11 @@ class CompressionWorker:
         """Per-tensor states plus the config they belong to."""
         return {"config": self.config.to_dict(), "tensors": {k: f.state_dict() for k, f in self.feedback.items()}}
 
-    def load_state_dict(self, state: Mapping[str, object]) -> None:
-        """Restore; the config must match exactly and every tensor's state must validate."""
+    def load_state_dict(self, state: Mapping[str, object], *, atomic: bool = True) -> None:
+        """Restore; the config must match exactly and every tensor's state must validate.
+
+        ``atomic=False`` skips the per-tensor backups (for a fresh worker that is discarded on failure).
+        """
         cfg = state.get("config")
         if cfg != self.config.to_dict():
             raise ValueError(f"state was saved for config {cfg}, this worker has {self.config.to_dict()}")
@@ -104,7 +107,7 @@ class CompressionWorker:
             raise ValueError(f"state has tensors {sorted(tensors) if isinstance(tensors, Mapping) else tensors}, "
                              f"expected {sorted(self.feedback)}")
         for k, f in self.feedback.items():
-            f.load_state_dict(tensors[k])
+            f.load_state_dict(tensors[k], atomic=atomic)
 
 
 def unflatten(flat: torch.Tensor, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
