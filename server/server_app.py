@@ -95,6 +95,7 @@ def main(grid: Grid, context: Context) -> None:
         server_momentum=settings.server_momentum,
         seed=settings.seed,
         train_config=settings.train_config(),
+        train_config_fn=settings.round_train_config if settings.decay_rounds else None,
         max_update_norm=settings.max_update_norm or None,
         downlink=settings.downlink_config(method),
         downlink_log_rounds=settings.downlink_log_rounds,

@@ -44,6 +44,8 @@ class ServerSettings:
     local_steps: int = 0
     batch_size: int = 8
     local_lr: float = 0.2
+    lr_decay_rounds: str = ""
+    lr_decay_factor: float = 0.1
     local_momentum: float = 0.0
     weight_decay: float = 0.0
     server_lr: float = 1.0
@@ -75,8 +77,40 @@ class ServerSettings:
             raise ValueError(f"num-partitions={self.num_partitions} is out of range; allowed: >= 1")
         if self.eval_every < 1:
             raise ValueError(f"eval-every={self.eval_every} is out of range; allowed: >= 1")
+        if not 0.0 < self.lr_decay_factor <= 1.0:
+            raise ValueError(f"lr-decay-factor={self.lr_decay_factor} is out of range; allowed: (0, 1]")
+        self.decay_rounds  # validates lr-decay-rounds
         if self.max_update_norm < 0:
             raise ValueError(f"max-update-norm={self.max_update_norm} is out of range; allowed: >= 0 (0 = off)")
+
+    @property
+    def decay_rounds(self) -> tuple[int, ...]:
+        """Rounds from which ``local-lr`` is multiplied by ``lr-decay-factor`` (once per listed round).
+
+        ``lr-decay-rounds`` is a comma-separated list of rounds, e.g. ``"200,260"``
+        (step decay, as in the paper's schedules); ``""`` = constant learning rate.
+        """
+        text = str(self.lr_decay_rounds).strip()
+        if not text:
+            return ()
+        try:
+            rounds = tuple(int(x) for x in text.split(","))
+        except ValueError:
+            raise ValueError(
+                f"lr-decay-rounds={self.lr_decay_rounds!r} is not a comma-separated list of rounds, e.g. '200,260'"
+            ) from None
+        if any(r < 1 for r in rounds):
+            raise ValueError(f"lr-decay-rounds={self.lr_decay_rounds!r} is out of range; allowed: rounds >= 1")
+        return tuple(sorted(rounds))
+
+    def local_lr_at(self, server_round: int) -> float:
+        """The clients' learning rate in ``server_round`` (step decay by ``lr-decay-factor``)."""
+        passed = sum(1 for r in self.decay_rounds if server_round >= r)
+        return self.local_lr * self.lr_decay_factor**passed
+
+    def round_train_config(self, server_round: int) -> dict[str, Any]:
+        """The per-round part of the training settings (the decayed ``local-lr``)."""
+        return {"local-lr": self.local_lr_at(server_round)}
 
     @property
     def expected_nodes(self) -> int:

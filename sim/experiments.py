@@ -598,10 +598,12 @@ def _final_acc(folder: Path | None) -> float | None:
 
 def beta_study(task: TaskSpec, out: Path, *, betas: Sequence[float] = BETAS, ladder: Sequence[float] = LADDER,
                seed: int = 0, rounds: int, tolerance: float = 1.0, jobs: int = 1, force: bool = False,
-               extra: Mapping[str, Any] | None = None, reuse: Sequence[Path] = ()) -> dict[str, Any]:
+               extra: Mapping[str, Any] | None = None, reuse: Sequence[Path] = (),
+               exhaustive: bool = False) -> dict[str, Any]:
     """For each β, the smallest sketch ratio on ``ladder`` whose final accuracy is within ``tolerance``
     points of EFSGD's (same seed, rounds and data split). Ratios are tried from the smallest up and the
-    search for a β stops at its first success. Finished runs with the same run config, in ``out`` or in
+    search for a β stops at its first success; with ``exhaustive`` every (β, ratio) pair is run at once
+    (for machines with many cores: no waiting on the ladder). Finished runs with the same run config, in ``out`` or in
     the ``reuse`` folders (e.g. the main grid's), are reused instead of run again."""
     extra = dict(extra or {})
     ref_name = f"efsgd-s{seed}"
@@ -638,6 +640,8 @@ def beta_study(task: TaskSpec, out: Path, *, betas: Sequence[float] = BETAS, lad
         tried[b].append({"ratio": w, "final_accuracy": acc, "within_tolerance": ok, "run": str(folders[r.name])})
         log.info("β=%g w=%gd: %.2f %% (EFSGD %.2f %%) -> %s", b, w, acc if acc is not None else float("nan"),
                  ref_acc, "within" if ok else "below")
+        if exhaustive:
+            return  # decided at the end, from every ratio's result
         if ok:
             result[b] = w
         elif state[b] + 1 < len(ladder):
@@ -649,7 +653,8 @@ def beta_study(task: TaskSpec, out: Path, *, betas: Sequence[float] = BETAS, lad
     try:
         submit(ref)
         for b in betas:
-            submit(_study_run(task, b, ladder[0], seed, rounds, out, extra))
+            for w in ladder if exhaustive else ladder[:1]:
+                submit(_study_run(task, b, w, seed, rounds, out, extra))
         while pending:
             finished, _ = cf.wait(list(pending), return_when=cf.FIRST_COMPLETED)
             for fut in finished:
@@ -670,6 +675,10 @@ def beta_study(task: TaskSpec, out: Path, *, betas: Sequence[float] = BETAS, lad
                     decide(r)
     finally:
         ex.close()
+    if exhaustive:
+        for b in betas:
+            passing = [t["ratio"] for t in tried[b] if t["within_tolerance"]]
+            result[b] = min(passing) if passing else None
     ref_acc = _final_acc(folders[ref_name])
     table = {"task": task.name, "seed": seed, "rounds": rounds, "tolerance_points": tolerance,
              "efsgd_final_accuracy": ref_acc, "ladder": list(ladder),
@@ -723,6 +732,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--betas", type=str, default="", help="β study: comma-separated β values")
     p.add_argument("--ladder", type=str, default="", help="β study: comma-separated sketch ratios")
     p.add_argument("--tolerance", type=float, default=1.0, help="β study: accuracy points below EFSGD allowed")
+    p.add_argument("--exhaustive", action="store_true",
+                   help="β study: run every (β, ratio) pair at once instead of climbing the ladder (many cores)")
     p.add_argument("--reuse", type=Path, action="append", default=[],
                    help="folder(s) of finished runs to reuse (copy in for a grid) when the run config is the same")
     p.add_argument("--quiet", action="store_true", help="warnings only")
@@ -749,7 +760,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ladder = sorted(_csv(args.ladder, float)) if args.ladder else list(LADDER)
         table = beta_study(task, out, betas=betas, ladder=ladder, seed=seeds[0], rounds=rounds,
                            tolerance=args.tolerance, jobs=args.jobs, force=args.force, extra=extra,
-                           reuse=args.reuse)
+                           reuse=args.reuse, exhaustive=args.exhaustive)
         print(beta_markdown(table))
         return 0
     methods = [args.only] if args.only else (_csv(args.methods) if args.methods else list(task.methods))

@@ -106,6 +106,15 @@ def test_beta_study_picks_smallest_ratio(tmp_path: Path) -> None:
     assert [t["ratio"] for t in strict["rows"][0]["tried"]] == [0.1, 0.5]
 
 
+def test_beta_study_exhaustive_runs_every_pair_and_keeps_the_smallest(tmp_path: Path) -> None:
+    table = ex.beta_study(ex.TASKS["digits"], tmp_path, betas=[0.9], ladder=[0.1, 0.5], rounds=1,
+                          tolerance=100.0, exhaustive=True)
+    row = table["rows"][0]
+    assert [t["ratio"] for t in row["tried"]] == [0.1, 0.5]  # both ran although 0.1 already passes
+    assert row["smallest_sketch_ratio"] == 0.1
+    assert (tmp_path / "cs-b0.9-w0.5-s0" / "summary.json").exists()
+
+
 def test_beta_study_reuses_grid_runs(grid: Path, tmp_path: Path) -> None:
     table = ex.beta_study(ex.TASKS["digits"], tmp_path, betas=[0.95], ladder=[0.1], rounds=2, tolerance=100.0,
                           reuse=[grid])

@@ -331,3 +331,34 @@ def test_server_momentum() -> None:
 def test_bad_strategy_args(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         ConEFStrategy(method_config("conef-cs"), **kwargs)
+
+
+def test_learning_rate_schedule_reaches_clients_per_round() -> None:
+    from server.settings import ServerSettings
+
+    settings, _ = ServerSettings.from_run_config(
+        {"local-lr": 0.1, "lr-decay-rounds": "5,3", "lr-decay-factor": 0.5, "method": "efsgd"}
+    )
+    assert settings.decay_rounds == (3, 5)
+    assert [settings.local_lr_at(r) for r in (1, 2, 3, 4, 5, 9)] == [0.1, 0.1, 0.05, 0.05, 0.025, 0.025]
+    strategy = ConEFStrategy(method_config("efsgd"), fraction_train=1.0, min_available_nodes=2,
+                             train_config=settings.train_config(), train_config_fn=settings.round_train_config)
+    arrays = ArrayRecord({k: Array(v) for k, v in _global().items()})
+    sent = {r: list(strategy.configure_train(r, arrays, ConfigRecord(), _grid([1, 2])))[0].content["config"]
+            for r in (2, 3, 5)}
+    assert [sent[r]["local-lr"] for r in (2, 3, 5)] == [0.1, 0.05, 0.025]
+    assert sent[5]["local-steps"] == settings.local_steps  # the static settings still go out
+
+
+@pytest.mark.parametrize(
+    ("cfg", "match"),
+    [({"lr-decay-rounds": "10,x"}, "lr-decay-rounds='10,x' is not a comma-separated"),
+     ({"lr-decay-rounds": "0"}, "lr-decay-rounds='0' is out of range"),
+     ({"lr-decay-factor": 0.0}, r"lr-decay-factor=0.0 is out of range; allowed: \(0, 1\]"),
+     ({"lr-decay-factor": 1.5}, "lr-decay-factor=1.5 is out of range")],
+)
+def test_bad_learning_rate_schedule(cfg, match) -> None:
+    from server.settings import ServerSettings
+
+    with pytest.raises(ValueError, match=match):
+        ServerSettings.from_run_config(cfg)

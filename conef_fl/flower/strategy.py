@@ -107,6 +107,9 @@ class ConEFStrategy(FedAvg):
         client sampling (the global ``random`` module is never used).
     train_config:
         Extra settings sent to clients every round (local epochs, learning rate, ...).
+    train_config_fn:
+        Optional ``server_round -> settings`` whose values override ``train_config`` in
+        that round (e.g. a decayed ``local-lr``, see ``ServerSettings.round_train_config``).
     max_update_norm:
         Optional bound: a client whose decoded update has a larger L2 norm is rejected.
     downlink:
@@ -131,6 +134,7 @@ class ConEFStrategy(FedAvg):
         server_momentum: float = 0.0,
         seed: int = 0,
         train_config: Mapping[str, Any] | None = None,
+        train_config_fn: Callable[[int], Mapping[str, Any]] | None = None,
         max_update_norm: float | None = None,
         downlink: MethodConfig | None = None,
         downlink_log_rounds: int = 50,
@@ -156,6 +160,7 @@ class ConEFStrategy(FedAvg):
         self.server_momentum = float(server_momentum)
         self.seed = int(seed)
         self.train_config = dict(train_config or {})
+        self.train_config_fn = train_config_fn
         self.max_update_norm = max_update_norm
         self.compressor: Compressor = make_compressor_for(method)
         self.history: list[RoundStats] = []
@@ -212,6 +217,8 @@ class ConEFStrategy(FedAvg):
         self._sampled = len(node_ids)
         cfg = ConfigRecord(dict(config))
         cfg.update(self.train_config)
+        if self.train_config_fn is not None:
+            cfg.update(dict(self.train_config_fn(server_round)))
         cfg.update(method_to_config(self.method))
         cfg["method-name"] = self.method_name
         cfg["server-round"] = server_round

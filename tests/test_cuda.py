@@ -1,0 +1,134 @@
+"""The compressor core and the DDP hook on a GPU: NCCL against gloo, CUDA against CPU.
+
+Skipped without CUDA (CI has none). One process: a world of size 1 whose default
+group has both backends (``cpu:gloo,cuda:nccl``), so the same hook runs over gloo
+on CPU tensors and over NCCL on CUDA tensors, from the same initial model and data.
+With one rank the all-reduce is an identity, so what is compared is everything
+the hook computes around it: compression, error feedback, the sketch, scatter-back.
+(Two NCCL ranks need two GPUs; ``sim.ddp_train`` under ``torchrun`` covers that.)
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from conef_fl.ddp_hook import expected_bytes_per_step, register_conef_hook
+from conef_fl.errors.sketch import CountSketch, SketchGeometry
+from conef_fl.feedback import make_compressor_for, make_feedback
+from conef_fl.registry import method_config
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on CI machines)")
+
+STEPS = 8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    dist.init_process_group(
+        "cpu:gloo,cuda:nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3)
+        self.fc1 = nn.Linear(8 * 26 * 26, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(torch.relu(self.conv(x)).flatten(1))))
+
+
+def _train(device: str, method: str, **overrides: Any) -> dict[str, Any]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = _Net()
+        g = torch.Generator().manual_seed(1)
+        x_fixed = torch.randn(16, 1, 28, 28, generator=g)  # one batch, seen every step: the loss must fall
+        y_fixed = torch.randint(0, 10, (16,), generator=g)
+    model = model.to(device)
+    ddp = DDP(model, device_ids=[0] if device == "cuda" else None)
+    state = register_conef_hook(ddp, method, warmup_steps=1, **overrides)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = x_fixed.to(device), y_fixed.to(device)
+    losses = []
+    for _ in range(STEPS):
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(ddp(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    flat = torch.cat([p.detach().flatten().cpu() for p in model.parameters()])
+    return {"params": flat, "losses": losses, "sent": state.last_bytes_sent,
+            "expected": expected_bytes_per_step(state), "error_bytes": state.stats()["error_state_bytes"]}
+
+
+@pytest.mark.parametrize(
+    ("method", "overrides"),
+    [("efsgd", {"compressor": "random-block-k", "k_ratio": 0.1}),
+     ("conef-cs", {"compressor": "random-block-k", "k_ratio": 0.1, "sketch_ratio": 0.1, "beta": 0.9}),
+     ("conef-cs", {"compressor": "random-k", "k_ratio": 0.05, "sketch_ratio": 0.2, "beta": 0.5}),
+     ("conef-cs", {"compressor": "random-block-k", "k_ratio": 0.1, "sketch_ratio": 0.1, "sketch_rows": 3}),
+     ("ef-sign", {}),
+     ("ef-topk", {"k_ratio": 0.05})],
+)
+def test_nccl_on_cuda_matches_gloo_on_cpu(process_group, method: str, overrides: dict) -> None:
+    cpu = _train("cpu", method, **overrides)
+    gpu = _train("cuda", method, **overrides)
+    assert gpu["sent"] == cpu["sent"] == gpu["expected"]
+    assert gpu["error_bytes"] == cpu["error_bytes"]
+    torch.testing.assert_close(gpu["params"], cpu["params"], rtol=1e-4, atol=2e-5)
+    assert gpu["losses"][-1] < gpu["losses"][0]
+
+
+@pytest.mark.parametrize("method", ["conef-powersgd", "ef-powersgd"])
+def test_powersgd_hook_trains_over_nccl(process_group, method: str) -> None:
+    gpu = _train("cuda", method, rank=2)
+    assert torch.isfinite(gpu["params"]).all()
+    assert gpu["sent"] == gpu["expected"] and gpu["losses"][-1] < gpu["losses"][0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_count_sketch_on_cuda_matches_cpu(dtype: torch.dtype) -> None:
+    d, w = 1_000_003, 100_000
+    g = torch.Generator().manual_seed(3)
+    u = torch.randn(d, generator=g)
+    est = {}
+    for device in ("cpu", "cuda"):
+        sk = CountSketch(SketchGeometry.for_ratio(d, w / d), seed=7, dtype=dtype, device=device)
+        sk.accumulate_(u.to(device))
+        sk.accumulate_block_(u[10_000:60_000].to(device), 10_000, alpha=-0.5)
+        est[device] = sk.decompress().float().cpu()
+    tol = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(est["cuda"], est["cpu"], rtol=tol, atol=tol)
+
+
+def test_conef_worker_on_cuda_matches_cpu() -> None:
+    cfg = method_config("conef-cs", compressor="random-block-k", k_ratio=0.1, sketch_ratio=0.1, beta=0.9)
+    g = torch.Generator().manual_seed(5)
+    grads = [torch.randn(50_000, generator=g) for _ in range(6)]
+    q = make_compressor_for(cfg)
+    outs = {}
+    for device in ("cpu", "cuda"):
+        fb = make_feedback(cfg, (50_000,), device=device)
+        sent = [q.decompress(fb.step(x.to(device), seed=i)).cpu() for i, x in enumerate(grads)]
+        outs[device] = torch.stack(sent)
+    torch.testing.assert_close(outs["cuda"], outs["cpu"], rtol=1e-4, atol=1e-5)
