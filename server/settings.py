@@ -79,7 +79,7 @@ class ServerSettings:
             raise ValueError(f"eval-every={self.eval_every} is out of range; allowed: >= 1")
         if not 0.0 < self.lr_decay_factor <= 1.0:
             raise ValueError(f"lr-decay-factor={self.lr_decay_factor} is out of range; allowed: (0, 1]")
-        self.decay_rounds  # validates lr-decay-rounds
+        _ = self.decay_rounds  # validates lr-decay-rounds
         if self.max_update_norm < 0:
             raise ValueError(f"max-update-norm={self.max_update_norm} is out of range; allowed: >= 0 (0 = off)")
 
