@@ -27,7 +27,14 @@ from clients.state import load_worker, save_worker
 from conef_fl.flower.codec import encode_payloads
 from conef_fl.flower.strategy import METRICS_KEY, PAYLOAD_KEY, PAYLOAD_META_KEY, method_from_config
 from conef_fl.seeding import derive_seed
-from conef_fl.tasks import build_model, evaluate, load_task_data_shared, partition_indices, train_local
+from conef_fl.tasks import (
+    build_model,
+    check_train_device,
+    evaluate,
+    load_task_data_shared,
+    partition_indices,
+    train_local,
+)
 from conef_fl.worker import CompressionWorker
 
 log = logging.getLogger(__name__)
@@ -68,6 +75,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(cfg.get("server-round", 0))
     gen = torch.Generator().manual_seed(derive_seed(settings.seed, "client", settings.partition_id, server_round))
     idx_t = torch.tensor(idx, dtype=torch.long)
+    model.to(check_train_device(settings.train_device))  # compression stays on the CPU
     out = train_local(
         model,
         task.x_train.index_select(0, idx_t),
@@ -80,7 +88,7 @@ def train(msg: Message, context: Context) -> Message:
         weight_decay=settings.weight_decay,
         generator=gen,
     )
-    local = model.state_dict()
+    local = {k: v.cpu() for k, v in model.state_dict().items()}
     update = {k: x_global[k].sub_(local[k]) for k in x_global}  # u = x_global − x_local, in place
     shapes = {k: tuple(v.shape) for k, v in update.items()}
     worker = load_worker(context, method, shapes, settings, server_round)

@@ -9,6 +9,8 @@ from typing import Any
 
 from flwr.app import Context
 
+from conef_fl.tasks import check_train_device
+
 
 def _get(sources: list[Mapping[str, Any]], key: str, default: Any) -> Any:
     for src in sources:
@@ -37,6 +39,7 @@ class ClientSettings:
     weight_decay: float = 0.0
     state_dir: str = ""
     state_max_bytes: int = 64 * 1024 * 1024
+    train_device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.num_partitions < 1:
@@ -55,6 +58,7 @@ class ClientSettings:
             raise ValueError(f"local-lr={self.local_lr} is out of range; allowed: > 0")
         if not 0 <= self.local_momentum < 1:
             raise ValueError(f"local-momentum={self.local_momentum} is out of range; allowed: [0, 1)")
+        check_train_device(self.train_device)
 
     @classmethod
     def from_context(cls, context: Context, message_config: Mapping[str, Any] | None = None) -> ClientSettings:
@@ -80,4 +84,6 @@ class ClientSettings:
             weight_decay=float(_get(both, "weight-decay", cls.weight_decay)),
             state_dir=str(_get([node, run], "state-dir", cls.state_dir)),
             state_max_bytes=int(_get([node, run], "state-max-bytes", cls.state_max_bytes)),
+            train_device=str(_get([node, run], "train-device", cls.train_device)),
         )
+

@@ -7,6 +7,7 @@ round: accuracy, loss, uplink/downlink bytes, client error memory, rejections),
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -18,7 +19,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from conef_fl.flower.strategy import ConEFStrategy
-from conef_fl.tasks import build_model, count_parameters, evaluate, load_task_data
+from conef_fl.tasks import build_model, check_train_device, count_parameters, evaluate, load_task_data
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.results import save_model, write_results
 from server.settings import ServerSettings
@@ -83,6 +84,7 @@ def main(grid: Grid, context: Context) -> None:
     task = load_task_data(settings.dataset, settings.data_dir or None, seed=settings.seed)
     model = build_model(task, settings.model, seed=settings.seed)
     num_params = count_parameters(model)
+    eval_model = copy.deepcopy(model).to(check_train_device(settings.train_device))
     strategy = ConEFStrategy(
         method,
         method_name=settings.method,
@@ -110,8 +112,8 @@ def main(grid: Grid, context: Context) -> None:
         last = server_round == settings.num_server_rounds
         if server_round % settings.eval_every and not last and server_round != 0:
             return None
-        model.load_state_dict(arrays.to_torch_state_dict())
-        res = evaluate(model, task.x_test, task.y_test)
+        eval_model.load_state_dict(arrays.to_torch_state_dict())
+        res = evaluate(eval_model, task.x_test, task.y_test)
         log.info("round %d: test accuracy %.4f, test loss %.4f", server_round, res["accuracy"], res["loss"])
         return MetricRecord({"accuracy": float(res["accuracy"]), "loss": float(res["loss"])})
 

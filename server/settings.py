@@ -65,6 +65,7 @@ class ServerSettings:
     downlink: str = ""
     downlink_k_ratio: float = 0.1
     downlink_log_rounds: int = 50
+    train_device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1:

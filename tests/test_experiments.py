@@ -116,11 +116,11 @@ def test_beta_study_exhaustive_runs_every_pair_and_keeps_the_smallest(tmp_path: 
 
 
 def test_beta_study_reuses_grid_runs(grid: Path, tmp_path: Path) -> None:
-    table = ex.beta_study(ex.TASKS["digits"], tmp_path, betas=[0.95], ladder=[0.1], rounds=2, tolerance=100.0,
+    table = ex.beta_study(ex.TASKS["digits"], tmp_path, betas=[0.5], ladder=[0.1], rounds=2, tolerance=100.0,
                           reuse=[grid])
     tried = table["rows"][0]["tried"]
     assert tried[0]["run"] == str(grid / "conef-cs-90-s0")  # same config as the grid's ConEF-CS 90 % run
-    assert not (tmp_path / "cs-b0.95-w0.1-s0").exists()
+    assert not (tmp_path / "cs-b0.5-w0.1-s0").exists()
     assert (tmp_path / "efsgd-s0" / "summary.json").exists()
 
 

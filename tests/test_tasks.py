@@ -495,3 +495,16 @@ def test_flat_params_and_ndarrays_roundtrip() -> None:
     bad[2] = np.zeros((3, 3), dtype=np.float32)
     with pytest.raises(ValueError, match=keys[2].replace(".", r"\.")):
         ndarrays_to_model(c, bad)
+
+
+def test_train_device_values() -> None:
+    from conef_fl.tasks import check_train_device
+
+    assert check_train_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="train-device='gpu' is not a device; allowed: cpu, cuda, cuda:N"):
+        check_train_device("gpu")
+    with pytest.raises(ValueError, match="train-device='meta' is not supported"):
+        check_train_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="train-device='cuda' but CUDA is not available here"):
+            check_train_device("cuda")

@@ -24,7 +24,7 @@ from conef_fl.tasks.data import (
 from conef_fl.tasks.models import MODEL_NAMES, build_model, count_parameters
 from conef_fl.tasks.params import get_flat_params, model_to_ndarrays, ndarrays_to_model, set_flat_params
 from conef_fl.tasks.partition import PARTITION_SCHEMES, clear_partition_cache, partition_indices
-from conef_fl.tasks.train import evaluate, train_local
+from conef_fl.tasks.train import check_train_device, evaluate, train_local
 
 __all__ = [
     "MODEL_NAMES",
@@ -32,6 +32,7 @@ __all__ = [
     "TASK_NAMES",
     "TaskData",
     "build_model",
+    "check_train_device",
     "clear_caches",
     "clear_data_cache",
     "clear_partition_cache",

@@ -202,3 +202,16 @@ def evaluate(
     if y.dim() == 2:
         out["perplexity"] = math.exp(min(loss, 700.0))
     return out
+
+
+def check_train_device(device: str) -> torch.device:
+    """The torch device of ``train-device`` (``cpu``, ``cuda`` or ``cuda:N``), or a ``ValueError``."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"train-device={device!r} is not a device; allowed: cpu, cuda, cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"train-device={device!r} is not supported; allowed: cpu, cuda, cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train-device={device!r} but CUDA is not available here; allowed: cpu")
+    return dev
