@@ -579,7 +579,8 @@ def _study_run(task: TaskSpec, beta: float, ratio: float, seed: int, rounds: int
                {"beta": beta, "ratio": ratio})
 
 
-_IGNORED_KEYS = ("output-dir", "run-name")
+#: keys that do not change a run's result (resuming from a checkpoint reproduces the run exactly)
+_IGNORED_KEYS = ("output-dir", "run-name", "checkpoint-dir", "state-dir", "resume")
 
 
 def find_equivalent(run: Run, dirs: Sequence[Path]) -> Path | None:

@@ -81,6 +81,11 @@ def _train(device: str, method: str, **overrides: Any) -> dict[str, Any]:
             "expected": expected_bytes_per_step(state), "error_bytes": state.stats()["error_state_bytes"]}
 
 
+#: Q selects by value (sign, top-k, PowerSGD's projections): a CUDA-vs-CPU rounding difference near a
+#: threshold (a tiny value's sign, the k-th largest magnitude) flips a few selections: a loose match only.
+_SELECTS_BY_VALUE = {"ef-sign", "ef-topk", "ef-powersgd", "conef-powersgd"}
+
+
 @pytest.mark.parametrize(
     ("method", "overrides"),
     [("efsgd", {"compressor": "random-block-k", "k_ratio": 0.1}),
@@ -88,22 +93,23 @@ def _train(device: str, method: str, **overrides: Any) -> dict[str, Any]:
      ("conef-cs", {"compressor": "random-k", "k_ratio": 0.05, "sketch_ratio": 0.2, "beta": 0.5}),
      ("conef-cs", {"compressor": "random-block-k", "k_ratio": 0.1, "sketch_ratio": 0.1, "sketch_rows": 3}),
      ("ef-sign", {}),
-     ("ef-topk", {"k_ratio": 0.05})],
+     ("ef-topk", {"k_ratio": 0.05}),
+     ("ef-powersgd", {"rank": 2}),
+     ("conef-powersgd", {"rank": 2})],
 )
 def test_nccl_on_cuda_matches_gloo_on_cpu(process_group, method: str, overrides: dict) -> None:
     cpu = _train("cpu", method, **overrides)
     gpu = _train("cuda", method, **overrides)
     assert gpu["sent"] == cpu["sent"] == gpu["expected"]
     assert gpu["error_bytes"] == cpu["error_bytes"]
-    torch.testing.assert_close(gpu["params"], cpu["params"], rtol=1e-4, atol=2e-5)
-    assert gpu["losses"][-1] < gpu["losses"][0]
-
-
-@pytest.mark.parametrize("method", ["conef-powersgd", "ef-powersgd"])
-def test_powersgd_hook_trains_over_nccl(process_group, method: str) -> None:
-    gpu = _train("cuda", method, rank=2)
     assert torch.isfinite(gpu["params"]).all()
-    assert gpu["sent"] == gpu["expected"] and gpu["losses"][-1] < gpu["losses"][0]
+    # cuDNN's convolution sums in another order than the CPU's: differences of ~1e-6 per step
+    torch.testing.assert_close(torch.tensor(gpu["losses"]), torch.tensor(cpu["losses"]), rtol=1e-2, atol=1e-3)
+    if method in _SELECTS_BY_VALUE:
+        rel = torch.linalg.vector_norm(gpu["params"] - cpu["params"]) / torch.linalg.vector_norm(cpu["params"])
+        assert rel < 5e-2, f"relative L2 distance {rel:.3g}"
+    else:
+        torch.testing.assert_close(gpu["params"], cpu["params"], rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -117,8 +123,10 @@ def test_count_sketch_on_cuda_matches_cpu(dtype: torch.dtype) -> None:
         sk.accumulate_(u.to(device))
         sk.accumulate_block_(u[10_000:60_000].to(device), 10_000, alpha=-0.5)
         est[device] = sk.decompress().float().cpu()
-    tol = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
-    torch.testing.assert_close(est["cuda"], est["cpu"], rtol=tol, atol=tol)
+    # bf16 keeps 8 bits of mantissa: one rounding step at |x| in [8, 16) is 0.0625, and the two
+    # devices may round partial sums in another order (measured on an H100: 0.094 max, 134 of 1M)
+    rtol, atol = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-2), torch.bfloat16: (1.6e-2, 0.13)}[dtype]
+    torch.testing.assert_close(est["cuda"], est["cpu"], rtol=rtol, atol=atol)
 
 
 def test_conef_worker_on_cuda_matches_cpu() -> None:
