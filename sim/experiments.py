@@ -102,6 +102,8 @@ METHODS: dict[str, MethodRun] = {
         MethodRun("hefsgd", "hEFSGD", {"method": "hefsgd", **_BLOCK, "error-topk-ratio": 0.05},
                   "error kept as its top-5 % (values + int32 indices = 0.4 d bytes)"),
         MethodRun("rbsgd", "rbSGD", {"method": "rbsgd", **_BLOCK}, "random block scaled by d/k"),
+        MethodRun("rbsgd-lr0.03", "rbSGD (lr 0.03)", {"method": "rbsgd", **_BLOCK, "local-lr": 0.03},
+                  "random block scaled by d/k; local lr 0.03 (rbSGD's lr tuned over 0.1, 0.03, 0.01)"),
         MethodRun("rbsgd-lr0.01", "rbSGD (lr 0.01)", {"method": "rbsgd", **_BLOCK, "local-lr": 0.01},
                   "random block scaled by d/k; local lr = SGD's × k/d (the paper tunes rbSGD's lr separately)"),
         MethodRun("qsgd", "QSGD (s = 3)", {"method": "qsgd", "qsgd-levels": 3}, "3 levels: sign + 2 bits"),
@@ -299,7 +301,7 @@ def _check_same_config(run: Run, out: Path) -> None:
     if not meta.exists():
         return
     old = json.loads(meta.read_text()).get("run_config", {})
-    diff = {k: (old.get(k), v) for k, v in run.config.items() if old.get(k) != v}
+    diff = {k: (old.get(k), v) for k, v in run.config.items() if old.get(k) != v and k not in _IGNORED_KEYS}
     if diff:
         log.warning("%s: finished with a different config %s; kept (use --force to re-run)", run.name, diff)
 
@@ -579,8 +581,9 @@ def _study_run(task: TaskSpec, beta: float, ratio: float, seed: int, rounds: int
                {"beta": beta, "ratio": ratio})
 
 
-#: keys that do not change a run's result (resuming from a checkpoint reproduces the run exactly)
-_IGNORED_KEYS = ("output-dir", "run-name", "checkpoint-dir", "state-dir", "resume")
+#: keys that do not change a run's result: where it is written or read from (the same files in another
+#: folder, e.g. on another machine) and resuming (a resumed run reproduces the uninterrupted one exactly)
+_IGNORED_KEYS = ("output-dir", "run-name", "data-dir", "checkpoint-dir", "state-dir", "resume")
 
 
 def find_equivalent(run: Run, dirs: Sequence[Path]) -> Path | None:
@@ -698,18 +701,30 @@ def beta_study(task: TaskSpec, out: Path, *, betas: Sequence[float] = BETAS, lad
 
 
 def beta_markdown(table: Mapping[str, Any]) -> str:
-    """The paper's Table 2 layout: β vs the smallest sketch size within the tolerance of EFSGD."""
+    """The paper's Table 2 layout (β vs the smallest sketch size within the tolerance of EFSGD), then the
+    final accuracy of every (β, sketch size) run as a matrix."""
     rows = table["rows"]
+    ref = table["efsgd_final_accuracy"]
     lines = [f"# β vs smallest sketch size ({table['task']}, seed {table['seed']}, {table['rounds']} rounds)", "",
              f"Smallest count-sketch width w (fraction of the model size, v = 1) from the ladder "
              f"{', '.join(f'{w:g}' for w in table['ladder'])} whose final test accuracy is within "
-             f"{table['tolerance_points']:g} point(s) of EFSGD ({_f(table['efsgd_final_accuracy'])} %). "
+             f"{table['tolerance_points']:g} point(s) of EFSGD ({_f(ref)} %). "
              f"Gradient compressor: random block, k = 0.1 d. \"–\" = none of the ladder.", "",
              "| β | " + " | ".join(f"{r['beta']:g}" for r in rows) + " |",
              "|---|" + "---|" * len(rows),
              "| smallest sketch size | " + " | ".join("–" if r["smallest_sketch_ratio"] is None
-                                                     else f"{r['smallest_sketch_ratio']:g}" for r in rows) + " |",
-             "", "Runs tried (final accuracy, %):", ""]
+                                                     else f"{r['smallest_sketch_ratio']:g}" for r in rows) + " |"]
+    ratios = sorted({t["ratio"] for r in rows for t in r["tried"]})
+    if ratios and ref is not None:
+        lines += ["", f"Final test accuracy (%) of every run, Δ vs EFSGD ({_f(ref)} %) in brackets; "
+                  "memory saving = 1 − w:", "",
+                  "| β \\ w | " + " | ".join(f"{w:g} ({100 * (1 - w):.0f} % saved)" for w in ratios) + " |",
+                  "|---|" + "---|" * len(ratios)]
+        for r in rows:
+            acc = {t["ratio"]: t["final_accuracy"] for t in r["tried"]}
+            cells = ["" if acc.get(w) is None else f"{acc[w]:.2f} ({acc[w] - ref:+.2f})" for w in ratios]
+            lines.append(f"| {r['beta']:g} | " + " | ".join(cells) + " |")
+    lines += ["", "Runs tried (final accuracy, %):", ""]
     for r in rows:
         tried = ", ".join(f"w={t['ratio']:g}: {_f(t['final_accuracy'])}" for t in r["tried"])
         lines.append(f"- β = {r['beta']:g}: {tried or 'none'}")
