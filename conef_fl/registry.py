@@ -66,6 +66,10 @@ register_method(
     "conef-cs", ConEF, "partial ConEF, error in a count sketch", feedback="conef", error_compressor="count-sketch"
 )
 register_method(
+    "partial-efsgd", ConEF, "partial EFSGD (Abdi & Fekri 2020): p = u + (1-β)·e, dense fp32 error",
+    feedback="conef", error_compressor="identity",
+)
+register_method(
     "conef-q", ConEF, "ConEF, error stochastically quantized", feedback="conef", error_compressor="quantizer",
     beta=0.0,
 )

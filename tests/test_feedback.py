@@ -80,6 +80,21 @@ def test_conef_with_identity_store_equals_efsgd(compressor: str) -> None:
     torch.testing.assert_close(ef.error.e, con.store.e, rtol=1e-5, atol=1e-5)
 
 
+def test_partial_efsgd_keeps_a_dense_error_and_feeds_back_part_of_it() -> None:
+    """``partial-efsgd``: dense fp32 error (4 bytes/entry), p = u + (1−β)·e, e ← e + u − Δ; β = 0 is EFSGD."""
+    us = _updates(12, seed=4)
+    ef = make_feedback(method_config("efsgd", compressor="random-block-k"), SHAPE, "w")
+    p0 = make_feedback(method_config("partial-efsgd", compressor="random-block-k", beta=0.0), SHAPE, "w")
+    torch.testing.assert_close(_run(ef, us), _run(p0, us), rtol=1e-5, atol=1e-6)
+    half = make_feedback(method_config("partial-efsgd", compressor="random-block-k", beta=0.5), SHAPE, "w")
+    assert isinstance(half.store, DenseError) and half.nbytes == 4 * D
+    sent = _run(half, us)
+    torch.testing.assert_close(half.store.e.reshape(-1), torch.stack(us).sum(0).reshape(-1) - sent,
+                               rtol=1e-5, atol=1e-5)  # mass conserved: e = Σu − Σ sent
+    assert not torch.allclose(sent, _run(make_feedback(method_config("efsgd", compressor="random-block-k"),
+                                                       SHAPE, "w"), us))
+
+
 def make_compressor_like(cfg: MethodConfig):
     from conef_fl.feedback import make_compressor_for
 
