@@ -72,6 +72,8 @@ def build_summary(
         "rejected_replies": sum(r["rejected"] for r in rows),
         "failed_replies": sum(r["failed"] for r in rows),
         "wall_seconds": seconds,
+        # all rounds' wall time, also across a resume (wall_seconds is this process's share only)
+        "rounds_seconds_total": sum(float(r.get("round_seconds", 0.0)) for r in rows),
     }
 
 

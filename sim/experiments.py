@@ -473,7 +473,7 @@ def aggregate(runs: Sequence[Mapping[str, Any]], text: bool = False) -> list[dic
                                              if s.get("best_accuracy") is not None])[0],
             "perplexity_mean": ppl_m if text else None,
             "perplexity_std": ppl_s if text else None,
-            "wall_seconds_mean": statistics.fmean(s["wall_seconds"] for s in ss),
+            "wall_seconds_mean": statistics.fmean(s.get("rounds_seconds_total") or s["wall_seconds"] for s in ss),
             "uplink_mb_mean": statistics.fmean(s["uplink_bytes_total"] for s in ss) / 1e6,
             "downlink_mb_mean": statistics.fmean(s.get("downlink_bytes_total", 0) for s in ss) / 1e6,
             "dense_uplink_mb_mean": statistics.fmean(s["dense_fedavg_uplink_bytes_total"] for s in ss) / 1e6,

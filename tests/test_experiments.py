@@ -31,6 +31,10 @@ def test_grid_writes_runs_tables_and_plots(grid: Path) -> None:
             assert (grid / run / f).exists(), f"{run}/{f}"
         cfg = json.loads((grid / run / "experiment.json").read_text())["run_config"]
         assert cfg["num-server-rounds"] == 2 and cfg["seed"] == 0
+        rounds = json.loads((grid / run / "rounds.json").read_text())
+        summary = json.loads((grid / run / "summary.json").read_text())
+        assert all(r["round_seconds"] > 0 for r in rounds)  # each round's own time, kept across a resume
+        assert summary["rounds_seconds_total"] == pytest.approx(sum(r["round_seconds"] for r in rounds))
     for f in ("results.md", "results.json", *PLOTS):
         assert (grid / f).stat().st_size > 0, f
     res = json.loads((grid / "results.json").read_text())

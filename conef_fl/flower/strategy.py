@@ -81,6 +81,8 @@ class RoundStats:
     clients_state_from_disk: int = 0
     update_norm: float = float("nan")
     aggregate_seconds: float = 0.0
+    #: wall seconds of the whole round (sampling, clients, aggregation, evaluation)
+    round_seconds: float = 0.0
     rejections: list[str] = field(default_factory=list)
 
 
@@ -465,6 +467,7 @@ class ConEFStrategy(FedAvg):
         arrays = initial_arrays
         for current_round in range(start_round, num_rounds + 1):
             log.info("[ROUND %d/%d]", current_round, num_rounds)
+            t_round = time.perf_counter()
             replies = grid.send_and_receive(
                 messages=self.configure_train(current_round, arrays, train_config, grid), timeout=timeout
             )
@@ -483,6 +486,8 @@ class ConEFStrategy(FedAvg):
                 res = evaluate_fn(current_round, arrays)
                 if res is not None:
                     result.evaluate_metrics_serverapp[current_round] = res
+            if self.history and self.history[-1].round == current_round:
+                self.history[-1].round_seconds = time.perf_counter() - t_round
             if on_round_end is not None:
                 on_round_end(current_round, arrays, result)
         return result
