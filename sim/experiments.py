@@ -135,6 +135,8 @@ class TaskSpec:
     #: methods run on every seed of ``--seeds``; the others only on the first seed
     multi_seed: Sequence[str] = ()
     text: bool = False
+    #: methods of the zoomed plot ``accuracy_vs_round_main.png`` (mean and the seeds' range)
+    highlight: Sequence[str] = ()
 
 
 _MAIN_METHODS = ("sgd", "efsgd", "conef-cs-60", "conef-cs-90", "rbsgd", "rbsgd-lr0.01", "qsgd")
@@ -153,6 +155,7 @@ TASKS: dict[str, TaskSpec] = {
         methods=tuple(m for m in METHODS if m not in ("conef-cs-90-bidir", "efsgd-bidir")),
         seeds=(0, 1, 2),
         multi_seed=_MAIN_METHODS,
+        highlight=("sgd", "efsgd", "conef-cs-60", "conef-cs-90", "partial-efsgd-b0.5", "rbsgd-lr0.01", "qsgd"),
     ),
     "shakespeare": TaskSpec(
         "shakespeare",
@@ -550,7 +553,8 @@ def _setting_line(runs: Sequence[Mapping[str, Any]]) -> str:
             f"parameters; " + ", ".join(parts) + ". Final accuracy = centralised test accuracy after the last round.")
 
 
-def write_report(out: Path, title: str | None = None, text: bool | None = None) -> list[dict[str, Any]]:
+def write_report(out: Path, title: str | None = None, text: bool | None = None,
+                 highlight: Sequence[str] = ()) -> list[dict[str, Any]]:
     """(Re)write ``results.md``, ``results.json`` and the plots from every finished run in ``out``."""
     from sim import plots
 
@@ -566,7 +570,7 @@ def write_report(out: Path, title: str | None = None, text: bool | None = None) 
     (out / "results.md").write_text(results_markdown(rows, title, setting, text=text))
     (out / "results.json").write_text(json.dumps({"setting": setting, "rows": rows,
                                                    "runs": [r["name"] for r in runs]}, indent=2))
-    plots.plot_grid(runs, rows, out, text=text)
+    plots.plot_grid(runs, rows, out, text=text, highlight=highlight)
     log.info("wrote %s, %s and plots", out / "results.md", out / "results.json")
     return rows
 
@@ -803,7 +807,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if failed:
             log.error("%d run(s) did not finish", failed)
         log.info("%d runs done now", len(done))
-    rows = write_report(out, title=f"Results: {task.name}", text=task.text)
+    rows = write_report(out, title=f"Results: {task.name}", text=task.text, highlight=task.highlight)
     if rows:
         print((out / "results.md").read_text())
     return 0

@@ -52,8 +52,52 @@ def _style(i: int) -> dict[str, Any]:
     return {"linestyle": ["-", "--", ":", "-."][(i // 10) % 4], "marker": "o" if i < 10 else "s", "markersize": 3}
 
 
+def _seed_range(runs: Sequence[Mapping[str, Any]], mid: str, key: str) -> tuple[list[int], list[float], list[float]]:
+    """Rounds evaluated in every seed of ``mid``, with the seeds' minimum and maximum of ``key``."""
+    series = [{int(row["round"]): row[key] for row in r["rounds"] if row.get(key) is not None}
+              for r in runs if r["method_id"] == mid]
+    if not series:
+        return [], [], []
+    xs = sorted(set.intersection(*(set(s) for s in series)))
+    return xs, [min(s[x] for s in series) for x in xs], [max(s[x] for s in series) for x in xs]
+
+
+def plot_highlight(runs: Sequence[Mapping[str, Any]], labels: Mapping[str, str], methods: Sequence[str],
+                   path: Path, text: bool = False) -> Path | None:
+    """Accuracy vs round of ``methods`` only, over the second half of the run: the mean over seeds and,
+    shaded, the range between the seeds' lowest and highest accuracy at each evaluation."""
+    acc = _curves(runs, "accuracy")
+    present = [m for m in methods if acc.get(m) and acc[m][0]]
+    if not present:
+        return None
+    last = max(acc[m][0][-1] for m in present)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    lows = []
+    for i, mid in enumerate(present):
+        xs, ys = acc[mid][0], acc[mid][1]
+        keep = [j for j, x in enumerate(xs) if x >= last / 2]
+        line = ax.plot([xs[j] for j in keep], [100 * ys[j] for j in keep], label=labels.get(mid, mid), **_style(i))
+        rx, lo, hi = _seed_range(runs, mid, "accuracy")
+        pairs = [(x, a, b) for x, a, b in zip(rx, lo, hi, strict=True) if x >= last / 2]
+        if pairs and any(a != b for _, a, b in pairs):
+            ax.fill_between([p[0] for p in pairs], [100 * p[1] for p in pairs], [100 * p[2] for p in pairs],
+                            color=line[0].get_color(), alpha=0.15, linewidth=0)
+        lows += [100 * ys[j] for j in keep]
+    if lows:
+        ax.set_ylim(max(0.0, min(lows) - 1.0), None)  # the means; a seed's range may be cut off below
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (%)" + (" (per character)" if text else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    ax.set_title("mean over seeds; shaded: lowest to highest seed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_grid(runs: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]], out: Path,
-              text: bool = False) -> list[Path]:
+              text: bool = False, highlight: Sequence[str] = ()) -> list[Path]:
     """Write the grid's plots into ``out``; returns the paths written."""
     labels = {r["method_id"]: r["label"] for r in rows}
     order = [r["method_id"] for r in rows]
@@ -80,6 +124,10 @@ def plot_grid(runs: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any
         fig.savefig(out / fname, dpi=110)
         plt.close(fig)
         written.append(out / fname)
+    if highlight:
+        main = plot_highlight(runs, labels, highlight, out / "accuracy_vs_round_main.png", text=text)
+        if main is not None:
+            written.append(main)
     if text:
         loss = _curves(runs, "loss")
         fig, ax = plt.subplots(figsize=(8, 5))

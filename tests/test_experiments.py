@@ -134,3 +134,13 @@ def test_grid_copies_equivalent_runs(grid: Path, tmp_path: Path) -> None:
     assert meta["copied_from"] == str(grid / "conef-cs-90-s0")
     assert meta["run_config"]["output-dir"] == str(tmp_path.resolve())
     assert (tmp_path / "results.md").exists()
+
+
+def test_highlight_plot_draws_only_the_named_methods_present(grid: Path, tmp_path: Path) -> None:
+    from sim import plots
+
+    runs = ex.load_runs(grid)
+    path = plots.plot_highlight(runs, {"sgd": "SGD"}, ["sgd", "not-run"], tmp_path / "main.png")
+    assert path == tmp_path / "main.png" and path.stat().st_size > 0
+    assert plots.plot_highlight(runs, {}, ["not-run"], tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
