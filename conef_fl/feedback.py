@@ -16,6 +16,11 @@ hefsgd             ``p = u + e; Δ = Q(p); e ← top-k(p − Δ)`` (stored spars
 The receiver computes ``x ← x − η·mean_i Δ_i``. See ``ALGORITHMS.md``; the
 sketch update is the mass-conserving one (a literal ``β·S + C(p − Δ)`` diverges).
 
+Roles (GRACE's memory): ``compensate_(u) → p`` reads the error, ``absorb_(p − Δ)``
+stores the new one; ``step`` is ``compensate_``, ``Q``, ``absorb_`` fused (the fast
+path). Callers that communicate between the two halves (the DDP PowerSGD path) call
+them one at a time.
+
 Memory. With a linear error store and a selective Q (random-block-k, random-k,
 rbSGD), ConEF never materialises ``p``: it needs ê only at the ``k`` selected
 coordinates, then adds ``C(u)`` and subtracts ``C(Δ)`` (O(k)); the update
@@ -165,17 +170,54 @@ class ErrorFeedback(ABC):
         ValueError
             If ``update`` has the wrong number of elements or is not floating point.
         """
-        if update.numel() != self.numel:
-            raise ValueError(f"update for {self.key!r} has {update.numel()} elements, expected {self.numel}")
-        if not update.is_floating_point():
-            raise ValueError(f"update for {self.key!r} has dtype {update.dtype}, expected a floating dtype")
+        self._check_update(update)
         check_finite(update, f"update for {self.key!r}")
         payload = self._step(update.reshape(-1), seed, consume)
         self.steps += 1
         return payload
 
+    def _check_update(self, update: torch.Tensor) -> None:
+        if update.numel() != self.numel:
+            raise ValueError(f"update for {self.key!r} has {update.numel()} elements, expected {self.numel}")
+        if not update.is_floating_point():
+            raise ValueError(f"update for {self.key!r} has dtype {update.dtype}, expected a floating dtype")
+
+    def _step(self, u: torch.Tensor, seed: int, consume: bool) -> Payload:
+        """The three roles in turn; subclasses with a fused fast path override this."""
+        p = self._compensate_(self._buffer(u, consume))
+        payload = self._compress(p, seed)
+        self.compressor.decompress_add_(payload, p, alpha=-1.0)  # p := p − Δ
+        self._absorb_(p)
+        return payload
+
+    # -- the step's two memory roles, one at a time (callers that communicate between them) -----
+    def compensate_(self, update: torch.Tensor, *, consume: bool = False) -> torch.Tensor:
+        """``p``: ``update`` plus the fed-back error, flat float32; the error state is only read.
+
+        With ``consume`` the caller hands over ``update``'s buffer, which then holds ``p``
+        (when it is contiguous float32); otherwise ``p`` is a new tensor. Unlike :meth:`step`
+        it does not check for NaN/Inf. ``step`` equals ``compensate_``, ``Q``, ``absorb_(p − Q(p))``.
+        """
+        self._check_update(update)
+        return self._compensate_(self._buffer(update.reshape(-1), consume))
+
+    def absorb_(self, residual: torch.Tensor) -> None:
+        """Store the error from ``residual = p − Δ`` of this step's :meth:`compensate_`; ends the step.
+
+        ``residual`` (``numel`` float32 elements, contiguous) may be overwritten.
+        """
+        if residual.numel() != self.numel:
+            raise ValueError(f"residual for {self.key!r} has {residual.numel()} elements, expected {self.numel}")
+        self._absorb_(residual.view(-1))
+        self.steps += 1
+
     @abstractmethod
-    def _step(self, u: torch.Tensor, seed: int, consume: bool) -> Payload: ...
+    def _compensate_(self, buf: torch.Tensor) -> torch.Tensor:
+        """``buf := p = u + fed-back error`` in place (``buf`` holds ``u``); returns ``buf``."""
+
+    @abstractmethod
+    def _absorb_(self, residual: torch.Tensor) -> None:
+        """Update the error state from ``residual = p − Δ`` (may overwrite it)."""
 
     def _buffer(self, u: torch.Tensor, consume: bool) -> torch.Tensor:
         """A float32 buffer holding ``u`` that may be overwritten."""
@@ -245,6 +287,12 @@ class NoFeedback(ErrorFeedback):
     def _step(self, u: torch.Tensor, seed: int, consume: bool) -> Payload:
         return self._compress(u, seed)
 
+    def _compensate_(self, buf: torch.Tensor) -> torch.Tensor:
+        return buf  # p = u
+
+    def _absorb_(self, residual: torch.Tensor) -> None:
+        pass  # no memory
+
 
 class EFSGD(ErrorFeedback):
     """Error feedback with a dense float32 error (4·numel bytes): ``p = u + e; Δ = Q(p); e ← p − Δ``."""
@@ -262,6 +310,12 @@ class EFSGD(ErrorFeedback):
         payload = self._compress(e, seed)
         self.compressor.decompress_add_(payload, e, alpha=-1.0)  # e := p − Δ
         return payload
+
+    def _compensate_(self, buf: torch.Tensor) -> torch.Tensor:
+        return self.error.estimate_add_(buf)  # p = u + e
+
+    def _absorb_(self, residual: torch.Tensor) -> None:
+        self.error.assign_(residual)  # e ← p − Δ
 
 
 class ConEF(ErrorFeedback):
@@ -298,7 +352,7 @@ class ConEF(ErrorFeedback):
     def _step(self, u: torch.Tensor, seed: int, consume: bool) -> Payload:
         if self.store.linear and isinstance(self.compressor, SelectiveCompressor):
             return self._step_selective(u, seed)
-        return self._step_general(u, seed, consume)
+        return super()._step(u, seed, consume)  # compensate_, Q, absorb_
 
     def _step_selective(self, u: torch.Tensor, seed: int) -> Payload:
         q = self.compressor
@@ -338,12 +392,11 @@ class ConEF(ErrorFeedback):
                 self.store.accumulate_sparse_(sel.indices[c : c + chunk], values[c : c + chunk], alpha=scale)
         return payload
 
-    def _step_general(self, u: torch.Tensor, seed: int, consume: bool) -> Payload:
-        buf = self._buffer(u, consume)
+    def _compensate_(self, buf: torch.Tensor) -> torch.Tensor:
+        return self.store.estimate_add_(buf, alpha=1.0 - self.beta)  # buf := p = u + (1−β)ê
+
+    def _absorb_(self, buf: torch.Tensor) -> None:
         fb = 1.0 - self.beta
-        self.store.estimate_add_(buf, alpha=fb)  # buf := p = u + (1−β)ê
-        payload = self._compress(buf, seed)
-        self.compressor.decompress_add_(payload, buf, alpha=-1.0)  # buf := p − Δ
         if self.store.linear:
             # S_new = S + C(u − Δ) = S − (1−β)C(ê) + C(p − Δ)
             if self.store.subtract_estimate_feedback_(fb):
@@ -354,7 +407,6 @@ class ConEF(ErrorFeedback):
         else:
             self.store.estimate_add_(buf, alpha=self.beta)  # buf := ê + u − Δ
             self.store.assign_(buf)
-        return payload
 
 
 class HEFSGD(ConEF):
@@ -418,15 +470,15 @@ class IConEF(ErrorFeedback):
             out += list(self.e_payload.arrays.values())
         return out
 
-    def _step(self, u: torch.Tensor, seed: int, consume: bool) -> Payload:
-        buf = self._buffer(u, consume)
+    def _compensate_(self, buf: torch.Tensor) -> torch.Tensor:
         self.q_store.estimate_add_(buf)
         if self.e_store is not None:
             self.e_store.estimate_add_(buf)
         elif self.e_payload is not None and self._v2_q is not None:
             self._v2_q.decompress_add_(self.e_payload, buf)
-        payload = self._compress(buf, seed)  # buf = p
-        self.compressor.decompress_add_(payload, buf, alpha=-1.0)  # buf := r = p − Δ
+        return buf  # p = u + ẽ + q
+
+    def _absorb_(self, buf: torch.Tensor) -> None:  # buf = r = p − Δ
         if self.e_store is not None:
             self.e_store.assign_(buf)
             self.e_store.estimate_add_(buf, alpha=-1.0)  # buf := r − ẽ
@@ -436,7 +488,6 @@ class IConEF(ErrorFeedback):
             self.e_payload = self._v2_q.compress(buf.view(self.shape), seed=private, key=self.key)
             self._v2_q.decompress_add_(self.e_payload, buf, alpha=-1.0)
         self.q_store.assign_(buf)
-        return payload
 
     def reset(self) -> None:
         super().reset()

@@ -26,7 +26,16 @@ import torch
 from conef_fl.compressors.base import Compressor, Payload, check_int, wire_value_dtype
 from conef_fl.seeding import derive_seed, make_generator
 
-__all__ = ["PowerSGD", "as_matrix", "matrix_view_shape", "uses_dense"]
+__all__ = [
+    "PowerSGD",
+    "as_matrix",
+    "factor_product",
+    "matrix_view_shape",
+    "orthogonalize",
+    "project_back",
+    "uses_dense",
+    "warm_start",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +63,8 @@ def uses_dense(shape: tuple[int, ...], rank: int, extra_per_atom: int = 0) -> bo
 
 
 def as_matrix(x: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """``x`` as a float32 ``n x m`` matrix (a copy or a view of a float32 copy; zero-padded if needed)."""
+    """``x`` as a float32 ``n x m`` matrix: a view of ``x`` itself when ``x`` is contiguous float32 and
+    ``n * m = d``, else a (zero-padded) float32 copy."""
     flat = x.reshape(-1).to(torch.float32)
     d = flat.numel()
     if n * m == d:
@@ -64,9 +74,33 @@ def as_matrix(x: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return out.view(n, m)
 
 
-def _orthogonalize(p: torch.Tensor) -> torch.Tensor:
+# The two phases as pure helpers (the DDP hook all-reduces between them):
+# compress: P = M Q (warm start), P = orthogonalize(P), Q = project_back(M, P); decompress: P Q^T.
+
+
+def warm_start(q: torch.Tensor | None, m: int, r: int, seed: int, device: torch.device | str) -> torch.Tensor:
+    """``q`` if usable (``m x r``, finite, not all zero), else ``N(0, 1)`` from ``seed`` (not the global RNG)."""
+    if q is not None and tuple(q.shape) == (m, r):
+        q = q.to(device)
+        if bool(torch.isfinite(q).all()) and bool(q.abs().sum() > 0):
+            return q
+        logger.debug("powersgd: stored Q is zero or not finite; re-drawing")
+    return torch.randn(m, r, generator=make_generator(seed)).to(device)
+
+
+def orthogonalize(p: torch.Tensor) -> torch.Tensor:
     """Orthonormal columns spanning ``p`` (reduced QR)."""
     return torch.linalg.qr(p, mode="reduced").Q
+
+
+def project_back(mat: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``Q = M^T P`` (``m x r``), computed the fast way round as ``(P^T M)^T`` (not contiguous)."""
+    return (p.t() @ mat).t()
+
+
+def factor_product(p: torch.Tensor, q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``P Q^T`` (into ``out`` when given)."""
+    return torch.matmul(p, q.t(), out=out)
 
 
 class PowerSGD(Compressor):
@@ -101,16 +135,6 @@ class PowerSGD(Compressor):
     def __repr__(self) -> str:
         return f"PowerSGD(rank={self.rank}, value_dtype={self.value_dtype!r})"
 
-    def _initial_q(self, key: str, seed: int, m: int, r: int, device: torch.device) -> torch.Tensor:
-        q = self._q.get(key)
-        if q is not None and q.shape == (m, r):
-            q = q.to(device)
-            if bool(torch.isfinite(q).all()) and bool(q.abs().sum() > 0):
-                return q
-            logger.debug("powersgd: stored Q for key %r is zero or not finite; re-drawing", key)
-        generator = make_generator(derive_seed(seed, key))
-        return torch.randn(m, r, generator=generator).to(device)
-
     @torch.no_grad()
     def compress(self, x: torch.Tensor, *, seed: int = 0, key: str = "") -> Payload:
         """One power iteration on the matrix view of ``x``, warm-started from the last ``Q`` of ``key``."""
@@ -122,9 +146,9 @@ class PowerSGD(Compressor):
         n, m = matrix_view_shape(shape)
         r = min(self.rank, n, m)
         mat = as_matrix(x.detach(), n, m)
-        q = self._initial_q(key, seed, m, r, x.device)
-        p = _orthogonalize(mat @ q)
-        q = (p.t() @ mat).t().contiguous()  # M^T P, computed the fast way round
+        q = warm_start(self._q.get(key), m, r, derive_seed(seed, key), x.device)
+        p = orthogonalize(mat @ q)
+        q = project_back(mat, p).contiguous()
         self._q[key] = q
         arrays = {"p": p.to(self._dtype), "q": q.to(self._dtype, copy=True)}
         return Payload(self.name, shape, arrays, {**meta, "dense": False})
@@ -153,7 +177,7 @@ class PowerSGD(Compressor):
         if isinstance(f, torch.Tensor):
             return f.to(torch.float32).reshape(payload.shape)
         p, q = f
-        full = p.to(torch.float32) @ q.to(p.device, torch.float32).t()
+        full = factor_product(p.to(torch.float32), q.to(p.device, torch.float32))
         return full.reshape(-1)[: payload.numel].reshape(payload.shape).clone()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
