@@ -56,7 +56,7 @@ def method_config(name: str, **overrides: Any) -> MethodConfig:
     base = MethodConfig.from_dict(overrides) if overrides else MethodConfig()
     clashes = {k: v for k, v in overrides.items() if k in spec.fixed and spec.fixed[k] != v}
     if clashes:
-        log.info("method %s fixes %s; ignoring %s", name, dict(spec.fixed), clashes)
+        log.debug("method %s fixes %s; ignoring %s", name, dict(spec.fixed), clashes)
     return base.replace(**spec.fixed)
 
 

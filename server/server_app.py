@@ -1,4 +1,9 @@
-"""ServerApp: builds the ConEF strategy from the run config, runs the rounds, writes results.
+"""ServerApp: the configured Flower strategy wrapped with ConEF; runs the rounds, writes results.
+
+It reads ``[tool.flwr.app.config]`` through :mod:`conef_fl.app_config`, builds the
+inner strategy named by ``inner-strategy`` (:mod:`server.strategies`), wraps it with
+:class:`conef_fl.flower.ConEF` and runs it with central evaluation and a
+checkpoint every round.
 
 Outputs (in ``<output-dir>/<run-name>/``): ``rounds.json`` / ``rounds.csv`` (per
 round: accuracy, loss, uplink/downlink bytes, client error memory, rejections),
@@ -18,11 +23,13 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from conef_fl.flower.strategy import ConEFStrategy
+from conef_fl.app_config import method_settings, read_app_config
+from conef_fl.config import MethodConfig
+from conef_fl.flower import ConEF
 from conef_fl.tasks import build_model, check_train_device, count_parameters, evaluate, load_task_data
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.results import save_model, write_results
-from server.settings import ServerSettings
+from server.strategies import build_inner_strategy
 
 log = logging.getLogger("conef_fl.server")
 
@@ -42,8 +49,29 @@ def _setup_logging() -> None:
         lg.propagate = False
 
 
+def downlink_config(cfg: Any, method: MethodConfig) -> MethodConfig | None:
+    """The downlink compressor (server-side error feedback), or None for a dense downlink."""
+    if cfg.downlink in ("", "dense"):
+        return None
+    return MethodConfig(feedback="efsgd", compressor=cfg.downlink, k_ratio=cfg.downlink_k_ratio,
+                        value_dtype=method.value_dtype, rank=method.rank, seed=method.seed)
+
+
+def build_strategy(cfg: Any) -> ConEF:
+    """The inner strategy of ``cfg`` wrapped with ConEF and the configured method."""
+    settings = method_settings(cfg)
+    method = {k: v for k, v in settings.items() if k != "seed"}
+    strategy = ConEF(
+        build_inner_strategy(cfg), cfg.method, seed=cfg.seed, norm_guard=cfg.norm_guard,
+        max_update_norm=cfg.max_update_norm or None, node_wait_seconds=cfg.node_wait_seconds,
+        allow_state_reset=cfg.allow_state_reset, downlink_log_rounds=cfg.downlink_log_rounds, **method,
+    )
+    strategy.downlink_config = downlink_config(cfg, strategy.method)
+    return strategy
+
+
 def build_summary(
-    settings: ServerSettings, strategy: ConEFStrategy, rows: list[dict[str, Any]], num_params: int, seconds: float
+    settings: Any, strategy: ConEF, rows: list[dict[str, Any]], num_params: int, seconds: float
 ) -> dict[str, Any]:
     """Final numbers: accuracy, uplink bytes vs dense FedAvg, client error memory vs EFSGD."""
     accs = [r["accuracy"] for r in rows if r.get("accuracy") is not None]
@@ -57,7 +85,7 @@ def build_summary(
         "dataset": settings.dataset,
         "model": settings.model,
         "num_params": num_params,
-        "num_partitions": settings.num_partitions,
+        "inner_strategy": settings.inner_strategy,
         "rounds": len(rows),
         "final_accuracy": accs[-1] if accs else None,
         "best_accuracy": max(accs) if accs else None,
@@ -82,32 +110,16 @@ def main(grid: Grid, context: Context) -> None:
     """Run federated training with the ConEF strategy."""
     _setup_logging()
     torch.set_num_threads(1)
-    settings, method = ServerSettings.from_run_config(context.run_config)
+    settings = read_app_config(context.run_config)
     task = load_task_data(settings.dataset, settings.data_dir or None, seed=settings.seed)
     model = build_model(task, settings.model, seed=settings.seed)
     num_params = count_parameters(model)
     eval_model = copy.deepcopy(model).to(check_train_device(settings.train_device))
-    strategy = ConEFStrategy(
-        method,
-        method_name=settings.method,
-        fraction_train=settings.fraction_train,
-        fraction_evaluate=settings.fraction_evaluate,
-        min_train_nodes=min(settings.min_train_nodes, settings.expected_nodes),
-        min_evaluate_nodes=min(2, settings.expected_nodes),
-        min_available_nodes=settings.expected_nodes,
-        server_lr=settings.server_lr,
-        server_momentum=settings.server_momentum,
-        seed=settings.seed,
-        train_config=settings.train_config(),
-        train_config_fn=settings.round_train_config if settings.decay_rounds else None,
-        max_update_norm=settings.max_update_norm or None,
-        downlink=settings.downlink_config(method),
-        downlink_log_rounds=settings.downlink_log_rounds,
-    )
+    strategy = build_strategy(settings)
     log.info(
-        "task %s (%d train / %d test), model %s with %d parameters, %d clients, method %s",
-        task.name, task.num_train, task.num_test, settings.model, num_params, settings.num_partitions,
-        settings.method,
+        "task %s (%d train / %d test), model %s with %d parameters, method %s, inner strategy %s",
+        task.name, task.num_train, task.num_test, settings.model, num_params, settings.method,
+        settings.inner_strategy,
     )
 
     def central_eval(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -167,8 +179,8 @@ def main(grid: Grid, context: Context) -> None:
     save_model(out_dir, model.state_dict())
     acc = summary["final_accuracy"]
     log.info("=" * 60)
-    log.info("SUMMARY %s on %s, %d clients, %d rounds", settings.method, settings.dataset,
-             settings.num_partitions, len(rows))
+    log.info("SUMMARY %s (%s) on %s, %d rounds", settings.method, settings.inner_strategy, settings.dataset,
+             len(rows))
     log.info("  final test accuracy      %s", f"{acc:.4f}" if acc is not None else "n/a")
     frac = summary["uplink_fraction_of_dense"]
     log.info(

@@ -21,6 +21,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from conef_fl.app_config import parse_overrides
 from sim.flower_runtime import REPO, simulation
 
 log = logging.getLogger("sim.run")
@@ -32,20 +33,12 @@ def app_defaults() -> dict[str, Any]:
     return dict(data["tool"]["flwr"]["app"]["config"])
 
 
-def parse_set(items: list[str], defaults: dict[str, Any]) -> dict[str, Any]:
-    """``key=value`` pairs; values parsed as TOML; keys must exist in the app config."""
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        if key not in defaults:
-            raise SystemExit(f"unknown app config key {key!r}; valid: {', '.join(sorted(defaults))}")
-        try:
-            out[key] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key] = raw
-    return out
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``--set key=value`` pairs, validated by the app's config schema (exits with the key's problem)."""
+    try:
+        return parse_overrides(items)
+    except ValueError as exc:
+        raise SystemExit(f"--set: {exc}") from None
 
 
 def run_simulation(
@@ -54,7 +47,7 @@ def run_simulation(
 ) -> dict[str, Any]:
     """Run one simulation and return its summary (``summary.json`` written by the ServerApp)."""
     cfg = dict(overrides)
-    cfg.setdefault("num-partitions", num_supernodes)
+    cfg.setdefault("min-available-nodes", num_supernodes)  # round 1 samples from every virtual node
     run_name = str(cfg.get("run-name") or f"{cfg.get('method', app_defaults()['method'])}-{int(time.time())}")
     cfg["run-name"] = run_name
     out_root = Path(str(cfg.get("output-dir", app_defaults()["output-dir"])))
@@ -77,7 +70,7 @@ def format_summary(s: dict[str, Any]) -> str:
     frac = s.get("uplink_fraction_of_dense")
     return "\n".join(
         [
-            f"method {s['method']} on {s['dataset']}: {s['num_partitions']} clients, {s['rounds']} rounds, "
+            f"method {s['method']} ({s['inner_strategy']}) on {s['dataset']}: {s['rounds']} rounds, "
             f"{s['wall_seconds']:.0f} s",
             f"  final test accuracy   {acc:.4f}" if acc is not None else "  final test accuracy   n/a",
             f"  uplink                {s['uplink_bytes_total'] / 1e6:.2f} MB vs dense FedAvg "
@@ -93,13 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     defaults = app_defaults()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--num-supernodes", type=int, default=int(defaults["num-partitions"]),
+    ap.add_argument("--num-supernodes", type=int, default=100,
                     help="virtual clients (default: %(default)s)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override an app config value (pyproject [tool.flwr.app.config]); repeatable")
     ap.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
     args = ap.parse_args(argv)
-    overrides = parse_set(args.set, defaults)
+    overrides = parse_set(args.set)
+    if args.num_supernodes < 1:
+        raise SystemExit(f"--num-supernodes={args.num_supernodes} is out of range; allowed: >= 1")
     try:
         summary = run_simulation(overrides, num_supernodes=args.num_supernodes, timeout=args.timeout)
     except (RuntimeError, TimeoutError) as exc:

@@ -26,8 +26,8 @@ import torch
 
 from conef_fl.compressors.base import Compressor, Payload
 from conef_fl.config import MethodConfig
-from conef_fl.feedback import make_compressor_for
 from conef_fl.seeding import derive_seed
+from conef_fl.worker import CompressionWorker
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,16 @@ class DownlinkCompressor:
     def __init__(
         self, config: MethodConfig, model: Mapping[str, torch.Tensor], *, max_log_rounds: int = 50, seed: int = 0
     ) -> None:
-        if max_log_rounds < 0:
-            raise ValueError(f"max_log_rounds={max_log_rounds} is out of range; allowed: >= 0")
+        if isinstance(max_log_rounds, bool) or not isinstance(max_log_rounds, int) or max_log_rounds < 0:
+            raise ValueError(f"max_log_rounds={max_log_rounds!r} is out of range; allowed: an integer >= 0")
+        if config.feedback != "efsgd" or not config.layerwise:
+            raise ValueError(f"the downlink runs layer-wise EFSGD; got feedback={config.feedback!r}, "
+                             f"layerwise={config.layerwise!r}")
         self.config = config
-        self.compressor: Compressor = make_compressor_for(config)
         self.model = {k: v.detach().to(torch.float32).clone() for k, v in model.items()}
-        self.error = {k: torch.zeros_like(v) for k, v in self.model.items()}
+        #: the server's error feedback: the core's EFSGD worker, one error tensor per array
+        self.worker = CompressionWorker(config, {k: tuple(v.shape) for k, v in self.model.items()})
+        self.compressor: Compressor = self.worker.compressor
         self.version = 0
         self.max_log_rounds = int(max_log_rounds)
         self.seed = int(seed)
@@ -76,7 +80,7 @@ class DownlinkCompressor:
     @property
     def error_norm(self) -> float:
         """L2 norm of the server's error (0 when the downlink sends everything)."""
-        return float(torch.sqrt(sum((e.double() ** 2).sum() for e in self.error.values())))
+        return float(torch.sqrt(sum((t.double() ** 2).sum() for t in self.worker.persistent_tensors())))
 
     @property
     def dense_nbytes(self) -> int:
@@ -90,23 +94,18 @@ class DownlinkCompressor:
     def step(self, update: Mapping[str, torch.Tensor], seed: int | None = None) -> dict[str, Payload]:
         """Apply one server update ``x ← x − update`` through the compressed downlink.
 
-        ``update`` is the server step ``η·Δ`` (after momentum). ``seed`` is the shared
-        seed of the downlink compressor; passing the uplink's round seed makes a
-        random-block-k downlink pick the same block as the uplink, so the average of
-        block payloads is sent exactly (the server error stays zero). Returns the
+        ``update`` is the server step (the old global model minus the new one). ``seed``
+        is the shared seed of the downlink compressor; passing the uplink's round seed
+        makes a random-block-k downlink pick the same block as the uplink, so the average
+        of block payloads is sent exactly (the server error stays zero). Returns the
         payloads that turn ``x_{v}`` into ``x_{v+1}`` on every client.
         """
+        seed = self.round_seed(self.version + 1) if seed is None else int(seed)
+        payloads = self.worker.step({k: update[k].to(torch.float32) for k in self.model}, seed=seed)
         self.version += 1
-        seed = self.round_seed(self.version) if seed is None else int(seed)
         self.seeds[self.version] = seed
-        payloads: dict[str, Payload] = {}
-        for k, e in self.error.items():
-            e.add_(update[k].to(e.dtype))  # e := p_s = η·Δ + e_s
-            p = self.compressor.compress(e, seed=seed, key=k)
-            delta = self.compressor.decompress(p).view(e.shape)
-            e.sub_(delta)  # e_s ← p_s − Δ̃
-            self.model[k].sub_(delta)
-            payloads[k] = p
+        for k, p in payloads.items():
+            self.compressor.decompress_add_(p, self.model[k], alpha=-1.0)
         self.log[self.version] = payloads
         while len(self.log) > self.max_log_rounds:
             old, _ = self.log.popitem(last=False)
@@ -136,10 +135,32 @@ class DownlinkCompressor:
         self.client_version.pop(node_id, None)
 
     def state_dict(self) -> dict[str, object]:
-        """Server-side downlink state for checkpoints."""
+        """Server-side downlink state for checkpoints (model, error, versions, the catch-up log)."""
         return {
             "version": self.version,
             "model": self.model,
-            "error": self.error,
+            "worker": self.worker.state_dict(),
             "client_version": dict(self.client_version),
+            "seeds": dict(self.seeds),
+            "log": {r: {k: {"kind": p.kind, "shape": list(p.shape), "arrays": dict(p.arrays), "meta": dict(p.meta)}
+                        for k, p in payloads.items()} for r, payloads in self.log.items()},
         }
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """Restore :meth:`state_dict` (validated against this downlink's model and config)."""
+        model = state["model"]
+        if not isinstance(model, Mapping) or set(model) != set(self.model):
+            raise ValueError("downlink checkpoint does not match the model's arrays")
+        for k, v in self.model.items():
+            if not isinstance(model[k], torch.Tensor) or tuple(model[k].shape) != tuple(v.shape):
+                raise ValueError(f"downlink checkpoint: array {k!r} does not match the model")
+        self.worker.load_state_dict(state["worker"])  # type: ignore[arg-type]
+        self.model = {k: model[k].to(torch.float32).clone() for k in self.model}
+        self.version = int(state["version"])  # type: ignore[arg-type]
+        self.client_version = {int(n): int(v) for n, v in dict(state["client_version"]).items()}  # type: ignore[arg-type]
+        self.seeds = {int(r): int(s) for r, s in dict(state["seeds"]).items()}  # type: ignore[arg-type]
+        self.log = OrderedDict(
+            (int(r), {k: Payload(p["kind"], tuple(p["shape"]), dict(p["arrays"]), dict(p["meta"]))
+                      for k, p in payloads.items()})
+            for r, payloads in sorted(dict(state["log"]).items())  # type: ignore[arg-type]
+        )

@@ -54,6 +54,7 @@ def train_local(
     weight_decay: float = 0.0,
     generator: torch.Generator | None = None,
     max_grad_norm: float | None = None,
+    proximal_mu: float = 0.0,
 ) -> dict[str, float | int]:
     """Train ``model`` in place with mini-batch SGD on ``(x, y)``.
 
@@ -78,6 +79,8 @@ def train_local(
         (the same order every call); the global RNG is never used.
     max_grad_norm : float, optional
         Clip the gradient's total 2-norm to this value before each step.
+    proximal_mu : float
+        FedProx: add ``mu/2 * ||w - w_start||^2`` to every step's loss (0 = plain SGD).
 
     Returns
     -------
@@ -105,6 +108,9 @@ def train_local(
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
     if not (math.isfinite(weight_decay) and weight_decay >= 0):
         raise ValueError(f"weight_decay must be a finite float >= 0, got {weight_decay!r}")
+    proximal_mu = _as_float("proximal_mu", proximal_mu)
+    if not (math.isfinite(proximal_mu) and proximal_mu >= 0):
+        raise ValueError(f"proximal_mu must be a finite float >= 0, got {proximal_mu!r}")
     if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
         raise ValueError(f"max_grad_norm must be None or a positive float, got {max_grad_norm!r}")
     if generator is None:
@@ -119,6 +125,7 @@ def train_local(
     device = _device(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
 
     was_training = model.training
     model.train()
@@ -134,7 +141,10 @@ def train_local(
             xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             loss_sum, count = _loss_sum(model(xb), yb)
-            (loss_sum / count).backward()
+            loss = loss_sum / count
+            if anchor is not None:
+                loss = loss + 0.5 * proximal_mu * sum((p - a).pow(2).sum() for p, a in zip(params, anchor, strict=True))
+            loss.backward()
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()

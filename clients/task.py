@@ -1,0 +1,55 @@
+"""The ClientApp's settings and data: which partition this node trains on, read from its contexts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from flwr.app import Context
+
+from conef_fl.app_config import KEYS, NODE, NODE_ONLY_KEYS, read_app_config
+from conef_fl.tasks import TaskData, load_task_data_shared, partition_indices
+
+
+def client_config(context: Context) -> Any:
+    """The app config as this node sees it: run config, then the node config's per-node keys.
+
+    Raises
+    ------
+    ValueError
+        Naming the key (as typed) and where it came from.
+    """
+    node = {k: v for k, v in context.node_config.items() if k in KEYS and KEYS[k].reader == NODE}
+    run = read_app_config(context.run_config, where="run config")
+    if not node:
+        return run
+    return read_app_config(context.run_config, node, where="node config")
+
+
+def partition_of(context: Context, cfg: Any) -> tuple[int, int]:
+    """``(partition-id, num-partitions)`` of this node: node config first, then the run config.
+
+    Flower's simulation sets both in every node's config; on real SuperNodes pass
+    ``--node-config "partition-id=3 num-partitions=10"``.
+    """
+    node = context.node_config
+    num = node.get("num-partitions", cfg.num_partitions or None)
+    pid = node.get("partition-id")
+    if pid is None or num is None:
+        raise ValueError(
+            "this node has no partition: pass --node-config \"partition-id=<i> num-partitions=<n>\" to the "
+            "SuperNode (Flower's simulation sets both)"
+        )
+    pid = NODE_ONLY_KEYS["partition-id"].check("partition-id", pid)
+    num = KEYS["num-partitions"].spec.check("num-partitions", num)
+    if not 0 <= pid < num:
+        raise ValueError(f"partition-id={pid} is out of range; allowed: 0..{num - 1} (num-partitions={num})")
+    return pid, num
+
+
+def load_partition(cfg: Any, partition_id: int, num_partitions: int) -> tuple[TaskData, torch.Tensor, torch.Tensor]:
+    """The task and this partition's training inputs and labels."""
+    task = load_task_data_shared(cfg.dataset, cfg.data_dir or None, seed=cfg.seed)
+    parts = partition_indices(task, num_partitions, cfg.partitioning, alpha=cfg.dirichlet_alpha, seed=cfg.seed)
+    idx = torch.as_tensor(parts[partition_id], dtype=torch.long)
+    return task, task.x_train.index_select(0, idx), task.y_train.index_select(0, idx)
