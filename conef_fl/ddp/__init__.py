@@ -1,0 +1,44 @@
+"""PyTorch DDP communication hooks over the compression core (layout and use: ``docs/ddp.md``).
+
+``state`` is the hook-state base, ``segments`` the segment planner, ``comm`` the
+communicator (every ``torch.distributed`` call); ``conef`` (with its ``powersgd`` path)
+and ``liec`` are the hooks.
+"""
+
+from conef_fl.ddp.conef import (
+    ConEFHookState,
+    conef_hook,
+    dense_error_bytes,
+    expected_bytes_per_step,
+    register_conef_hook,
+    supported_compressors,
+)
+from conef_fl.ddp.liec import (
+    COMPENSATIONS,
+    DOWNLINK_FEEDBACKS,
+    LIECHookState,
+    default_downlink,
+    default_uplink,
+    downlink_compressors,
+    liec_average_,
+    liec_hook,
+    register_liec_hook,
+)
+
+__all__ = [
+    "COMPENSATIONS",
+    "DOWNLINK_FEEDBACKS",
+    "ConEFHookState",
+    "LIECHookState",
+    "conef_hook",
+    "default_downlink",
+    "default_uplink",
+    "dense_error_bytes",
+    "downlink_compressors",
+    "expected_bytes_per_step",
+    "liec_average_",
+    "liec_hook",
+    "register_conef_hook",
+    "register_liec_hook",
+    "supported_compressors",
+]

@@ -1,0 +1,393 @@
+"""LIEC-SGD (Cheng et al. 2024) as a DDP hook: bidirectional compression with a virtual server.
+
+::
+
+    state = register_liec_hook(ddp, k_ratio=0.1, down_compressor="top-k", average_every=32)
+    ...
+    loss.backward(); opt.step(); liec_average_(ddp, state)   # averages every H steps, else a no-op
+
+Per segment and step, on worker ``i``: ``Δ_i = Q_up(g_i)`` (shared seed), ``δ_i = g_i − Δ_i``;
+one all-reduce gives ``v = mean_i Δ_i``; every rank runs the server's error feedback (the
+core's ``step`` of ``downlink.feedback``) on ``v``, giving ``Δ̃``; the bucket receives
+``Δ̃ + δ_i`` (``compensation="immediate"``) or ``Δ̃`` (``"delayed"``: the uplink runs the
+core's error feedback instead). Every ``H`` compressed steps :func:`liec_average_`
+averages the parameters and resets the server error. Why, and what it costs: ``docs/ddp.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from conef_fl.compressors.base import Payload
+from conef_fl.config import MethodConfig
+from conef_fl.ddp import comm
+from conef_fl.ddp.segments import Segment, Work
+from conef_fl.ddp.state import HookState, check_count, check_ddp, register
+from conef_fl.errors.base import NonFiniteError
+from conef_fl.feedback import NoFeedback, make_compressor_for, make_feedback
+from conef_fl.memory import persistent_bytes
+from conef_fl.registry import method_config
+from conef_fl.seeding import derive_seed
+
+__all__ = [
+    "COMPENSATIONS",
+    "DOWNLINK_FEEDBACKS",
+    "LIECHookState",
+    "default_downlink",
+    "default_uplink",
+    "downlink_compressors",
+    "liec_average_",
+    "liec_hook",
+    "register_liec_hook",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Server error feedback: none, dense (the paper), count sketch / other core stores (ConEF).
+DOWNLINK_FEEDBACKS: tuple[str, ...] = ("none", "efsgd", "conef")
+#: ``immediate``: LIEC (the worker error is applied in the same step, no worker memory);
+#: ``delayed``: the worker error is fed into the next uplink (bidirectional EF / ConEF).
+COMPENSATIONS: tuple[str, ...] = ("immediate", "delayed")
+_DOWN_PREFIX = "down_"
+
+
+def downlink_compressors() -> tuple[str, ...]:
+    """Downlink compressors: deterministic given the server's input and the seed (every rank agrees)."""
+    return (*comm.all_reducible(), *comm.GATHER_COMPRESSORS)
+
+
+def default_uplink(**overrides: Any) -> MethodConfig:
+    """The default uplink: random-block-k 10 %, no worker memory (``feedback="none"``)."""
+    return MethodConfig(feedback="none", compressor="random-block-k").replace(**overrides)
+
+
+def default_downlink(**overrides: Any) -> MethodConfig:
+    """The default downlink: random-block-k 10 % with a dense server error (``feedback="efsgd"``)."""
+    return MethodConfig(feedback="efsgd", compressor="random-block-k").replace(**overrides)
+
+
+def _as_config(value: str | MethodConfig | None, default: MethodConfig, what: str, **overrides: Any) -> MethodConfig:
+    value = default if value is None else value
+    if isinstance(value, MethodConfig):
+        # from_dict names unknown keys in a ValueError
+        return MethodConfig.from_dict({**value.to_dict(), **overrides}) if overrides else value
+    if isinstance(value, str):
+        return method_config(value, **overrides)
+    raise ValueError(f"{what} must be a registry name, a MethodConfig or None, got {type(value).__name__}")
+
+
+def _validate(s: LIECHookState) -> None:
+    up, down = s.uplink, s.downlink
+    for name, cfg in (("uplink", up), ("downlink", down)):
+        if not isinstance(cfg, MethodConfig):
+            raise ValueError(f"{name} must be a MethodConfig, got {type(cfg).__name__}")
+    if s.compensation not in COMPENSATIONS:
+        raise ValueError(f"compensation={s.compensation!r} is not valid; allowed: {', '.join(COMPENSATIONS)}")
+    check_count("warmup_steps", s.warmup_steps)
+    check_count("average_every", s.average_every)
+    for flag in ("reset_server_error", "shared_downlink_seed"):
+        if not isinstance(getattr(s, flag), bool):
+            raise ValueError(f"{flag}={getattr(s, flag)!r} must be a bool")
+    immediate = s.compensation == "immediate"
+    if immediate and s.average_every == 0:
+        raise ValueError(
+            "average_every=0 is out of range with compensation='immediate' (the models would drift apart "
+            "for ever); allowed: integer >= 1"
+        )
+    if up.compressor not in comm.all_reducible():
+        raise ValueError(
+            f"uplink compressor={up.compressor!r} is not supported (it must be all-reducible); "
+            f"allowed: {', '.join(comm.all_reducible())}"
+        )
+    if immediate and up.feedback != "none":
+        raise ValueError(
+            f"uplink feedback={up.feedback!r} keeps a worker error for the next step, which immediate "
+            "compensation has already applied (it would be applied twice); allowed with "
+            "compensation='immediate': 'none' (or use compensation='delayed')"
+        )
+    if down.compressor not in downlink_compressors():
+        raise ValueError(
+            f"downlink compressor={down.compressor!r} is not supported; allowed: {', '.join(downlink_compressors())}"
+        )
+    if down.feedback not in DOWNLINK_FEEDBACKS:
+        raise ValueError(
+            f"downlink feedback={down.feedback!r} is not supported (the server error); "
+            f"allowed: {', '.join(DOWNLINK_FEEDBACKS)}"
+        )
+    if down.layerwise != up.layerwise:
+        raise ValueError(
+            f"downlink layerwise={down.layerwise} differs from uplink layerwise={up.layerwise}; "
+            "both directions use the same segments, so they must be equal"
+        )
+
+
+class LIECHookState(HookState):
+    """Settings, worker and server error state, shared randomness and statistics of :func:`liec_hook`.
+
+    Parameters
+    ----------
+    process_group:
+        Group to communicate in; ``None`` is the default group.
+    uplink:
+        The workers' compression: an all-reducible compressor; with ``compensation="delayed"``
+        also its error feedback. Default :func:`default_uplink`.
+    downlink:
+        The server's compression: compressor in :func:`downlink_compressors`, ``feedback`` in
+        :data:`DOWNLINK_FEEDBACKS` (the server error); ``layerwise`` equal to the uplink's.
+        Default :func:`default_downlink`.
+    compensation:
+        ``"immediate"`` (LIEC-SGD) or ``"delayed"``.
+    average_every:
+        ``H``: compressed steps between parameter averages and server-error resets
+        (>= 1 with immediate compensation; 0, never, allowed with delayed).
+    warmup_steps:
+        Iterations of plain all-reduce first (>= 0).
+    reset_server_error:
+        Zero the server error at each average (the paper's rule).
+    shared_downlink_seed:
+        ``Q_down`` uses the uplink's step seed (default: ``derive_seed(seed, "liec-downlink")``).
+
+    Notes
+    -----
+    The step seed is derived as in :class:`~conef_fl.ddp.conef.ConEFHookState` (from
+    ``uplink.seed``), so both hooks pick the same uplink coordinates at the same step.
+    Attributes beyond :class:`~conef_fl.ddp.state.HookState`'s: ``averages``,
+    ``steps_since_average``, ``average_due``; the ``down`` channel (``bytes_down_total``,
+    ``last_bytes_down``: what a parameter server would send each worker);
+    ``bytes_average_total`` (the averaging all-reduces).
+    """
+
+    __slots__ = (
+        "uplink", "downlink", "compensation", "average_every", "reset_server_error", "shared_downlink_seed",
+        "averages", "steps_since_average", "average_due", "bytes_down_total", "last_bytes_down",
+        "bytes_average_total", "up_compressor", "down_compressor",
+    )  # fmt: skip
+    _TRANSIENT = HookState._TRANSIENT | {"up_compressor", "down_compressor"}
+    _CHANNELS = ("sent", "down", "dense")
+    _SETTINGS = ("uplink", "downlink", "compensation", "shared_downlink_seed")
+
+    def __init__(
+        self,
+        process_group: comm.ProcessGroup | None = None,
+        uplink: MethodConfig | None = None,
+        downlink: MethodConfig | None = None,
+        *,
+        compensation: str = "immediate",
+        average_every: int = 32,
+        warmup_steps: int = 0,
+        reset_server_error: bool = True,
+        shared_downlink_seed: bool = False,
+    ) -> None:
+        self.uplink = uplink if uplink is not None else default_uplink()
+        self.downlink = downlink if downlink is not None else default_downlink(layerwise=self.uplink.layerwise)
+        self.compensation, self.average_every, self.warmup_steps = compensation, average_every, warmup_steps
+        self.reset_server_error, self.shared_downlink_seed = reset_server_error, shared_downlink_seed
+        _validate(self)
+        self.averages = self.steps_since_average = self.bytes_average_total = 0
+        self.average_due = False
+        super().__init__(process_group, self.uplink.seed, warmup_steps)
+        logger.info(
+            "LIEC hook: uplink %s, downlink %s, compensation=%s, average_every=%d, warmup_steps=%d",
+            self.uplink, self.downlink, compensation, average_every, warmup_steps,
+        )  # fmt: skip
+
+    @classmethod
+    def from_settings(
+        cls,
+        process_group: comm.ProcessGroup | None = None,
+        *,
+        uplink: str | MethodConfig | None = None,
+        downlink: str | MethodConfig | None = None,
+        **settings: Any,
+    ) -> LIECHookState:
+        """A state from registry names / configs; ``settings`` are the constructor's keywords, uplink
+        ``MethodConfig`` fields (``k_ratio=0.1``) and downlink ones prefixed ``down_``.
+
+        Unless ``downlink`` is a ``MethodConfig`` (taken as it is), it inherits the uplink's
+        ``layerwise`` and ``seed`` when they are not given.
+        """
+        own = {k: settings.pop(k) for k in list(settings) if k in _OPTIONS}
+        up_over = {k: v for k, v in settings.items() if not k.startswith(_DOWN_PREFIX)}
+        down_over = {k[len(_DOWN_PREFIX) :]: v for k, v in settings.items() if k.startswith(_DOWN_PREFIX)}
+        up = _as_config(uplink, default_uplink(), "uplink", **up_over)
+        if not isinstance(downlink, MethodConfig):
+            down_over.setdefault("layerwise", up.layerwise)
+            down_over.setdefault("seed", up.seed)
+        return cls(process_group, up, _as_config(downlink, default_downlink(), "downlink", **down_over), **own)
+
+    def _reset_transient(self) -> None:
+        super()._reset_transient()
+        self.up_compressor = make_compressor_for(self.uplink)
+        self.down_compressor = make_compressor_for(self.downlink)
+
+    def _validate(self) -> None:
+        _validate(self)
+
+    def _fill(self, seg: Segment, device: torch.device) -> None:
+        shape = (seg.numel,)
+        if self.compensation == "immediate":
+            seg.feedback = NoFeedback(shape, self.up_compressor, self.uplink, seg.key, device)
+        else:
+            seg.feedback = make_feedback(self.uplink, shape, seg.key, compressor=self.up_compressor, device=device)
+        seg.server = make_feedback(self.downlink, shape, seg.key, compressor=self.down_compressor, device=device)
+        seg.down_nbytes = self.down_compressor.expected_nbytes(shape)
+
+    def _end_bucket(self, bucket: comm.GradBucket, compressed: bool) -> bool:
+        ended = super()._end_bucket(bucket, compressed)
+        if ended and compressed:
+            self.steps_since_average += 1
+            self.average_due = bool(self.average_every) and self.steps_since_average >= self.average_every
+        return ended
+
+    def worker_error_state_bytes(self) -> int:
+        """Bytes of worker error state (0 with immediate compensation)."""
+        return persistent_bytes([t for s in self.segments.values() for t in s.worker_tensors()])
+
+    def server_error_tensors(self) -> list[torch.Tensor]:
+        """The (virtual) server's error state ``e_s``, of which every rank holds a copy."""
+        return [t for s in self.segments.values() for t in s.server_tensors()]
+
+    def server_error_state_bytes(self) -> int:
+        """Bytes of server error state (what a parameter server would keep)."""
+        return persistent_bytes(self.server_error_tensors())
+
+    def stats(self) -> dict[str, Any]:
+        dense = self.bytes_dense_total
+        return {
+            **super().stats(),
+            "compensation": self.compensation,
+            "average_every": self.average_every,
+            "shared_downlink_seed": self.shared_downlink_seed,
+            "averages": self.averages,
+            "average_due": self.average_due,
+            "bytes_average_total": self.bytes_average_total,
+            "bytes_up_with_average_ratio_total": (self.bytes_sent_total + self.bytes_average_total) / dense
+            if dense
+            else None,
+            "worker_error_state_bytes": self.worker_error_state_bytes(),
+            "server_error_state_bytes": self.server_error_state_bytes(),
+        }
+
+
+_OPTIONS = ("compensation", "average_every", "warmup_steps", "reset_server_error", "shared_downlink_seed")
+
+
+def liec_hook(state: LIECHookState, bucket: comm.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: LIEC-SGD's uplink all-reduce, virtual server and local compensation.
+
+    The future holds the bucket buffer, overwritten with ``Δ̃ + δ_i`` (immediate) or ``Δ̃``.
+    ``RuntimeError`` if a periodic average is due and :func:`liec_average_` was not called.
+    """
+    if state.average_due:
+        raise RuntimeError(
+            f"LIEC hook: a parameter average is due after {state.compressed_steps} compressed steps; "
+            "call liec_average_(model, state) after every optimizer.step()"
+        )
+    with torch.no_grad():
+        buffer = bucket.buffer()
+        group = state.group()
+        dense = buffer.numel() * buffer.element_size()
+        if state.iter < state.warmup_steps:
+            fut, sent = comm.allreduce_dense(buffer, buffer.dtype, group)
+            state._count(bucket.index(), sent=sent, down=dense, dense=dense)
+            state._end_bucket(bucket, compressed=False)
+            return fut
+        seed = state._seed()
+        down_seed = seed if state.shared_downlink_seed else derive_seed(seed, "liec-downlink")
+        immediate = state.compensation == "immediate"
+        works = state._plan(bucket, buffer, state.uplink.layerwise)
+        payloads = [state._payload(w, seed, consume=not immediate) for w in works]
+        if immediate:  # δ_i = g_i − Δ_i in place (the k selected entries); applied in this step only
+            for w, p in zip(works, payloads, strict=True):
+                state.up_compressor.decompress_add_(p, w.vec, alpha=-1.0)
+        fut, sent = comm.allreduce_payloads(payloads, group)
+        state._count(bucket.index(), sent=sent, down=sum(w.seg.down_nbytes for w in works), dense=dense)
+        state._end_bucket(bucket, compressed=True)
+
+        def finish(f: torch.futures.Future[list[Payload]]) -> torch.Tensor:
+            for w, averaged in zip(works, f.value(), strict=True):
+                _server_step(state, w, averaged, down_seed, immediate)
+            return buffer
+
+        return fut.then(finish)
+
+
+comm.annotate_hook(liec_hook, LIECHookState)
+
+
+def _server_step(state: LIECHookState, w: Work, averaged: Payload, down_seed: int, immediate: bool) -> None:
+    """The virtual server on ``v = mean_i Δ_i``: ``Δ̃ = Q_down(v + e_s)``, then this rank's gradient."""
+    seg = w.seg
+    assert seg.server is not None
+    v = torch.zeros(seg.numel, dtype=torch.float32, device=w.vec.device)
+    state.up_compressor.decompress_add_(averaged, v)  # dense v (d/k-scaled for rbSGD)
+    try:
+        down = seg.server.step(v, seed=down_seed, consume=True)
+    except NonFiniteError:  # some rank sent NaN: every rank gets here alike; e_s untouched
+        w.vec.fill_(float("nan"))
+        return
+    del v
+    seg.last_down_nbytes = down.nbytes
+    if not immediate:
+        w.vec.zero_()
+    state.down_compressor.decompress_add_(down, w.vec)  # Δ̃ (+ δ_i, already in vec)
+
+
+def liec_average_(
+    model: nn.Module, state: LIECHookState, *, optimizer: torch.optim.Optimizer | None = None, force: bool = False
+) -> bool:
+    """Periodic averaging: call on every rank after every ``optimizer.step()``; returns whether it averaged.
+
+    When an average is due (or ``force``), the parameters of ``model`` (a DDP model or its
+    module), and with ``optimizer`` its floating-point state (momentum buffers), are
+    averaged over the ranks, and the server error is reset (``state.reset_server_error``).
+    """
+    if not isinstance(state, LIECHookState):
+        raise ValueError(f"state must be a LIECHookState, got {type(state).__name__}")
+    if not (state.average_due or force):
+        return False
+    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    with torch.no_grad():
+        tensors = list(module.parameters())
+        if optimizer is not None:
+            tensors += [
+                t
+                for s in optimizer.state.values()
+                for t in s.values()
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0
+            ]
+        state.bytes_average_total += comm.average_(tensors, state.group())
+        if state.reset_server_error:
+            for seg in state.segments.values():
+                assert seg.server is not None
+                seg.server.reset()
+    state.averages += 1
+    state.steps_since_average = 0
+    state.average_due = False
+    return True
+
+
+def register_liec_hook(
+    model: nn.parallel.DistributedDataParallel,
+    *,
+    uplink: str | MethodConfig | None = None,
+    downlink: str | MethodConfig | None = None,
+    process_group: comm.ProcessGroup | None = None,
+    state: LIECHookState | None = None,
+    **settings: Any,
+) -> LIECHookState:
+    """Register :func:`liec_hook` on a DDP model in one line and return its state.
+
+    ``settings``: :class:`LIECHookState`'s keywords (``average_every=32``, ...), uplink
+    ``MethodConfig`` fields (``k_ratio=0.1``) and downlink ones prefixed ``down_``
+    (``down_compressor="top-k"``). A ``state`` (e.g. unpickled) is reused as it is. Call
+    :func:`liec_average_` after every optimizer step.
+    """
+    check_ddp(model)
+    if state is None:
+        state = LIECHookState.from_settings(process_group, uplink=uplink, downlink=downlink, **settings)
+    return register(model, state, LIECHookState, liec_hook, process_group)
