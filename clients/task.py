@@ -51,5 +51,5 @@ def load_partition(cfg: Any, partition_id: int, num_partitions: int) -> tuple[Ta
     """The task and this partition's training inputs and labels."""
     task = load_task_data_shared(cfg.dataset, cfg.data_dir or None, seed=cfg.seed)
     parts = partition_indices(task, num_partitions, cfg.partitioning, alpha=cfg.dirichlet_alpha, seed=cfg.seed)
-    idx = torch.as_tensor(parts[partition_id], dtype=torch.long)
+    idx = torch.tensor(parts[partition_id], dtype=torch.long)
     return task, task.x_train.index_select(0, idx), task.y_train.index_select(0, idx)

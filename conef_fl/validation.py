@@ -20,6 +20,10 @@ from conef_fl.compressors import make_compressor
 from conef_fl.compressors.base import Compressor, Payload
 
 
+#: ATOMO metadata that differs between workers (checked against the arrays instead).
+_ATOMO_VARIABLE_META = {"atoms", "num_atoms"}
+
+
 class PayloadError(ValueError):
     """A payload from a worker failed validation (the message says which tensor and why)."""
 
@@ -68,7 +72,7 @@ def expected_spec(compressor: Compressor, shape: tuple[int, ...], *, seed: int, 
         arrays[name] = ArraySpec(t.dtype, dims, max_dim)
     meta = dict(ref.meta)
     if compressor.name == "atomo":
-        meta = {k: v for k, v in meta.items() if k not in ("atoms", "num_atoms")}
+        meta = {k: v for k, v in meta.items() if k not in _ATOMO_VARIABLE_META}
     return PayloadSpec(ref.kind, tuple(int(s) for s in shape), arrays, meta)
 
 
@@ -127,6 +131,9 @@ def validate_payload(payload: Payload, spec: PayloadSpec, *, key: str) -> None:
                   for n in variable}
         if len(set(counts.values())) != 1:
             raise PayloadError(f"{where}: inconsistent atom counts {counts}")
+    extra = set(payload.meta) - set(spec.meta) - (_ATOMO_VARIABLE_META if spec.kind == "atomo" else set())
+    if extra:
+        raise PayloadError(f"{where}: unexpected metadata {sorted(extra)}")
     for mkey, mval in spec.meta.items():
         if mkey not in payload.meta:
             raise PayloadError(f"{where}: metadata {mkey!r} is missing")

@@ -337,7 +337,8 @@ class ConEF(Strategy):
         if not nodes:
             return []
         with self._inner_samples_all(kind, len(nodes)):
-            return list(configure(server_round, arrays, config, _SampledGrid(grid, nodes)))
+            messages = list(configure(server_round, arrays, config, _SampledGrid(grid, nodes)))
+        return sorted(messages, key=lambda m: m.metadata.dst_node_id)
 
     # ------------------------------------------------------------------ train
     def configure_train(
