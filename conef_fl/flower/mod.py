@@ -86,7 +86,7 @@ def conef_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Mess
         return reply
     try:
         return _compress_reply(msg, reply, request, ctxt)
-    except (ModRefusal, NonFiniteError) as exc:
+    except (ValueError, NonFiniteError) as exc:  # ModRefusal, a refused round number, NaN/Inf, ...
         log.warning("conef_mod: round %d: %s", request.server_round, exc)
         return _error_reply(msg, f"conef_mod could not compress the train reply: {exc}")
 
