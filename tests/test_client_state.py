@@ -430,8 +430,8 @@ def test_a_symlink_planted_at_the_temporary_path_is_never_followed(tmp_path: Pat
     monkeypatch.setattr(cs, "_temp_token", lambda: used.append(next(tokens)) or used[-1])
     w = _worker(2)
     assert _save(tmp_path, 2, w, ctx).saved_to_disk
-    assert used == [fixed, "1" * 16, fixed, "2" * 16]  # each planted name was skipped, never opened
     assert victim.read_bytes() == b"precious" and all(link.is_symlink() for link in planted)
+    assert used == [fixed, "1" * 16, fixed, "2" * 16]  # each planted name was skipped, never opened
     assert _same_state(_load(tmp_path, 3), w)  # the owner's next start removes the planted links
     assert not any(link.is_symlink() for link in planted) and victim.read_bytes() == b"precious"
     # every attempt finds a file there: nothing written, nothing followed, reported
