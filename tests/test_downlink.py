@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clients.downlink import stored_model
+from conef_fl.flower.downlink_client import stored_model
 from conef_fl.config import MethodConfig
 from conef_fl.flower.downlink import DownlinkCompressor
 from sim.inmemory import run_inmemory

@@ -427,3 +427,19 @@ def test_state_dict_resumes_the_inner_optimizer_exactly() -> None:
         assert np.array_equal(again[k].numpy(), out[k].numpy())
     with pytest.raises(ValueError, match="wraps FedAdam"):
         _wrap(method="efsgd").load_state_dict(state)
+
+
+def test_a_non_finite_server_step_keeps_the_previous_model(caplog) -> None:
+    inner = FedAvgM(fraction_train=1.0, min_available_nodes=3, min_train_nodes=3, server_learning_rate=1e300)
+    strategy = _wrap(inner, method="sgd")
+    _, _, replies = _round(strategy, 1, _global())
+    new, metrics = strategy.aggregate_train(1, replies)
+    assert new is None and metrics["conef.accepted"] == 3 and "not finite" in caplog.text
+
+
+def test_max_update_norm_is_an_absolute_bound() -> None:
+    strategy = _wrap(method="sgd", max_update_norm=1e-3)
+    _, _, replies = _round(strategy, 1, _global())
+    new, metrics = strategy.aggregate_train(1, replies)
+    assert new is None and metrics["conef.rejected"] == 3
+    assert "max_update_norm" in strategy.history[-1].rejections[0]

@@ -20,8 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conef_fl.flower.codec import SEP, decode_payloads, encode_payloads
-from conef_fl.flower.strategy import METRICS_KEY, PAYLOAD_KEY, PAYLOAD_META_KEY, ConEFStrategy
-from conef_fl.registry import method_config
+from flwr.serverapp.strategy import FedAvg
+
+from conef_fl.flower import ConEF
+from conef_fl.flower import protocol as P
+from conef_fl.flower.wrapper import MAX_WEIGHT
 from conef_fl.validation import PayloadError
 from conef_fl.worker import CompressionWorker
 
@@ -33,13 +36,13 @@ TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
 
 
 def _setup(method: str):
-    strategy = ConEFStrategy(method_config(method), fraction_train=1.0, min_available_nodes=3, seed=1)
+    strategy = ConEF(FedAvg(fraction_train=1.0, min_available_nodes=3), method, seed=1)
     grid = Mock(spec=Grid)
     grid.get_node_ids.return_value = NODES
     rng = np.random.default_rng(0)
     arrays = ArrayRecord({k: Array(rng.standard_normal(s).astype(np.float32)) for k, s in SHAPES.items()})
     msgs = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
-    seed = int(msgs[0].content["config"]["round-seed"])
+    seed = int(msgs[0].content["config"][P.ROUND_SEED_KEY])
     good = []
     for i in range(3):
         w = CompressionWorker(strategy.method, SHAPES)
@@ -59,8 +62,9 @@ def setup(method: str):
 
 def _reply(node: int, arrays: ArrayRecord, meta: ConfigRecord, n: float = 1.0) -> Message:
     TaskIdentity.node_id = node
-    return Message(RecordDict({PAYLOAD_KEY: arrays, PAYLOAD_META_KEY: meta,
-                               METRICS_KEY: MetricRecord({"num-examples": n})}), dst_node_id=0, message_type="train")
+    metrics = {"num-examples": n, **{k: 0 for k in P.CLIENT_METRICS}, P.M_ROUND: 1}
+    return Message(RecordDict({P.PAYLOAD_RECORD: arrays, P.PAYLOAD_META_RECORD: meta,
+                               "metrics": MetricRecord(metrics)}), dst_node_id=0, message_type="train")
 
 
 BAD_DTYPES = ["float64", "int64", "int8", "float16", "int32", "uint8", "bool"]
@@ -163,7 +167,7 @@ def test_round_goes_on_with_the_other_clients(case) -> None:
     bad = _mutate(*good[0], key, kind, r, bad_dtype)
     replies = [_reply(NODES[0], *bad), _reply(NODES[1], *good[1]), _reply(NODES[2], *good[2])]
     new, metrics = strategy.aggregate_train(1, replies)
-    assert metrics["rejected"] == 1 and metrics["accepted"] == 2
+    assert metrics["conef.rejected"] == 1 and metrics["conef.accepted"] == 2
     assert new is not None and all(np.isfinite(new[k].numpy()).all() for k in SHAPES)
     assert strategy.history[-1].rejections[0].startswith(f"node {NODES[0]}:")
 
@@ -174,5 +178,5 @@ def test_num_examples_fuzz(n: float, _key: str) -> None:
     strategy, good = setup("conef-cs")
     replies = [_reply(NODES[0], *good[0], n=n), _reply(NODES[1], *good[1])]
     _, metrics = strategy.aggregate_train(1, replies)
-    ok = math.isfinite(n) and n > 0
-    assert metrics["accepted"] == (2 if ok else 1)
+    ok = math.isfinite(n) and 0 < n <= MAX_WEIGHT
+    assert metrics["conef.accepted"] == (2 if ok else 1)

@@ -78,6 +78,11 @@ class DownlinkCompressor:
         self.seeds: dict[int, int] = {}
 
     @property
+    def error(self) -> dict[str, torch.Tensor]:
+        """The server's error per array (a dense copy, for inspection)."""
+        return {k: f.stores()["e"].decompress().view(self.model[k].shape) for k, f in self.worker.feedback.items()}
+
+    @property
     def error_norm(self) -> float:
         """L2 norm of the server's error (0 when the downlink sends everything)."""
         return float(torch.sqrt(sum((t.double() ** 2).sum() for t in self.worker.persistent_tensors())))
