@@ -64,7 +64,10 @@ def test_conef_sketch_invariant(overrides: dict) -> None:
     sent = _run(fb, us)
     ref = CountSketch(fb.store.geometry, seed=fb.store.seed)
     ref.accumulate_(torch.stack(us).sum(0).reshape(-1) - sent)
-    torch.testing.assert_close(fb.store.table, ref.table, rtol=1e-4, atol=1e-4)
+    # "up to float rounding": rounding scales with the largest values the steps handled (with top-k,
+    # beta = 0.5 and unit = 1 this small sketch grows to ~1e16 in 30 steps, under any hash)
+    atol = 1e-4 * max(1.0, float(ref.table.abs().max()) * 1e-3)
+    torch.testing.assert_close(fb.store.table, ref.table, rtol=1e-4, atol=atol)
 
 
 @pytest.mark.parametrize("compressor", ["random-block-k", "top-k", "scaled-sign", "random-k"])

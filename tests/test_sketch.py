@@ -30,7 +30,7 @@ def test_sparse_and_index_kernels_agree() -> None:
     x = torch.randn(numel, generator=torch.Generator().manual_seed(2))
     sk = CountSketch(gm, seed=5)
     sk.accumulate_(x)
-    h, s = unit_hashes(5, 0, gm.buckets, 0, gm.num_units)
+    h, s = unit_hashes(5, 0, gm)
     ref = torch.zeros(gm.buckets, gm.unit, dtype=torch.float64)
     for i in range(gm.num_units):
         seg = x[i * 16 : (i + 1) * 16].double()
@@ -68,7 +68,7 @@ def test_block_estimate_matches_full_estimate_one_row(start: int, length: int) -
 def test_exact_round_trip_without_collisions() -> None:
     numel = 1000
     sk = CountSketch(SketchGeometry(numel=numel, rows=1, buckets=numel, unit=1), seed=3)
-    h, _ = unit_hashes(3, 0, numel, 0, numel)
+    h, _ = unit_hashes(3, 0, sk.geometry)
     # coordinates alone in their bucket are recovered exactly
     lone = torch.bincount(h, minlength=numel)[h] == 1
     x = torch.randn(numel)

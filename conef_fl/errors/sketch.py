@@ -2,29 +2,41 @@
 
 Design (the paper's *tensor trick*, Appendix G): the flat vector of ``d``
 elements is viewed as ``n`` *units* of ``m`` contiguous elements (the last unit
-may be shorter). Each sketch row ``r`` hashes whole units: unit ``i`` goes to
-bucket ``h_r(i)`` with sign ``s_r(i)``, and the sketch keeps a table
+may be shorter: the *tail*). Each sketch row ``r`` hashes whole units: unit ``i``
+goes to bucket ``h_r(i)`` with sign ``s_r(i)``, and the sketch keeps a table
 ``S[r] ∈ R^{W×m}``::
 
     S[r, h_r(i), :] += s_r(i) · x[i·m : (i+1)·m]
     ê[i·m : (i+1)·m] = median_r  s_r(i) · S[r, h_r(i), :]      (v = 1: a lookup)
 
-Only ``n = d/m`` hashes are computed per row (Carter–Wegman hashing modulo the
-Mersenne prime 2^31 − 1, seeded; never stored), so nothing of size ``d`` exists
-besides the caller's own vectors. The sketch is linear: sketches with the same
-seed and geometry can be added and averaged (error reset, all-reduce).
+Hash (scheme ``perm-v1``). Per row, a seeded generator draws a random
+permutation ``π`` of the ``F = ⌊d/m⌋`` full units and one random sign per
+position; the units at positions ``[⌊b·F/W⌋, ⌊(b+1)·F/W⌋)`` of ``π`` go to bucket
+``b``. Every bucket thus holds ``⌊F/W⌋`` or ``⌈F/W⌉`` units (balanced loads), two
+units share a bucket with probability ≈ 1/W, and signs are independent of
+everything else, so the estimate is unbiased. The tail unit gets its own bucket
+and sign from the seed. The permutation *is* the sparse structure of the update
+(``Pᵀ`` in CSR form: row pointers from arithmetic, column indices ``π``, values
+the signs): no sort, no hashing of every unit, nothing kept between calls. Only
+``O(n)`` integers exist during a call; nothing of size ``d`` besides the
+caller's own vectors. The sketch is linear: sketches with the same seed and
+geometry can be added and averaged (error reset, all-reduce).
 
 Kernels. Both scatter (sketch) and gather (recover) are products with a sparse
-±1 matrix that has one non-zero per unit: ``S += Pᵀ X`` and ``X̂ = P S``
-with ``P ∈ {0, ±1}^{n×W}``. For float32/float64 tables the products run as
-sparse-CSR ``addmm_`` (one fused signed row-axpy per unit, no temporary: about
-the cost of one ``add_`` over ``d`` floats). For float16/bfloat16 tables (which
-sparse kernels do not support on CPU) a chunked ``index_add_``/``index_select``
-path is used with a bounded scratch buffer.
+±1 matrix that has one non-zero per unit: ``S += Pᵀ X`` and ``X̂ = P S`` with
+``P ∈ {0, ±1}^{n×W}``. float32/float64 tables use sparse-CSR ``addmm_``. For
+float16/bfloat16 tables (which CPU sparse kernels do not support) the update
+accumulates each block of buckets in a bounded float32 scratch with the same
+sparse product and rounds it into the table once; recovery gathers bucket rows
+chunk by chunk and adds them in float32.
+
+``reuse_hashes()`` keeps the per-call hash structures for the duration of a
+``with`` block (one error-feedback step calls the sketch several times).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Iterator, Mapping
@@ -33,9 +45,10 @@ from dataclasses import dataclass
 import torch
 
 from conef_fl.errors.base import ErrorStore
-from conef_fl.seeding import derive_seed
+from conef_fl.seeding import derive_seed, make_generator
 
-_PRIME = (1 << 31) - 1
+#: Name of the hash scheme; stored in ``state_dict`` (a table is meaningless under another scheme).
+HASH_SCHEME = "perm-v1"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _SPARSE_DTYPES = (torch.float32, torch.float64)
@@ -43,12 +56,15 @@ _SPARSE_DTYPES = (torch.float32, torch.float64)
 _TARGET_BUCKETS = 1024
 #: Largest unit width (elements hashed together).
 _MAX_UNIT = 4096
-#: Elements processed per chunk on the index path (256 KiB of float32 scratch).
-_CHUNK_ELEMS = 1 << 16
-#: Units per sparse-kernel call: bounds the hash/CSR temporaries (a few int64 per unit).
-_UNIT_BLOCK = 16384
 #: Coordinates per call of the per-coordinate (sparse) paths.
 _SPARSE_CHUNK = 1 << 13
+#: Scratch of the chunked paths: at most this fraction of the vector's float32 bytes ...
+_SCRATCH_FRACTION = 1 / 128
+#: ... and at least this many elements (one unit at the very least).
+_SCRATCH_MIN = 1 << 15
+#: Random sign bits drawn per int64 word.
+_SIGN_BITS = 62
+_SHIFTS = torch.arange(_SIGN_BITS, dtype=torch.int64)
 
 
 def sketch_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -83,9 +99,24 @@ class SketchGeometry:
         return -(-self.numel // self.unit)
 
     @property
+    def full_units(self) -> int:
+        """Units of exactly ``unit`` elements (all but a shorter tail unit)."""
+        return self.numel // self.unit
+
+    @property
+    def tail(self) -> int:
+        """Elements of the shorter last unit (0 if ``unit`` divides ``numel``)."""
+        return self.numel - self.full_units * self.unit
+
+    @property
     def table_numel(self) -> int:
         """Entries in the sketch table."""
         return self.rows * self.buckets * self.unit
+
+    def bucket_loads(self) -> list[int]:
+        """Full units hashed to each bucket (the same for every row and seed: balanced hashing)."""
+        f, w = self.full_units, self.buckets
+        return [(b + 1) * f // w - b * f // w for b in range(w)]
 
     @staticmethod
     def for_ratio(numel: int, ratio: float, rows: int = 1, unit: int | None = None) -> SketchGeometry:
@@ -119,38 +150,111 @@ class SketchGeometry:
         return SketchGeometry(numel=numel, rows=rows, buckets=buckets, unit=unit)
 
 
-def _row_hash_params(seed: int, row: int) -> tuple[int, ...]:
-    base = derive_seed(seed, "count-sketch", row)
-    return tuple(derive_seed(base, j) % (_PRIME - 1) + 1 for j in range(6))
+def _row_seed(seed: int, row: int) -> int:
+    return derive_seed(seed, "count-sketch", HASH_SCHEME, row)
 
 
-def _mix(i: torch.Tensor, a: int, b: int, c: int) -> torch.Tensor:
-    """``F((a·i + b) mod p)``: a pairwise-independent affine hash followed by a fixed scrambler.
+def _tail_hash(row_seed: int, buckets: int) -> tuple[int, float]:
+    """Bucket and sign of the tail unit of one row (pure Python, no generator)."""
+    v = derive_seed(row_seed, "tail")
+    return v % buckets, (1.0 if (v >> 40) & 1 else -1.0)
 
-    Every product stays below 2^62, so int64 arithmetic never overflows on any device.
-    The scrambler (xor-shifts and a modular multiply) breaks the arithmetic-progression
-    pattern an affine hash leaves on consecutive unit indices.
+
+class _RowHash:
+    """The hash of one sketch row, built for one call (O(n) integers; never kept between calls).
+
+    ``perm[p]`` is the full unit at position ``p``; positions
+    ``[crow[b], crow[b+1])`` form bucket ``b``; ``sign[p]`` is the sign of the unit
+    at position ``p``. ``(crow, perm, sign)`` is ``Pᵀ`` in CSR form.
     """
-    x = (i * a + b).remainder_(_PRIME)
-    x = x.bitwise_xor_(x >> 16).remainder_(_PRIME)
-    x = (x * c).remainder_(_PRIME)
-    return x.bitwise_xor_(x >> 13)
+
+    __slots__ = ("full", "buckets", "perm", "sign", "crow", "tail_bucket", "tail_sign", "_inv", "_ext")
+
+    def __init__(self, seed: int, row: int, g: SketchGeometry, device: torch.device, dtype: torch.dtype) -> None:
+        rs = _row_seed(seed, row)
+        f, w = g.full_units, g.buckets
+        self.full, self.buckets = f, w
+        gen = make_generator(rs)
+        perm = torch.randperm(f, generator=gen, dtype=torch.int32)
+        words = torch.randint(0, 1 << _SIGN_BITS, (-(-f // _SIGN_BITS),), generator=gen)
+        bits = (words.unsqueeze(1) >> _SHIFTS).bitwise_and_(1).view(-1)[:f]
+        sign = bits.to(dtype).mul_(-2).add_(1)
+        crow = torch.arange(w + 1, dtype=torch.int64).mul_(f).div_(w, rounding_mode="floor").to(torch.int32)
+        self.perm, self.sign, self.crow = perm.to(device), sign.to(device), crow.to(device)
+        self.tail_bucket, self.tail_sign = _tail_hash(rs, w)
+        self._inv: torch.Tensor | None = None
+        self._ext: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def inv(self) -> torch.Tensor:
+        """Position of every full unit (int32)."""
+        if self._inv is None:
+            inv = torch.empty_like(self.perm)
+            inv[self.perm] = torch.arange(self.full, dtype=torch.int32, device=self.perm.device)
+            self._inv = inv
+        return self._inv
+
+    def _bucket_of(self, pos: torch.Tensor) -> torch.Tensor:
+        """Bucket of positions (int64): the largest ``b`` with ``crow[b] <= p``."""
+        return (pos.to(torch.int64) + 1).mul_(self.buckets).sub_(1).div_(self.full, rounding_mode="floor")
+
+    def unit_buckets(self, lo: int, hi: int) -> torch.Tensor:
+        """Buckets (int64) of full units ``lo..hi-1``."""
+        return self._bucket_of(self.inv[lo:hi])
+
+    def unit_signs(self, lo: int, hi: int) -> torch.Tensor:
+        """Signs of full units ``lo..hi-1``."""
+        return self.sign.index_select(0, self.inv[lo:hi])
+
+    def unit(self, i: int) -> tuple[int, float]:
+        """Bucket and sign of unit ``i`` (the tail unit is ``i == full``) as Python numbers."""
+        if i >= self.full:
+            return self.tail_bucket, self.tail_sign
+        p = int(self.inv[i])
+        return ((p + 1) * self.buckets - 1) // self.full, float(self.sign[p])
+
+    def extended(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bucket (int64) and sign of every unit, tail included (``n`` entries each)."""
+        if self._ext is None:
+            b = self.unit_buckets(0, self.full)
+            s = self.unit_signs(0, self.full)
+            dev = self.perm.device
+            self._ext = (
+                torch.cat([b, torch.tensor([self.tail_bucket], dtype=torch.int64, device=dev)]),
+                torch.cat([s, torch.tensor([self.tail_sign], dtype=s.dtype, device=dev)]),
+            )
+        return self._ext
+
+    def transposed(self, u0: int, u1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``Pᵀ`` restricted to full units ``u0..u1-1`` as CSR parts (crow, col, values), columns from 0."""
+        if u0 == 0 and u1 == self.full:
+            return self.crow, self.perm, self.sign
+        keep = (self.perm >= u0).logical_and_(self.perm < u1)
+        col = self.perm[keep].sub_(u0)
+        val = self.sign[keep]
+        counts = torch.zeros(self.full + 1, dtype=torch.int32, device=self.perm.device)
+        torch.cumsum(keep, 0, dtype=torch.int32, out=counts[1:])
+        return counts.index_select(0, self.crow), col, val
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(crow, col, val, size=shape, check_invariants=False)
 
 
 def unit_hashes(
-    seed: int, row: int, buckets: int, lo: int, hi: int, device: torch.device | str = "cpu"
+    seed: int, row: int, geometry: SketchGeometry, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bucket indices (int64) and signs (±1 float32) of units ``lo..hi-1`` for hash row ``row``.
+    """Bucket (int64) and sign (±1 float32) of every unit (tail unit last) of one hash row.
 
-    Bucket and sign come from two independently seeded hashes
-    ``F((a·i + b) mod p)`` with ``p = 2^31 − 1`` (see :func:`_mix`). Pure function
-    of its arguments; nothing is stored.
+    A pure function of its arguments (the reference the sketch's kernels are tested against).
     """
-    a, b, c, d, e, f = _row_hash_params(seed, row)
-    i = torch.arange(lo, hi, device=device, dtype=torch.int64)
-    h = _mix(i, a, b, c).remainder_(buckets)
-    s = _mix(i, d, e, f).bitwise_and_(1).mul_(-2).add_(1).to(torch.float32)
-    return h, s
+    h = _RowHash(seed, row, geometry, torch.device(device), torch.float32)
+    b, s = h.extended()
+    if geometry.tail == 0:
+        return b[:-1], s[:-1]
+    return b, s
 
 
 class CountSketch(ErrorStore):
@@ -195,6 +299,10 @@ class CountSketch(ErrorStore):
         self.combine = combine
         g = geometry
         self.table = torch.zeros((g.rows, g.buckets, g.unit), dtype=sketch_dtype(dtype), device=device)
+        #: float32/float64 tables compute in their own dtype (sparse kernels); 16-bit ones in float32.
+        self._cdtype = self.table.dtype if self.table.dtype in _SPARSE_DTYPES else torch.float32
+        self._memo: list[_RowHash] | None = None
+        self._memo_depth = 0
 
     @property
     def numel(self) -> int:  # type: ignore[override]
@@ -204,74 +312,159 @@ class CountSketch(ErrorStore):
     # ------------------------------------------------------------------ accounting
     @property
     def nbytes(self) -> int:
-        """Bytes kept between steps: the table's storage (hash parameters are 4 Python ints per row)."""
+        """Bytes kept between steps: the table's storage (the hashes are recomputed from the seed)."""
         return self.table.untyped_storage().nbytes()
 
     def persistent_tensors(self) -> list[torch.Tensor]:
         """Every tensor this object keeps between calls."""
         return [self.table]
 
-    # ------------------------------------------------------------------ kernels
+    # ------------------------------------------------------------------ hashes
+    def _hashes(self) -> list[_RowHash]:
+        if self._memo is not None:
+            return self._memo
+        hashes = [
+            _RowHash(self.seed, r, self.geometry, self.table.device, self._cdtype) for r in range(self.geometry.rows)
+        ]
+        if self._memo_depth:
+            self._memo = hashes
+        return hashes
+
+    @contextlib.contextmanager
+    def reuse_hashes(self) -> Iterator[CountSketch]:
+        """Compute the hashes once for every call inside the block (released on exit)."""
+        self._memo_depth += 1
+        try:
+            yield self
+        finally:
+            self._memo_depth -= 1
+            if not self._memo_depth:
+                self._memo = None
+
+    def _scratch_units(self) -> int:
+        """Units per chunk of the chunked paths (bounded scratch, at least one unit)."""
+        g = self.geometry
+        elems = max(_SCRATCH_MIN, int(g.numel * _SCRATCH_FRACTION))
+        return max(1, min(max(1, g.full_units), elems // g.unit))
+
     def _use_sparse(self) -> bool:
         return self.table.dtype in _SPARSE_DTYPES
 
-    def _full_units(self) -> int:
-        return self.geometry.numel // self.geometry.unit
+    def _unit_pieces(self, lo: int, hi: int) -> Iterator[tuple[int, int, int]]:
+        """Split ``[lo, hi)`` at unit boundaries: ``(unit, first column, last column)``."""
+        m, full = self.geometry.unit, self.geometry.full_units
+        pos = lo
+        while pos < hi:
+            i = min(pos // m, full)
+            end = min(hi, (i + 1) * m) if i < full else hi
+            yield i, pos - i * m, end - i * m
+            pos = end
 
-    def _units_csr(self, row: int, lo: int, hi: int, transpose: bool) -> torch.Tensor:
-        """Sparse CSR matrix mapping units ``lo..hi-1`` to buckets (``P``, or ``Pᵀ`` if transpose)."""
+    # ------------------------------------------------------------------ kernels
+    def _scatter(self, x_units: torch.Tensor, u0: int, alpha: float, tail: torch.Tensor | None = None) -> None:
+        """``S += alpha · Pᵀ x`` for full units ``u0..`` given as rows of ``x_units`` (+ the tail unit)."""
         g = self.geometry
-        dev = self.table.device
-        h, s = unit_hashes(self.seed, row, g.buckets, lo, hi, dev)
-        n = hi - lo
-        s = s.to(self.table.dtype)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if not transpose:
-                crow = torch.arange(n + 1, device=dev, dtype=torch.int64)
-                return torch.sparse_csr_tensor(crow, h, s, size=(n, g.buckets), check_invariants=False)
-            order = torch.argsort(h, stable=True)
-            counts = torch.bincount(h, minlength=g.buckets)
-            crow = torch.zeros(g.buckets + 1, device=dev, dtype=torch.int64)
-            torch.cumsum(counts, 0, out=crow[1:])
-            return torch.sparse_csr_tensor(
-                crow, order, s.index_select(0, order), size=(g.buckets, n), check_invariants=False
-            )
-
-    def _chunks(self, lo_unit: int, hi_unit: int) -> Iterator[tuple[int, int]]:
-        step = max(1, _CHUNK_ELEMS // self.geometry.unit)
-        for lo in range(lo_unit, hi_unit, step):
-            yield lo, min(hi_unit, lo + step)
-
-    def _scatter_rows(self, x_units: torch.Tensor, lo: int, alpha: float) -> None:
-        """table[r] += alpha · Pᵀ x_units for every row; ``x_units`` are units lo.. (2-D view)."""
-        g = self.geometry
-        hi = lo + x_units.shape[0]
-        for r in range(g.rows):
-            if self._use_sparse() and x_units.shape[1] == g.unit:
-                for blo in range(lo, hi, _UNIT_BLOCK):
-                    bhi = min(hi, blo + _UNIT_BLOCK)
-                    pt = self._units_csr(r, blo, bhi, transpose=True)
-                    self.table[r].addmm_(pt, x_units[blo - lo : bhi - lo].to(self.table.dtype), alpha=alpha)
+        u1 = u0 + x_units.shape[0]
+        for r, h in enumerate(self._hashes()):
+            table = self.table[r]
+            if u1 > u0 and x_units.dtype != self._cdtype:
+                self._scatter_index(table, h, x_units, u0, alpha)
+            elif u1 > u0 and self._use_sparse():
+                crow, col, val = h.transposed(u0, u1)
+                table.addmm_(_csr(crow, col, val, (g.buckets, u1 - u0)), x_units, alpha=alpha)
+            elif u1 > u0:  # 16-bit table: float32 scratch per block of buckets, rounded into the table once
+                self._scatter_blocks(table, h, x_units, u0, u1, alpha, tail)
                 continue
-            for clo, chi in self._chunks(lo, hi):
-                h, s = unit_hashes(self.seed, r, g.buckets, clo, chi, self.table.device)
-                xc = x_units[clo - lo : chi - lo]
-                buf = xc.to(torch.float32) * (s * alpha).unsqueeze(1)
-                width = xc.shape[1]
-                if width == g.unit:
-                    self.table[r].index_add_(0, h, buf.to(self.table.dtype))
-                else:  # a partial unit: flat indices into the contiguous table (a strided 16-bit target
-                    # would make index_add_ allocate a float32 copy of it)
-                    idx = (h * g.unit).unsqueeze(1) + torch.arange(width, device=h.device)
-                    self.table[r].view(-1).index_add_(0, idx.reshape(-1), buf.reshape(-1).to(self.table.dtype))
+            if tail is not None:
+                table[h.tail_bucket, : tail.numel()].add_(tail, alpha=alpha * h.tail_sign)
 
-    def _gather_row(self, row: int, lo: int, hi: int, width: int) -> torch.Tensor:
-        """Signed bucket contents of units lo..hi-1 for one row (float32, (hi-lo)×width)."""
+    def _scatter_blocks(self, table: torch.Tensor, h: _RowHash, x_units: torch.Tensor, u0: int, u1: int,
+                        alpha: float, tail: torch.Tensor | None) -> None:
         g = self.geometry
-        h, s = unit_hashes(self.seed, row, g.buckets, lo, hi, self.table.device)
-        out = self.table[row, :, :width].index_select(0, h).to(torch.float32)
-        return out.mul_(s.unsqueeze(1))
+        crow, col, val = h.transposed(u0, u1)
+        bounds = crow.tolist()
+        nb = min(g.buckets, self._scratch_units())
+        scratch = torch.empty((nb, g.unit), dtype=torch.float32, device=table.device)
+        for b0 in range(0, g.buckets, nb):
+            b1 = min(g.buckets, b0 + nb)
+            p0, p1 = bounds[b0], bounds[b1]
+            has_tail = tail is not None and b0 <= h.tail_bucket < b1
+            if p1 == p0 and not has_tail:
+                continue
+            s = scratch[: b1 - b0]
+            s.copy_(table[b0:b1])
+            if p1 > p0:
+                part = _csr(crow[b0 : b1 + 1] - p0, col[p0:p1], val[p0:p1], (b1 - b0, u1 - u0))
+                s.addmm_(part, x_units, alpha=alpha)
+            if has_tail:
+                assert tail is not None
+                s[h.tail_bucket - b0, : tail.numel()].add_(tail, alpha=alpha * h.tail_sign)
+            table[b0:b1].copy_(s)
+
+    def _scatter_index(self, table: torch.Tensor, h: _RowHash, x_units: torch.Tensor, u0: int, alpha: float) -> None:
+        """Fallback when ``x`` is not in the compute dtype: convert chunk by chunk, ``index_add_``."""
+        step = self._scratch_units()
+        for lo in range(0, x_units.shape[0], step):
+            hi = min(x_units.shape[0], lo + step)
+            b = h.unit_buckets(u0 + lo, u0 + hi)
+            buf = x_units[lo:hi].to(self._cdtype) * h.unit_signs(u0 + lo, u0 + hi).unsqueeze(1)  # a new tensor
+            table.index_add_(0, b, buf.to(table.dtype), alpha=alpha)
+
+    def _gather(self, h: _RowHash, r: int, lo: int, hi: int) -> torch.Tensor:
+        """Signed bucket contents of full units lo..hi-1 for row r (float32, (hi-lo)×m)."""
+        est = self.table[r].index_select(0, h.unit_buckets(lo, hi)).to(torch.float32)
+        return est.mul_(h.unit_signs(lo, hi).to(torch.float32).unsqueeze(1))
+
+    def _combine(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Combine the rows' float32 estimates (consumes ``parts``)."""
+        if len(parts) == 1:
+            return parts[0]
+        if self.combine == "mean":
+            acc = parts[0]
+            for p in parts[1:]:
+                acc.add_(p)
+            return acc.div_(len(parts))
+        if len(parts) == 3:  # median of three with min/max (no sort, no stacking)
+            a, b, c = parts
+            lo_ab = torch.minimum(a, b)
+            torch.maximum(a, b, out=a)  # a := max(a, b)
+            torch.minimum(a, c, out=a)  # a := min(max(a, b), c)
+            return torch.maximum(lo_ab, a, out=a)
+        return torch.stack(parts).median(dim=0).values
+
+    def _estimate_units_add_(self, x_units: torch.Tensor, u0: int, alpha: float) -> None:
+        """``x_units += alpha · P S`` for full units ``u0..`` (rows of ``x_units``); rows combined."""
+        g = self.geometry
+        n = x_units.shape[0]
+        if n == 0:
+            return
+        hashes = self._hashes()
+        if g.rows == 1 and self._use_sparse() and x_units.dtype == self.table.dtype:
+            h = hashes[0]
+            crow = torch.arange(n + 1, dtype=torch.int32, device=self.table.device)
+            col = h.unit_buckets(u0, u0 + n).to(torch.int32)
+            p = _csr(crow, col, h.unit_signs(u0, u0 + n), (n, g.buckets))
+            x_units.addmm_(p, self.table[0], alpha=alpha)
+            return
+        step = self._scratch_units()
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            if g.rows == 1:  # one gather in the table's dtype, signs and scale applied in float32
+                h = hashes[0]
+                est = self.table[0].index_select(0, h.unit_buckets(u0 + lo, u0 + hi))
+                sg = h.unit_signs(u0 + lo, u0 + hi).to(torch.float32).mul_(alpha)
+                x_units[lo:hi].addcmul_(est, sg.unsqueeze(1))
+            else:
+                est = self._combine([self._gather(h, r, u0 + lo, u0 + hi) for r, h in enumerate(hashes)])
+                x_units[lo:hi].add_(est, alpha=alpha)
+
+    def _estimate_piece(self, unit: int, c0: int, c1: int) -> torch.Tensor:
+        """Unscaled estimate of columns ``c0..c1-1`` of one unit (float32), rows combined."""
+        parts = []
+        for r, h in enumerate(self._hashes()):
+            b, s = h.unit(unit)
+            parts.append(self.table[r, b, c0:c1].to(torch.float32).mul(s))
+        return self._combine(parts)
 
     # ------------------------------------------------------------------ public API
     def accumulate_(self, x: torch.Tensor, alpha: float = 1.0) -> CountSketch:
@@ -280,181 +473,126 @@ class CountSketch(ErrorStore):
         flat = x.reshape(-1)
         if flat.numel() != g.numel:
             raise ValueError(f"x has {flat.numel()} elements, sketch expects {g.numel}")
-        full = self._full_units()
-        if full:
-            self._scatter_rows(flat[: full * g.unit].view(full, g.unit), 0, alpha)
-        tail = g.numel - full * g.unit
-        if tail:
-            self._scatter_rows(flat[full * g.unit :].view(1, tail), full, alpha)
+        full, m = g.full_units, g.unit
+        tail = flat[full * m :] if g.tail else None
+        self._scatter(flat[: full * m].view(full, m), 0, alpha, tail)
         return self
 
     def accumulate_block_(self, values: torch.Tensor, start: int, alpha: float = 1.0) -> CountSketch:
         """``S ← S + alpha · CS(z)`` where ``z`` is zero except ``z[start:start+len(values)] = values``.
 
-        Costs O(len(values)), in bounded chunks; used to subtract ``Δ`` on a block.
+        Costs O(len(values) + n): whole units through the sparse kernel, the partial
+        units at the edges as slices.
         """
         g = self.geometry
         k = values.numel()
         if start < 0 or start + k > g.numel:
             raise ValueError(f"block [{start}, {start + k}) outside [0, {g.numel})")
         vals = values.reshape(-1)
-        m = g.unit
-        first = min(-(-start // m), self._full_units())  # first unit starting inside the block
-        last = max(first, min((start + k) // m, self._full_units()))  # units [first, last) lie inside
-        if last > first:
-            inner = vals[first * m - start : last * m - start].view(last - first, m)
-            if inner.dtype != torch.float32:
-                inner = inner.to(torch.float32)
-            self._scatter_rows(inner, first, alpha)
-            pieces = [(start, first * m), (last * m, start + k)]
-        else:
-            pieces = [(start, start + k)]
-        for lo, hi in pieces:
-            for c in range(lo, hi, _SPARSE_CHUNK):
-                n = min(_SPARSE_CHUNK, hi - c)
-                idx = torch.arange(c, c + n, device=self.table.device)
-                self.accumulate_sparse_(idx, vals[c - start : c - start + n], alpha=alpha)
+        m, full = g.unit, g.full_units
+        first = min(-(-start // m), full)  # first unit starting inside the block
+        last = max(first, min((start + k) // m, full))  # units [first, last) lie inside
+        with self.reuse_hashes():
+            if last > first:
+                self._scatter(vals[first * m - start : last * m - start].view(last - first, m), first, alpha)
+                pieces = [(start, first * m), (last * m, start + k)]
+            else:
+                pieces = [(start, start + k)]
+            hashes = self._hashes()
+            for lo, hi in pieces:
+                for unit, c0, c1 in self._unit_pieces(lo, hi):
+                    off = unit * m + c0 - start
+                    for r, h in enumerate(hashes):
+                        b, s = h.unit(unit)
+                        self.table[r, b, c0:c1].add_(vals[off : off + c1 - c0], alpha=alpha * s)
         return self
 
     def accumulate_sparse_(self, indices: torch.Tensor, values: torch.Tensor, alpha: float = 1.0) -> CountSketch:
-        """``S ← S + alpha · CS(z)`` with ``z`` zero except ``z[indices] = values`` (O(k))."""
+        """``S ← S + alpha · CS(z)`` with ``z`` zero except ``z[indices] = values`` (O(k + n))."""
         g = self.geometry
-        idx = indices.reshape(-1).to(device=self.table.device, dtype=torch.int64)
-        vals = values.reshape(-1).to(device=self.table.device, dtype=torch.float32)
-        if idx.numel() != vals.numel():
-            raise ValueError(f"{idx.numel()} indices but {vals.numel()} values")
-        if idx.numel() == 0:
+        idx_all = indices.reshape(-1).to(device=self.table.device)
+        vals_all = values.reshape(-1).to(device=self.table.device)
+        if idx_all.numel() != vals_all.numel():
+            raise ValueError(f"{idx_all.numel()} indices but {vals_all.numel()} values")
+        if idx_all.numel() == 0:
             return self
-        units = torch.div(idx, g.unit, rounding_mode="floor")
-        cols = idx - units * g.unit
-        lo, hi = int(units.min()), int(units.max()) + 1
-        for r in range(g.rows):
-            h, s = unit_hashes(self.seed, r, g.buckets, lo, hi, self.table.device)
-            b = h.index_select(0, units - lo)
-            sg = s.index_select(0, units - lo)
-            flat = self.table[r].view(-1)
-            flat.index_add_(0, b * g.unit + cols, (vals * sg * alpha).to(self.table.dtype))
+        hashes = self._hashes()
+        for c in range(0, idx_all.numel(), _SPARSE_CHUNK):
+            idx = idx_all[c : c + _SPARSE_CHUNK].to(torch.int64)
+            units = torch.div(idx, g.unit, rounding_mode="floor")
+            cols = idx - units * g.unit  # idx may be the caller's tensor
+            vals = vals_all[c : c + _SPARSE_CHUNK].to(torch.float32)
+            for r, h in enumerate(hashes):
+                eb, es = h.extended()
+                flat_idx = eb.index_select(0, units).mul_(g.unit).add_(cols)
+                add = vals * es.index_select(0, units).to(torch.float32)
+                self.table[r].view(-1).index_add_(0, flat_idx, add.to(self.table.dtype), alpha=alpha)
         return self
 
     def estimate_add_(self, target: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-        """``target += alpha · ê`` in place, chunk by chunk (``target``: numel elements, float)."""
+        """``target += alpha · ê`` in place (``target``: numel elements, float)."""
         g = self.geometry
         flat = target.view(-1)
         if flat.numel() != g.numel:
             raise ValueError(f"target has {flat.numel()} elements, sketch expects {g.numel}")
         a = alpha * self.estimate_scale
-        full = self._full_units()
-        m = g.unit
-        if g.rows == 1 and self._use_sparse() and flat.dtype == self.table.dtype and full:
-            units = flat[: full * m].view(full, m)
-            for blo in range(0, full, _UNIT_BLOCK):
-                bhi = min(full, blo + _UNIT_BLOCK)
-                p = self._units_csr(0, blo, bhi, transpose=False)
-                units[blo:bhi].addmm_(p, self.table[0], alpha=a)
-        else:
-            for lo, hi in self._chunks(0, full):
-                est = self._estimate_units(lo, hi, m)
-                flat[lo * m : hi * m].view(hi - lo, m).add_(est.to(flat.dtype), alpha=a)
-        tail = g.numel - full * m
-        if tail:
-            est = self._estimate_units(full, full + 1, tail)
-            flat[full * m :].add_(est.view(-1).to(flat.dtype), alpha=a)
+        full, m = g.full_units, g.unit
+        with self.reuse_hashes():
+            self._estimate_units_add_(flat[: full * m].view(full, m), 0, a)
+            if g.tail:
+                flat[full * m :].add_(self._estimate_piece(full, 0, g.tail).to(flat.dtype), alpha=a)
         return target
 
-    def _estimate_units(self, lo: int, hi: int, width: int) -> torch.Tensor:
-        """Unscaled estimate of units lo..hi-1 (float32, (hi-lo)×width), rows combined."""
-        rows = self.geometry.rows
-        if rows == 1:
-            return self._gather_row(0, lo, hi, width)
-        if self.combine == "mean":
-            acc = self._gather_row(0, lo, hi, width)
-            for r in range(1, rows):
-                acc.add_(self._gather_row(r, lo, hi, width))
-            return acc.div_(rows)
-        if rows == 3:  # median of three with min/max (no sort, no stacking)
-            a = self._gather_row(0, lo, hi, width)
-            b = self._gather_row(1, lo, hi, width)
-            c = self._gather_row(2, lo, hi, width)
-            lo_ab = torch.minimum(a, b)
-            torch.maximum(a, b, out=a)  # a := max(a, b)
-            torch.minimum(a, c, out=a)  # a := min(max(a, b), c)
-            return torch.maximum(lo_ab, a, out=a)
-        stacked = torch.stack([self._gather_row(r, lo, hi, width) for r in range(rows)])
-        return stacked.median(dim=0).values
-
     def estimate_at(self, indices: torch.Tensor) -> torch.Tensor:
-        """ê at the given flat indices (float32, O(k·rows))."""
+        """ê at the given flat indices (float32, O(k·rows + n))."""
         g = self.geometry
-        idx = indices.reshape(-1).to(device=self.table.device, dtype=torch.int64)
-        if idx.numel() == 0:
-            return torch.zeros(0, device=self.table.device)
-        units = torch.div(idx, g.unit, rounding_mode="floor")
-        cols = idx - units * g.unit
-        lo, hi = int(units.min()), int(units.max()) + 1
-        per_row = []
-        for r in range(g.rows):
-            h, s = unit_hashes(self.seed, r, g.buckets, lo, hi, self.table.device)
-            b = h.index_select(0, units - lo)
-            sg = s.index_select(0, units - lo)
-            per_row.append(self.table[r].view(-1).index_select(0, b * g.unit + cols).to(torch.float32) * sg)
-        if g.rows == 1:
-            est = per_row[0]
-        elif self.combine == "mean":
-            est = torch.stack(per_row).mean(0)
-        else:
-            est = torch.stack(per_row).median(0).values
-        return est.mul_(self.estimate_scale)
+        idx_all = indices.reshape(-1).to(device=self.table.device)
+        out = torch.empty(idx_all.numel(), dtype=torch.float32, device=self.table.device)
+        if idx_all.numel() == 0:
+            return out
+        hashes = self._hashes()
+        for c in range(0, idx_all.numel(), _SPARSE_CHUNK):
+            idx = idx_all[c : c + _SPARSE_CHUNK].to(torch.int64)
+            units = torch.div(idx, g.unit, rounding_mode="floor")
+            cols = idx - units * g.unit  # idx may be the caller's tensor
+            parts = []
+            for r, h in enumerate(hashes):
+                eb, es = h.extended()
+                flat_idx = eb.index_select(0, units).mul_(g.unit).add_(cols)
+                v = self.table[r].view(-1).index_select(0, flat_idx).to(torch.float32)
+                parts.append(v.mul_(es.index_select(0, units).to(torch.float32)))
+            out[c : c + _SPARSE_CHUNK] = self._combine(parts)
+        return out.mul_(self.estimate_scale)
 
     def estimate_block(self, start: int, length: int) -> torch.Tensor:
-        """ê on the contiguous range ``[start, start+length)`` (float32, O(length))."""
+        """ê on the contiguous range ``[start, start+length)`` (float32, O(length + n))."""
         g = self.geometry
         if start < 0 or length < 0 or start + length > g.numel:
             raise ValueError(f"range [{start}, {start + length}) outside [0, {g.numel})")
         out = torch.zeros(length, dtype=torch.float32, device=self.table.device)
-        m = g.unit
-        pos = start
-        while pos < start + length:
-            u0 = pos // m
-            u1 = min(g.num_units, -(-(start + length) // m))
-            u1 = min(u1, u0 + max(1, _CHUNK_ELEMS // m))
-            full_end = min(u1, self._full_units())
-            if full_end > u0:
-                est = self._estimate_units(u0, full_end, m).view(-1)
-                base = u0 * m
-            else:  # the tail unit
-                est = self._estimate_units(u0, u0 + 1, g.numel - u0 * m).view(-1)
-                base = u0 * m
-                full_end = u0 + 1
-            lo = pos - base
-            hi = min(est.numel(), start + length - base)
-            out[pos - start : pos - start + hi - lo] = est[lo:hi]
-            pos = base + hi
-        return out.mul_(self.estimate_scale)
+        return self.estimate_block_add_(out, start)
 
     def estimate_block_add_(self, target: torch.Tensor, start: int, alpha: float = 1.0) -> torch.Tensor:
-        """``target += alpha · ê[start : start + len(target)]``: whole units through the sparse kernel."""
+        """``target += alpha · ê[start : start + len(target)]``: whole units through the kernels."""
         g = self.geometry
         flat = target.view(-1)
         k = flat.numel()
         if start < 0 or start + k > g.numel:
             raise ValueError(f"range [{start}, {start + k}) outside [0, {g.numel})")
-        m, full = g.unit, self._full_units()
+        m, full = g.unit, g.full_units
+        a = alpha * self.estimate_scale
         first = min(-(-start // m), full)
         last = max(first, min((start + k) // m, full))
-        pieces = [(start, start + k)]
-        if last > first and g.rows == 1 and self._use_sparse() and flat.dtype == self.table.dtype:
-            inner = flat[first * m - start : last * m - start].view(last - first, m)
-            a = alpha * self.estimate_scale
-            for blo in range(first, last, _UNIT_BLOCK):
-                bhi = min(last, blo + _UNIT_BLOCK)
-                inner[blo - first : bhi - first].addmm_(self._units_csr(0, blo, bhi, transpose=False), self.table[0],
-                                                        alpha=a)
-            pieces = [(start, first * m), (last * m, start + k)]
-        for lo, hi in pieces:
-            for c in range(lo, hi, _SPARSE_CHUNK):
-                n = min(_SPARSE_CHUNK, hi - c)
-                est = self.estimate_at(torch.arange(c, c + n, device=self.table.device))
-                flat[c - start : c - start + n].add_(est.to(flat.dtype), alpha=alpha)
+        with self.reuse_hashes():
+            if last > first:
+                self._estimate_units_add_(flat[first * m - start : last * m - start].view(last - first, m), first, a)
+                pieces = [(start, first * m), (last * m, start + k)]
+            else:
+                pieces = [(start, start + k)]
+            for lo, hi in pieces:
+                for unit, c0, c1 in self._unit_pieces(lo, hi):
+                    off = unit * m + c0 - start
+                    flat[off : off + c1 - c0].add_(self._estimate_piece(unit, c0, c1).to(flat.dtype), alpha=a)
         return target
 
     def decompress(self) -> torch.Tensor:
@@ -471,24 +609,25 @@ class CountSketch(ErrorStore):
         """``S ← S − coeff · CS(ê)`` exactly, for one hash row: ``CS(ê) = scale · n_b · S[b]``.
 
         ``n_b`` is the number of units hashed to bucket ``b`` (the tail unit counts
-        only on its own columns). Returns False (nothing done) when ``rows > 1``,
+        only on its own columns). Needs no hash at all (the loads are balanced and
+        known from the geometry). Returns False (nothing done) when ``rows > 1``,
         where ``CS(median)`` has no closed form.
         """
         g = self.geometry
         if g.rows != 1:
             return False
         c = coeff * self.estimate_scale
-        full = self._full_units()
-        h, _ = unit_hashes(self.seed, 0, g.buckets, 0, g.num_units, self.table.device)
-        load = torch.bincount(h[:full], minlength=g.buckets).to(torch.float32)
-        factor = 1.0 - c * load
-        tail = g.numel - full * g.unit
-        if tail:  # the tail unit adds load only on the first `tail` columns of its bucket
-            b = int(h[full])
-            self.table[0, b, :tail].mul_(1.0 - c * (float(load[b]) + 1.0))
-            self.table[0, b, tail:].mul_(float(factor[b]))
+        dev = self.table.device
+        crow = torch.arange(g.buckets + 1, dtype=torch.int64, device=dev).mul_(g.full_units)
+        crow = crow.div_(g.buckets, rounding_mode="floor")
+        factor = (crow[1:] - crow[:-1]).to(torch.float32).mul_(-c).add_(1.0)
+        if g.tail:  # the tail unit adds load only on the first `tail` columns of its bucket
+            b, _ = _tail_hash(_row_seed(self.seed, 0), g.buckets)
+            fb = float(factor[b])
+            self.table[0, b, : g.tail].mul_(fb - c)
+            self.table[0, b, g.tail :].mul_(fb)
             factor[b] = 1.0
-        self.table[0].mul_(factor.to(self.table.dtype).unsqueeze(1))
+        self.table[0].mul_(factor.unsqueeze(1))  # float32 factor, one rounding for 16-bit tables
         return True
 
     def assign_(self, x: torch.Tensor) -> CountSketch:
@@ -521,6 +660,7 @@ class CountSketch(ErrorStore):
         g = self.geometry
         return {
             "kind": self.name,
+            "hash": HASH_SCHEME,
             "table": self.table,
             "seed": self.seed,
             "numel": g.numel,
@@ -531,10 +671,15 @@ class CountSketch(ErrorStore):
         }
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
-        """Load a table saved by :meth:`state_dict`, validating seed, geometry and dtype."""
+        """Load a table saved by :meth:`state_dict`, validating hash scheme, seed, geometry and dtype."""
         missing = {"table", "seed", "numel", "rows", "buckets", "unit", "dtype"} - set(state)
         if missing:
             raise ValueError(f"count-sketch state is missing keys {sorted(missing)}")
+        if state.get("hash") != HASH_SCHEME:
+            raise ValueError(
+                f"count-sketch state has hash scheme {state.get('hash')!r}, expected {HASH_SCHEME!r} "
+                f"(a table saved under another scheme means something else)"
+            )
         g = self.geometry
         expect = {"seed": self.seed, "numel": g.numel, "rows": g.rows, "buckets": g.buckets, "unit": g.unit}
         for key, val in expect.items():
