@@ -278,9 +278,9 @@ def test_rounds_must_not_go_back(tmp_path: Path) -> None:
 def test_another_method_config_is_a_mismatch(tmp_path: Path) -> None:
     ctx = _ctx()
     _save(tmp_path, 1, _worker(1), ctx)
-    other = METHOD.replace(beta=0.5)
+    other = METHOD.replace(sketch_rows=METHOD.sketch_rows + 2)
     for res in (_load(tmp_path, 2, ctx, method=other), _load(tmp_path, 2, method=other)):
-        assert (res.worker, res.source) == (None, "mismatch") and "beta" in res.reason
+        assert (res.worker, res.source) == (None, "mismatch") and "sketch_rows" in res.reason
 
 
 def test_an_unusable_in_memory_record_is_refused_not_silently_fresh(tmp_path: Path) -> None:
