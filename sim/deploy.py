@@ -114,10 +114,10 @@ class DeploymentResult:
 
 
 def run_config_for(overrides: dict[str, Any], num_supernodes: int) -> tuple[dict[str, Any], Path]:
-    """The run config for ``flwr run`` (num-partitions = N, absolute output-dir, a run-name) and the run folder."""
+    """The run config for ``flwr run`` (wait for all N nodes, absolute output-dir, a run-name) and the run folder."""
     defaults = app_defaults()
     cfg = dict(overrides)
-    cfg["num-partitions"] = num_supernodes
+    cfg.setdefault("min-available-nodes", num_supernodes)
     run_name = str(cfg.get("run-name") or f"deploy-{cfg.get('method', defaults['method'])}-{int(time.time())}")
     cfg["run-name"] = run_name
     out_root = Path(str(cfg.get("output-dir", defaults["output-dir"])))
@@ -143,7 +143,8 @@ def run_deployment(
     Parameters
     ----------
     overrides:
-        Run-config values (``[tool.flwr.app.config]`` keys); ``num-partitions`` is set to ``num_supernodes``.
+        Run-config values (``[tool.flwr.app.config]`` keys); each SuperNode gets ``partition-id`` and
+        ``num-partitions = num_supernodes`` in its node config.
     tls, auth:
         HTTPS with a throw-away CA; SuperNode authentication with registered ECDSA keys.
     unregistered:
@@ -238,7 +239,6 @@ def signals_raise() -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    defaults = app_defaults()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--supernodes", type=int, default=2, help="SuperNodes to start (default: %(default)s)")
     ap.add_argument("--tls", action="store_true", help="HTTPS with a CA and server certificate made now")
@@ -253,9 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--supernodes={args.supernodes} is out of range; allowed: >= 1")
     if args.unregistered and not args.auth:
         ap.error("--unregistered needs --auth")
-    overrides = parse_set(args.set, defaults)
-    if "num-partitions" in overrides and overrides["num-partitions"] != args.supernodes:
-        ap.error("num-partitions is set from --supernodes; do not --set it")
+    overrides = parse_set(args.set)
+    if overrides.get("num-partitions", 0) not in (0, args.supernodes):
+        ap.error("num-partitions comes from --supernodes (each SuperNode's --node-config); do not --set it")
     try:
         with signals_raise():
             res = run_deployment(overrides, num_supernodes=args.supernodes, tls=args.tls, auth=args.auth,

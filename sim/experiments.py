@@ -34,11 +34,12 @@ import shutil
 import statistics
 import sys
 import time
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from conef_fl.app_config import parse_overrides
 
 log = logging.getLogger("sim.experiments")
 
@@ -199,26 +200,9 @@ class Run:
         return out / self.name
 
 
-def _app_defaults() -> dict[str, Any]:
-    data = tomllib.loads((REPO / "pyproject.toml").read_text())
-    return dict(data["tool"]["flwr"]["app"]["config"])
-
-
 def parse_set(items: Sequence[str]) -> dict[str, Any]:
-    """``key=value`` run-config overrides; values parsed as TOML; keys must exist in the app config."""
-    defaults = _app_defaults()
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        if key not in defaults:
-            raise ValueError(f"unknown run-config key {key!r}; valid: {', '.join(sorted(defaults))}")
-        try:
-            out[key] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key] = raw
-    return out
+    """``key=value`` run-config overrides, validated by the app's config schema."""
+    return parse_overrides(items)
 
 
 def run_config(task: TaskSpec, method: MethodRun, seed: int, rounds: int, out: Path, name: str,

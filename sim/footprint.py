@@ -64,27 +64,41 @@ def _status_kib(field: str) -> int:
 # --------------------------------------------------------------------------------------- one round, in a child
 def child_round(method_name: str, width: int, samples: int, batch_size: int, epochs: int, lr: float,
                 server_round: int, state_in: Path | None, state_out: Path) -> dict[str, Any]:
-    """One ClientApp round in this (fresh) process; returns measurements."""
-    import torch
-    from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+    """One whole client step in this (fresh) process, through the real ``conef_mod``; returns measurements.
 
-    from clients.settings import ClientSettings
-    from clients.state import STATE_KEY, load_worker, save_worker
-    from conef_fl.flower.codec import encode_payloads
+    A train message built by the :class:`~conef_fl.flower.ConEF` wrapper goes through
+    ``conef_mod`` around a train function (an MLP on synthetic MNIST-shaped data), so
+    local training, the update, the error-feedback step, the state in ``context.state``
+    and the encoded reply are exactly what a ClientApp does.
+    """
+    import io
+    from unittest.mock import Mock
+
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.serverapp import Grid
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from conef_fl.flower import ConEF, conef_mod
+    from conef_fl.flower import protocol as P
+    from conef_fl.flower.client_state import STATE_KEY
     from conef_fl.tasks import count_parameters, train_local
     from conef_fl.tasks.models import MLP
-    from conef_fl.worker import CompressionWorker
-    from server.settings import ServerSettings
-    from sim.run import app_defaults
 
     torch.set_num_threads(1)  # as the ClientApp
-    _, method = ServerSettings.from_run_config({**app_defaults(), "method": method_name})
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     gen = torch.Generator().manual_seed(1234)
     x = torch.randn(samples, 1, 28, 28, generator=gen)
     y = torch.randint(0, 10, (samples,), generator=gen)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(server_round)
         incoming = ArrayRecord(MLP(784, (width, width), 10).state_dict())  # the global model in the message
+    grid = Mock(spec=Grid)
+    grid.get_node_ids.return_value = [1]
+    strategy = ConEF(FedAvg(fraction_train=1.0, min_available_nodes=1, min_train_nodes=1), method_name)
+    (msg,) = strategy.configure_train(server_round, incoming, ConfigRecord(), grid)
+    TaskIdentity.node_id = 1
     rss_ready = _status_kib("VmRSS")  # interpreter + torch + flwr + data, before the round's work
 
     phases: dict[str, int] = {}  # VmHWM after each step of the round: where the peak is reached
@@ -92,51 +106,50 @@ def child_round(method_name: str, width: int, samples: int, batch_size: int, epo
     def mark(name: str) -> None:
         phases[name] = _status_kib("VmHWM") * 1024
 
-    model = MLP(784, (width, width), 10)
-    model.load_state_dict(incoming.to_torch_state_dict(), strict=True)
-    d = count_parameters(model)
-    x_global = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    mark("model_loaded")
-    out = train_local(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, generator=gen)
-    mark("trained")
-    local = model.state_dict()
-    update = {k: x_global[k].sub_(local[k]) for k in x_global}  # u = x_global − x_local, in place
-    shapes = {k: tuple(v.shape) for k, v in update.items()}
+    result: dict[str, Any] = {}
+
+    def train(m: Message, ctxt: Context) -> Message:
+        model = MLP(784, (width, width), 10)
+        model.load_state_dict(m.content["arrays"].to_torch_state_dict(), strict=True)
+        result["num_params"] = count_parameters(model)
+        mark("model_loaded")
+        out = train_local(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, generator=gen)
+        result["train_loss"] = float(out["loss"])
+        mark("trained")
+        metrics = MetricRecord({"num-examples": int(out["num_examples"])})
+        return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=m)
+
     # the SuperNode hands the ClientApp its context.state: the previous round's serialized error state
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 1}, state=RecordDict(),
-                      run_config={})
+                      run_config={"run-name": "footprint"})
     blob_in = 0
     if state_in is not None:
-        blob = state_in.read_bytes()
-        blob_in = len(blob)
-        context.state[STATE_KEY] = ConfigRecord({"blob": blob})
-        del blob
-    settings = ClientSettings(num_partitions=1, partition_id=0)  # memory-only state, as without state-dir
-    worker = load_worker(context, method, shapes, settings, server_round)  # exactly as the ClientApp
-    if worker is None:
-        worker = CompressionWorker(method, shapes)
-    mark("state_restored")
-    payloads = worker.step(update, seed=1000 + server_round, consume=True)
-    mark("stepped")
-    save_worker(context, worker, settings, server_round)
-    blob_out = context.state[STATE_KEY]["blob"]
-    state_out.write_bytes(blob_out)
-    mark("state_serialized")
-    arrays, meta = encode_payloads(payloads)
+        record = torch.load(io.BytesIO(state_in.read_bytes()), weights_only=True)
+        blob_in = len(record["blob"])
+        context.state[STATE_KEY] = ConfigRecord(record)
+        del record
+    reply = conef_mod(msg, context, train)
     mark("reply_encoded")
-    reply_bytes = sum(len(a.data) for a in arrays.values())
+    if reply.has_error():
+        raise RuntimeError(f"conef_mod refused the round: {reply.error.reason}")
+    stored = dict(context.state[STATE_KEY])
+    buf = io.BytesIO()
+    torch.save(stored, buf)
+    state_out.write_bytes(buf.getvalue())
+    metrics = reply.content["metrics"]
+    d = result["num_params"]
     return {
         "method": method_name,
         "width": width,
         "num_params": d,
         "round": server_round,
-        "train_loss": float(out["loss"]),
-        "error_state_bytes": int(worker.nbytes),
-        "persistent_tensor_bytes": int(sum(t.numel() * t.element_size() for t in worker.persistent_tensors())),
-        "serialized_state_bytes": len(blob_out),
+        "train_loss": result["train_loss"],
+        "error_state_bytes": int(metrics[P.M_ERROR_STATE_BYTES]),
+        "serialized_state_bytes": len(stored["blob"]),
         "restored_state_bytes": blob_in,
-        "payload_bytes": int(sum(p.nbytes for p in payloads.values())),
-        "reply_array_bytes": int(reply_bytes),
+        "state_source": int(metrics[P.M_STATE_SOURCE]),
+        "payload_bytes": int(metrics[P.M_UPLINK_BYTES]),
+        "reply_array_bytes": int(sum(len(a.data) for a in reply.content[P.PAYLOAD_RECORD].values())),
         "dense_model_bytes": 4 * d,
         "rss_ready_bytes": rss_ready * 1024,
         "rss_end_bytes": _status_kib("VmRSS") * 1024,
