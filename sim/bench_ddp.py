@@ -3,7 +3,7 @@
 Usage::
 
     PYTHONPATH=. python -m sim.bench_ddp [--steps 30] [--warmup 5] [--rank 4] [--batch 64]
-                                         [--out docs/results/bench_ddp.json]
+                                         [--out docs/results/bench_ddp.json] [--save]
 
 Spawns 2 processes (gloo on CPU, one torch thread each, a free port found at run time).
 Every configuration trains its own copy of the same synthetic model (an MLP
@@ -45,7 +45,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -61,8 +60,9 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_powersgd
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from conef_fl.ddp_hook import ConEFHookState, register_conef_hook
+from conef_fl.ddp import ConEFHookState, register_conef_hook
 from conef_fl.memory import persistent_bytes
+from sim.flower_runtime import free_port
 
 SCHEMA = "conef-fl/bench_ddp/1"
 WORLD = 2
@@ -86,9 +86,7 @@ def synthetic_model() -> nn.Module:
 class _Run:
     """One configuration: its DDP model, optimizer, hook state and measurements."""
 
-    def __init__(
-        self, name: str, description: str, setup: Callable[[DDP], Any], ddp_kwargs: dict[str, Any]
-    ) -> None:
+    def __init__(self, name: str, description: str, setup: Callable[[DDP], Any], ddp_kwargs: dict[str, Any]) -> None:
         self.name = name
         self.description = description
         self.model = synthetic_model()
@@ -139,9 +137,7 @@ class _Run:
 ONE_BUCKET: dict[str, Any] = {"bucket_cap_mb_list": [64]}
 
 
-def _configs(
-    rank: int, psgd_ratio: float | None
-) -> list[tuple[str, str, Callable[[DDP], Any], dict[str, Any]]]:
+def _configs(rank: int, psgd_ratio: float | None) -> list[tuple[str, str, Callable[[DDP], Any], dict[str, Any]]]:
     def torch_psgd(ddp: DDP) -> Any:
         state = torch_powersgd.PowerSGDState(
             process_group=None,
@@ -255,12 +251,6 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out_file: str) -> No
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _targets(res: dict[str, Any], rank: int) -> list[dict[str, Any]]:
     runs = res["runs"]
     tp = runs[f"torch-powersgd-r{rank}"]
@@ -347,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64, help="samples per rank")
     p.add_argument("--configs", default="", help="comma-separated subset of configuration names")
     p.add_argument("--out", default="docs/results/bench_ddp.json")
+    p.add_argument("--save", action="store_true", help="overwrite --out (and its .md) if it exists")
     args = p.parse_args(argv)
     if args.warmup < HOOK_WARMUP + 1:
         p.error(f"--warmup={args.warmup} is out of range; allowed: >= {HOOK_WARMUP + 1}")
@@ -354,12 +345,14 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             p.error(f"--{name}={getattr(args, name)} is out of range; allowed: >= 1")
     out = Path(args.out)
+    if (out.exists() or out.with_suffix(".md").exists()) and not args.save:
+        p.error(f"--out {out} exists; pass --save to overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".partial.pt")
     load_start = [round(v, 2) for v in os.getloadavg()]
     start = time.perf_counter()
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, port, args, str(tmp))) for r in range(WORLD)]
     try:
         for proc in procs:

@@ -3,11 +3,11 @@
 Usage (2 processes on this machine, gloo on CPU, NCCL when CUDA is available)::
 
     torchrun --nproc_per_node=2 -m sim.ddp_train --method conef-cs --steps 200 \\
-        --out docs/results/ddp_train_conef-cs.json
+        --out /tmp/ddp_train_conef-cs.json   # --save to overwrite an existing (committed) file
 
 ``--method`` is a registry name (``sgd``, ``efsgd``, ``conef-cs``, ``ef-powersgd``,
 ``conef-powersgd``, ``ef-topk``, ``ef-sign``, ``rbsgd``, ...), ``ddp`` (plain DDP,
-no hook) or ``liec`` (LIEC-SGD, :mod:`conef_fl.liec_hook`: bidirectional compression,
+no hook) or ``liec`` (LIEC-SGD, :mod:`conef_fl.ddp.liec`: bidirectional compression,
 immediate error compensation, parameters averaged every ``--average-every`` steps; the
 uplink takes ``--compressor``/``--k-ratio``/``--value-dtype``/``--flat``, the downlink the
 ``--down-*`` options). The default task is MNIST (``../shared/data/mnist``) with the LeNet-like
@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import socket
 import statistics
 import sys
 import time
@@ -43,11 +42,20 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from conef_fl.ddp_hook import ConEFHookState, dense_error_bytes, register_conef_hook
-from conef_fl.liec_hook import COMPENSATIONS, DOWNLINK_FEEDBACKS, LIECHookState, liec_average_, register_liec_hook
+from conef_fl.ddp import (
+    COMPENSATIONS,
+    DOWNLINK_FEEDBACKS,
+    ConEFHookState,
+    LIECHookState,
+    dense_error_bytes,
+    liec_average_,
+    register_conef_hook,
+    register_liec_hook,
+)
 from conef_fl.registry import available_methods
 from conef_fl.seeding import derive_seed, make_generator
 from conef_fl.tasks import build_model, count_parameters, evaluate, load_task_data
+from sim.flower_runtime import free_port
 
 SCHEMA = "conef-fl/ddp_train/1"
 logger = logging.getLogger("sim.ddp_train")
@@ -113,6 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / local ranks)")
     p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
     p.add_argument("--out", default=None, help="results JSON (default docs/results/ddp_train_<method>.json)")
+    p.add_argument("--save", action="store_true", help="overwrite --out if it exists (e.g. a committed result)")
     args = p.parse_args(argv)
     if args.method not in ("ddp", "liec") and args.method not in available_methods():
         p.error(f"--method {args.method!r} is not valid; allowed: ddp, liec, {', '.join(available_methods())}")
@@ -122,13 +131,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("warmup_steps", "error_reset_every", "threads", "average_every"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} is out of range; allowed: >= 0")
+    args.out = args.out or f"docs/results/ddp_train_{args.method}.json"
+    if Path(args.out).exists() and not args.save:
+        p.error(f"--out {args.out} exists; pass --save to overwrite it")
     return args
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def init_distributed(backend: str) -> tuple[int, int, int, torch.device, str]:
@@ -147,7 +153,7 @@ def init_distributed(backend: str) -> tuple[int, int, int, torch.device, str]:
         init_method = "env://"
     else:
         rank, world = 0, 1
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        init_method = f"tcp://127.0.0.1:{free_port()}"
     device = torch.device("cpu")
     if backend == "nccl":
         device = torch.device("cuda", local_rank)
@@ -326,9 +332,7 @@ def _train(
         "bytes_sent_total": sent_total,
         "bytes_dense_total": dense_total,
         "bytes_ratio": sent_total / dense_total,
-        "bytes_ratio_after_warmup": (
-            sum(r["bytes_sent"] for r in after) / sum(r["bytes_dense"] for r in after)
-        ),
+        "bytes_ratio_after_warmup": (sum(r["bytes_sent"] for r in after) / sum(r["bytes_dense"] for r in after)),
         "error_state_bytes": err,
         "dense_error_bytes": dense_error_bytes(model),
         "error_state_ratio": err / dense_error_bytes(model),
@@ -425,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     results = train(args)
     if results is not None:
-        out = Path(args.out or f"docs/results/ddp_train_{args.method}.json")
+        out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1) + "\n")
         logger.info("wrote %s", out)

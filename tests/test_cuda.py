@@ -10,16 +10,16 @@ the hook computes around it: compression, error feedback, the sketch, scatter-ba
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
+from ddp.harness import free_port
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from conef_fl.ddp_hook import expected_bytes_per_step, register_conef_hook
+from conef_fl.ddp import expected_bytes_per_step, register_conef_hook
 from conef_fl.errors.sketch import CountSketch, SketchGeometry
 from conef_fl.feedback import make_compressor_for, make_feedback
 from conef_fl.registry import method_config
@@ -29,17 +29,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 STEPS = 8
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def process_group():
-    dist.init_process_group(
-        "cpu:gloo,cuda:nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
-    )
+    dist.init_process_group("cpu:gloo,cuda:nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         yield
     finally:
@@ -77,8 +69,13 @@ def _train(device: str, method: str, **overrides: Any) -> dict[str, Any]:
         opt.step()
         losses.append(loss.item())
     flat = torch.cat([p.detach().flatten().cpu() for p in model.parameters()])
-    return {"params": flat, "losses": losses, "sent": state.last_bytes_sent,
-            "expected": expected_bytes_per_step(state), "error_bytes": state.stats()["error_state_bytes"]}
+    return {
+        "params": flat,
+        "losses": losses,
+        "sent": state.last_bytes_sent,
+        "expected": expected_bytes_per_step(state),
+        "error_bytes": state.stats()["error_state_bytes"],
+    }
 
 
 #: Q selects by value (sign, top-k, PowerSGD's projections): a CUDA-vs-CPU rounding difference near a
@@ -88,14 +85,16 @@ _SELECTS_BY_VALUE = {"ef-sign", "ef-topk", "ef-powersgd", "conef-powersgd"}
 
 @pytest.mark.parametrize(
     ("method", "overrides"),
-    [("efsgd", {"compressor": "random-block-k", "k_ratio": 0.1}),
-     ("conef-cs", {"compressor": "random-block-k", "k_ratio": 0.1, "sketch_ratio": 0.1, "beta": 0.9}),
-     ("conef-cs", {"compressor": "random-k", "k_ratio": 0.05, "sketch_ratio": 0.2, "beta": 0.5}),
-     ("conef-cs", {"compressor": "random-block-k", "k_ratio": 0.1, "sketch_ratio": 0.1, "sketch_rows": 3}),
-     ("ef-sign", {}),
-     ("ef-topk", {"k_ratio": 0.05}),
-     ("ef-powersgd", {"rank": 2}),
-     ("conef-powersgd", {"rank": 2})],
+    [
+        ("efsgd", {"compressor": "random-block-k", "k_ratio": 0.1}),
+        ("conef-cs", {"compressor": "random-block-k", "k_ratio": 0.1, "sketch_ratio": 0.1, "beta": 0.9}),
+        ("conef-cs", {"compressor": "random-k", "k_ratio": 0.05, "sketch_ratio": 0.2, "beta": 0.5}),
+        ("conef-cs", {"compressor": "random-block-k", "k_ratio": 0.1, "sketch_ratio": 0.1, "sketch_rows": 3}),
+        ("ef-sign", {}),
+        ("ef-topk", {"k_ratio": 0.05}),
+        ("ef-powersgd", {"rank": 2}),
+        ("conef-powersgd", {"rank": 2}),
+    ],
 )
 def test_nccl_on_cuda_matches_gloo_on_cpu(process_group, method: str, overrides: dict) -> None:
     cpu = _train("cpu", method, **overrides)

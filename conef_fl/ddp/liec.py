@@ -73,8 +73,7 @@ def default_downlink(**overrides: Any) -> MethodConfig:
 def _as_config(value: str | MethodConfig | None, default: MethodConfig, what: str, **overrides: Any) -> MethodConfig:
     value = default if value is None else value
     if isinstance(value, MethodConfig):
-        # from_dict names unknown keys in a ValueError
-        return MethodConfig.from_dict({**value.to_dict(), **overrides}) if overrides else value
+        return value.replace(**overrides)
     if isinstance(value, str):
         return method_config(value, **overrides)
     raise ValueError(f"{what} must be a registry name, a MethodConfig or None, got {type(value).__name__}")

@@ -1,281 +1,120 @@
-"""Tests of the LIEC-SGD DDP hook on CPU: gloo, 2 processes, a free port found at run time.
-
-As in ``test_ddp_hook.py``, every distributed scenario runs in **one** pair of processes,
-which save each rank's results to a file; the processes are always joined (or terminated
-after a timeout), even when a scenario fails.
-"""
+"""``conef_fl.ddp.liec``: the LIEC-SGD hook on CPU (gloo, 2 processes): lossless parity, averaging, bytes."""
 
 from __future__ import annotations
 
 import copy
-import datetime
 import math
-import os
 import pickle
-import socket
-import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from conef_fl.compressors.base import k_for_ratio
 from conef_fl.config import MethodConfig
-from conef_fl.ddp_hook import register_conef_hook
-from conef_fl.liec_hook import (
+from conef_fl.ddp import (
     LIECHookState,
     default_downlink,
     default_uplink,
     liec_average_,
     liec_hook,
+    register_conef_hook,
     register_liec_hook,
 )
 
-WORLD = 2
-STEPS = 6
-JOIN_TIMEOUT_S = 240
+from .harness import STEPS, WORLD, loss, make_model, restore, run_world, train
 
 
-class _Net(nn.Module):
-    """Conv + two linear layers on 1x8x8 inputs (5,010 parameters)."""
+def _liec(rank: int, /, *, poison_step: int = -1, **settings: Any) -> dict[str, Any]:
+    """:func:`train` with the LIEC hook; records the bytes both ways, the server error and the averages."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3)
-        self.fc1 = nn.Linear(144, 32)
-        self.fc2 = nn.Linear(32, 10)
+    def record(state: LIECHookState, ddp: Any, step: int) -> dict[str, Any]:
+        return {
+            "sent": state.last_bytes_sent,
+            "down": state.last_bytes_down,
+            "down_actual": sum(s.last_down_nbytes for s in state.segments.values()),
+            "server": [t.clone() for t in state.server_error_tensors()],
+            "averaged": liec_average_(ddp, state),
+        }
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(torch.relu(self.conv(x)).flatten(1))))
-
-
-def _make() -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return _Net()
+    return train(rank, lambda ddp: register_liec_hook(ddp, **settings), record, poison_step=poison_step)
 
 
-def _loss(model: nn.Module, rank: int, step: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(1000 * step + rank)
-    x = torch.randn(8, 1, 8, 8, generator=gen)
-    y = torch.randint(0, 10, (8,), generator=gen)
-    return nn.functional.cross_entropy(model(x), y)
+def _hook(rank: int, method: str, /) -> dict[str, Any]:
+    """:func:`train` with the ConEF hook, no warm-up; for ``efsgd`` also the error after step 0."""
 
+    def record(state: Any, ddp: Any, step: int) -> dict[str, Any]:
+        if method != "efsgd" or step:
+            return {}
+        names = [n for n, _ in ddp.module.named_parameters()]
+        return {"errors0": torch.cat([state.segments[(n,)].feedback.error.e for n in names]).clone()}
 
-def _flat(tensors: Any) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1) for t in tensors]).clone()
-
-
-# ------------------------------------------------------------------------------------------------
-# Scenarios (run on every rank, in the same order).
-# ------------------------------------------------------------------------------------------------
-
-
-def _train(
-    rank: int,
-    hook: str | None,
-    /,
-    *,
-    steps: int = STEPS,
-    lr: float = 0.1,
-    poison_step: int = -1,
-    **settings: Any,
-) -> dict[str, Any]:
-    """Train ``steps`` SGD steps with ``hook`` in (None: plain DDP, "conef": ConEF hook, "liec").
-
-    Records per step: parameters (after the average, if any), the gradient the optimizer
-    saw, the local gradient computed without communication, and the hook's counters.
-    """
-    model = _make()
-    ddp = DDP(model)
-    state: Any = None
-    settings_method = settings.pop("method", None)
-    if hook == "conef":
-        state = register_conef_hook(ddp, settings_method, warmup_steps=0, **settings)
-    elif hook == "liec":
-        state = register_liec_hook(ddp, **settings)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    rng_before = torch.random.get_rng_state()
-    out: dict[str, list[Any]] = {
-        k: [] for k in ("params", "grads", "local", "sent", "down", "down_actual", "averaged", "server", "errors0")
-    }
-    for step in range(steps):
-        local = torch.autograd.grad(_loss(model, rank, step), list(model.parameters()))
-        out["local"].append(_flat(local))
-        opt.zero_grad(set_to_none=True)
-        loss = _loss(ddp, rank, step)
-        if step == poison_step and rank == 0:
-            loss = loss * float("inf")
-        loss.backward()
-        grads = [p.grad for p in model.parameters()]
-        out["grads"].append(_flat(grads))
-        if all(bool(torch.isfinite(g).all()) for g in grads):  # as GradScaler skips
-            opt.step()
-        if hook == "conef" and step == 0 and settings_method == "efsgd":
-            out["errors0"].append(
-                _flat(state.segments[(name,)].feedback.error.e for name, _ in model.named_parameters())
-            )
-        if hook == "liec":
-            out["sent"].append(state.last_bytes_sent)
-            out["down"].append(state.last_bytes_down)
-            out["down_actual"].append(sum(s.last_down_nbytes for s in state.segments.values()))
-            out["server"].append([t.clone() for t in state.server_error_tensors()])
-            out["averaged"].append(liec_average_(ddp, state))
-        out["params"].append(_flat(model.parameters()))
-    res: dict[str, Any] = dict(out)
-    res["global_rng_unchanged"] = torch.equal(rng_before, torch.random.get_rng_state())
-    res["sizes"] = [p.numel() for p in model.parameters()]
-    if state is not None:
-        res["stats"] = state.stats()
-    return res
+    return train(rank, lambda ddp: register_conef_hook(ddp, method, warmup_steps=0), record)
 
 
 def _restore(rank: int, /, **settings: Any) -> dict[str, Any]:
-    """Train 3 + 4 steps uninterrupted, and 3 steps + pickle + a new DDP model + 4 steps.
-
-    The checkpoint is taken between two averages, when the ranks' parameters differ, so the
-    new DDP model is built with ``init_sync=False`` (DDP would otherwise broadcast rank 0's).
-    """
-    model = _make()
-    ddp = DDP(model)
-    state = register_liec_hook(ddp, **settings)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-
-    def step(d: nn.Module, o: torch.optim.Optimizer, s: LIECHookState, i: int) -> None:
-        o.zero_grad(set_to_none=True)
-        _loss(d, rank, i).backward()
-        o.step()
-        liec_average_(d, s, optimizer=o)
-
-    for i in range(3):
-        step(ddp, opt, state, i)
-    blob = pickle.dumps(state)
-    ckpt_model = copy.deepcopy(model.state_dict())
-    ckpt_opt = copy.deepcopy(opt.state_dict())
-    for i in range(3, 7):
-        step(ddp, opt, state, i)
-    uninterrupted = _flat(model.parameters())
-
-    model2 = _make()
-    model2.load_state_dict(ckpt_model)
-    ddp2 = DDP(model2, init_sync=False)
-    state2 = pickle.loads(blob)
-    register_liec_hook(ddp2, state=state2)
-    opt2 = torch.optim.SGD(model2.parameters(), lr=0.05, momentum=0.9)
-    opt2.load_state_dict(ckpt_opt)
-    for i in range(3, 7):
-        step(ddp2, opt2, state2, i)
-    return {
-        "checkpoint": _flat(ckpt_model.values()),
-        "uninterrupted": uninterrupted,
-        "restored": _flat(model2.parameters()),
-        "stats": state.stats(),
-        "stats_restored": state2.stats(),
-    }
+    """Checkpoint between two averages, when the ranks' parameters differ: the new DDP model is built
+    with ``init_sync=False`` (DDP would otherwise broadcast rank 0's)."""
+    return restore(
+        rank,
+        lambda d, s: register_liec_hook(d, state=s, **settings),
+        lambda d, s, o: liec_average_(d, s, optimizer=o),
+        init_sync=False,
+    )
 
 
 def _forgotten_average(rank: int, /) -> dict[str, Any]:
     """Skip ``liec_average_`` when it is due: the next backward must raise on every rank."""
-    model = _make()
-    ddp = DDP(model)
+    model = make_model()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
     register_liec_hook(ddp, average_every=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    _loss(ddp, rank, 0).backward()
+    loss("net", ddp, rank, 0).backward()
     opt.step()
     try:
-        _loss(ddp, rank, 1).backward()
+        loss("net", ddp, rank, 1).backward()
     except RuntimeError as exc:
         return {"error": str(exc)}
     return {"error": None}
 
 
 _LOSSLESS_UP = {"k_ratio": 1.0}
-_SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
-    "plain": lambda r: _train(r, None),
+SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
+    "plain": lambda r: train(r, None),
     # lossless both ways: plain data-parallel SGD
-    "liec_lossless": lambda r: _train(r, "liec", downlink="sgd", average_every=2, **_LOSSLESS_UP),
-    "liec_lossless_server_ef": lambda r: _train(r, "liec", down_compressor="identity", average_every=4, **_LOSSLESS_UP),
+    "liec_lossless": lambda r: _liec(r, downlink="sgd", average_every=2, **_LOSSLESS_UP),
+    "liec_lossless_server_ef": lambda r: _liec(r, down_compressor="identity", average_every=4, **_LOSSLESS_UP),
     # lossless downlink only
-    "ef_hook": lambda r: _train(r, "conef", method="efsgd"),
-    "conef_hook": lambda r: _train(r, "conef", method="conef-cs"),
-    "liec_down_lossless": lambda r: _train(r, "liec", downlink="sgd", average_every=4),
-    "liec_shared_seed": lambda r: _train(r, "liec", shared_downlink_seed=True, average_every=4),
-    "liec_down_lossless_h1": lambda r: _train(r, "liec", downlink="sgd", average_every=1),
-    "delayed_efsgd": lambda r: _train(r, "liec", compensation="delayed", uplink="efsgd", downlink="sgd"),
-    "delayed_conef": lambda r: _train(r, "liec", compensation="delayed", uplink="conef-cs", downlink="sgd"),
+    "ef_hook": lambda r: _hook(r, "efsgd"),
+    "conef_hook": lambda r: _hook(r, "conef-cs"),
+    "liec_down_lossless": lambda r: _liec(r, downlink="sgd", average_every=4),
+    "liec_shared_seed": lambda r: _liec(r, shared_downlink_seed=True, average_every=4),
+    "liec_down_lossless_h1": lambda r: _liec(r, downlink="sgd", average_every=1),
+    "delayed_efsgd": lambda r: _liec(r, compensation="delayed", uplink="efsgd", downlink="sgd"),
+    "delayed_conef": lambda r: _liec(r, compensation="delayed", uplink="conef-cs", downlink="sgd"),
     # lossy both ways
-    "liec": lambda r: _train(r, "liec", average_every=3),
-    "liec_topk": lambda r: _train(r, "liec", down_compressor="top-k", down_k_ratio=0.05, average_every=3),
-    "liec_sign": lambda r: _train(r, "liec", down_compressor="scaled-sign", average_every=3),
-    "liec_fp16": lambda r: _train(r, "liec", value_dtype="float16", down_value_dtype="float16", average_every=3),
-    "liec_server_sketch": lambda r: _train(r, "liec", downlink="conef-cs", average_every=3),
-    "liec_flat": lambda r: _train(r, "liec", layerwise=False, average_every=3),
-    "liec_warmup": lambda r: _train(r, "liec", warmup_steps=2, average_every=3),
-    "liec_keep_server_error": lambda r: _train(r, "liec", average_every=3, reset_server_error=False),
-    "delayed_lossy": lambda r: _train(r, "liec", compensation="delayed", uplink="efsgd", average_every=0),
-    "nonfinite": lambda r: _train(r, "liec", average_every=4, poison_step=2),
+    "liec": lambda r: _liec(r, average_every=3),
+    "liec_topk": lambda r: _liec(r, down_compressor="top-k", down_k_ratio=0.05, average_every=3),
+    "liec_sign": lambda r: _liec(r, down_compressor="scaled-sign", average_every=3),
+    "liec_fp16": lambda r: _liec(r, value_dtype="float16", down_value_dtype="float16", average_every=3),
+    "liec_server_sketch": lambda r: _liec(r, downlink="conef-cs", average_every=3),
+    "liec_flat": lambda r: _liec(r, layerwise=False, average_every=3),
+    "liec_warmup": lambda r: _liec(r, warmup_steps=2, average_every=3),
+    "liec_keep_server_error": lambda r: _liec(r, average_every=3, reset_server_error=False),
+    "delayed_lossy": lambda r: _liec(r, compensation="delayed", uplink="efsgd", average_every=0),
+    "nonfinite": lambda r: _liec(r, average_every=4, poison_step=2),
     "restore": lambda r: _restore(r, average_every=2),
     "forgotten_average": _forgotten_average,
 }
-_LIEC_SCENARIOS = [n for n, _ in _SCENARIOS.items() if n.startswith(("liec", "delayed", "nonfinite"))]
-
-
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    results: dict[str, Any] = {}
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-        for name, fn in _SCENARIOS.items():
-            results[name] = fn(rank)
-    except BaseException:  # reported by the parent
-        results["__error__"] = traceback.format_exc()
-    finally:
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+_LIEC_SCENARIOS = [n for n in SCENARIOS if n.startswith(("liec", "delayed", "nonfinite"))]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+def runs() -> list[dict[str, Any]]:
     """Every scenario's results, one dict per rank."""
-    out = tmp_path_factory.mktemp("liec")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(out))) for r in range(WORLD)]
-    try:
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(JOIN_TIMEOUT_S)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-                p.join(10)
-    results = []
-    for r in range(WORLD):
-        path = out / f"rank{r}.pt"
-        if not path.exists():
-            pytest.fail(f"rank {r} wrote no results (exit code {procs[r].exitcode})")
-        res = torch.load(path, weights_only=False)
-        if "__error__" in res:
-            pytest.fail(f"rank {r} failed:\n{res['__error__']}")
-        results.append(res)
-    return results
+    return run_world(__name__)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -533,7 +372,7 @@ def test_settings_split_between_uplink_and_downlink() -> None:
         ({"shared_downlink_seed": "yes"}, r"shared_downlink_seed='yes' must be a bool"),
         ({"downlink": MethodConfig(feedback="efsgd", layerwise=False)}, r"layerwise"),
         ({"k_ratio": 1.5}, r"k_ratio=1.5 .*\(0, 1\]"),
-        ({"down_nope": 1}, r"unknown method config keys \['nope'\]"),
+        ({"down_nope": 1}, r"unknown method setting 'nope'"),
         ({"uplink": 3}, r"uplink must be a registry name"),
     ],
 )
