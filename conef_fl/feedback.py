@@ -24,8 +24,9 @@ them one at a time.
 Memory. With a linear error store and a selective Q (random-block-k, random-k,
 rbSGD), ConEF never materialises ``p``: it needs ê only at the ``k`` selected
 coordinates, then adds ``C(u)`` and subtracts ``C(Δ)`` (O(k)); the update
-itself is not modified. Otherwise ``p`` is formed in the update's buffer when
-``consume=True`` (the caller hands the buffer over), or in one copy.
+itself is not modified. With ``consume=True`` (the caller hands the buffer over)
+it subtracts ``Δ`` from ``u`` on the selection and adds ``C(u − Δ)`` in one pass.
+Otherwise ``p`` is formed in the update's buffer when ``consume=True``, or in one copy.
 """
 
 from __future__ import annotations
@@ -350,17 +351,18 @@ class ConEF(ErrorFeedback):
         return {"e": self.store}
 
     def _step(self, u: torch.Tensor, seed: int, consume: bool) -> Payload:
-        if self.store.linear and isinstance(self.compressor, SelectiveCompressor):
-            return self._step_selective(u, seed)
-        return super()._step(u, seed, consume)  # compensate_, Q, absorb_
+        with self.store.reuse_hashes():  # the store's hashes are computed once per step
+            if self.store.linear and isinstance(self.compressor, SelectiveCompressor):
+                return self._step_selective(u, seed, consume)
+            return super()._step(u, seed, consume)  # compensate_, Q, absorb_
 
-    def _step_selective(self, u: torch.Tensor, seed: int) -> Payload:
+    def _step_selective(self, u: torch.Tensor, seed: int, consume: bool = False) -> Payload:
         q = self.compressor
         assert isinstance(q, SelectiveCompressor)
         tseed = q.tensor_seed(seed, self.key)  # type: ignore[attr-defined]
         sel = q.select(self.numel, tseed, u.device)
         fb = 1.0 - self.beta
-        chunk = 1 << 16
+        chunk = 1 << 14
         # p on the selection only, built chunk by chunk: p_sel = u_sel + (1−β)·ê_sel
         p_sel = torch.empty(sel.k, dtype=torch.float32, device=u.device)
         if sel.indices is None:
@@ -373,13 +375,19 @@ class ConEF(ErrorFeedback):
         else:
             for c in range(0, sel.k, chunk):
                 idx = sel.indices[c : c + chunk]
-                p_sel[c : c + chunk].copy_(u.index_select(0, idx.to(u.device, torch.int64)))
+                p_sel[c : c + chunk].copy_(u.index_select(0, idx.to(u.device)))
                 if fb:
                     p_sel[c : c + chunk].add_(self.store.estimate_at(idx).to(u.device), alpha=fb)
         payload = q.pack(p_sel, sel, self.shape, tseed, owned=True)
         del p_sel
         values = payload.arrays["values"]
         scale = -q.value_scale(self.numel)
+        if consume and u.dtype == torch.float32 and u.is_contiguous():
+            # u is ours: u := u − Δ on the selection, then ONE pass S ← S + C(u − Δ)
+            # (the mass-conserving update below, summed in another order)
+            sel.add_(u, values, alpha=scale)
+            self.store.accumulate_(u)
+            return payload
         # S ← S + C(u) − C(Δ): the mass-conserving update; u itself is not modified
         self.store.accumulate_(u)
         if sel.indices is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -21,6 +21,9 @@ import torch
 from conef_fl.seeding import derive_seed, make_generator
 
 MetaValue = int | float | str | bool
+
+#: Indices per chunk of the per-index work of a :class:`Selection` (bounds its temporaries).
+SELECTION_CHUNK = 1 << 14
 
 _WIRE_VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -182,12 +185,22 @@ class Selection:
             return [(self.start, end)]
         return [(self.start, self.numel), (0, end - self.numel)]
 
+    def index_chunks(self, device: torch.device | str) -> Iterator[tuple[int, torch.Tensor]]:
+        """For an index selection: ``(offset, indices)`` in chunks of :data:`SELECTION_CHUNK` (int32 or int64).
+
+        Chunks bound the temporaries of per-index work to a fixed size.
+        """
+        if self.indices is None:
+            raise ValueError("index_chunks() is only defined for index selections")
+        for off in range(0, self.k, SELECTION_CHUNK):
+            yield off, self.indices[off : off + SELECTION_CHUNK].to(device)
+
     def gather(self, flat: torch.Tensor) -> torch.Tensor:
         """Values of ``flat`` at the selection (a new tensor of ``k`` elements)."""
         if self.indices is None:
             parts = [flat[lo:hi] for lo, hi in self.slices()]
             return parts[0].clone() if len(parts) == 1 else torch.cat(parts)
-        return flat.index_select(0, self.indices.to(flat.device, torch.int64))
+        return flat.index_select(0, self.indices.to(flat.device))
 
     def scatter_(self, flat: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """``flat[selection] = values`` in place."""
@@ -197,18 +210,20 @@ class Selection:
                 flat[lo:hi].copy_(values[off : off + hi - lo])
                 off += hi - lo
             return flat
-        flat.index_copy_(0, self.indices.to(flat.device, torch.int64), values.to(flat.dtype))
+        for off, idx in self.index_chunks(flat.device):
+            flat[idx] = values[off : off + idx.numel()].to(flat.dtype)
         return flat
 
     def add_(self, flat: torch.Tensor, values: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-        """``flat[selection] += alpha * values`` in place."""
+        """``flat[selection] += alpha * values`` in place (chunked: no k-sized temporary)."""
         if self.indices is None:
             off = 0
             for lo, hi in self.slices():
-                flat[lo:hi].add_(values[off : off + hi - lo].to(flat.dtype), alpha=alpha)
+                flat[lo:hi].add_(values[off : off + hi - lo], alpha=alpha)
                 off += hi - lo
             return flat
-        flat.index_add_(0, self.indices.to(flat.device, torch.int64), values.to(flat.dtype), alpha=alpha)
+        for off, idx in self.index_chunks(flat.device):
+            flat.index_add_(0, idx, values[off : off + idx.numel()].to(flat.dtype), alpha=alpha)
         return flat
 
 

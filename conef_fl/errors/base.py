@@ -11,6 +11,7 @@ operation creates a temporary of ``numel`` elements unless documented.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import ClassVar
@@ -97,6 +98,10 @@ class ErrorStore(ABC):
         """ê as a new dense float32 vector (allocates ``numel`` floats: tests and inspection only)."""
         out = torch.zeros(self.numel, dtype=torch.float32, device=self.persistent_tensors()[0].device)
         return self.estimate_add_(out)
+
+    def reuse_hashes(self) -> contextlib.AbstractContextManager[object]:
+        """A ``with`` block inside which per-call structures (hashes) are computed once (default: none)."""
+        return contextlib.nullcontext(self)
 
     # Linear stores only -------------------------------------------------------
     def accumulate_(self, x: torch.Tensor, alpha: float = 1.0) -> ErrorStore:
