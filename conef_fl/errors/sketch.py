@@ -154,6 +154,17 @@ def _row_seed(seed: int, row: int) -> int:
     return derive_seed(seed, "count-sketch", HASH_SCHEME, row)
 
 
+_SIGN_LUTS: dict[torch.dtype, torch.Tensor] = {}
+
+
+def _sign_lut(dtype: torch.dtype) -> torch.Tensor:
+    """``[+1, -1]`` in ``dtype`` (CPU; a constant, created once per dtype)."""
+    lut = _SIGN_LUTS.get(dtype)
+    if lut is None:
+        lut = _SIGN_LUTS[dtype] = torch.tensor([1.0, -1.0], dtype=dtype)
+    return lut
+
+
 def _tail_hash(row_seed: int, buckets: int) -> tuple[int, float]:
     """Bucket and sign of the tail unit of one row (pure Python, no generator)."""
     v = derive_seed(row_seed, "tail")
@@ -168,20 +179,26 @@ class _RowHash:
     at position ``p``. ``(crow, perm, sign)`` is ``Pᵀ`` in CSR form.
     """
 
-    __slots__ = ("full", "buckets", "perm", "sign", "crow", "tail_bucket", "tail_sign", "_inv", "_ext")
+    __slots__ = ("full", "buckets", "perm", "sign", "crow", "tail_bucket", "tail_sign", "_i32", "_inv", "_ext")
 
-    def __init__(self, seed: int, row: int, g: SketchGeometry, device: torch.device, dtype: torch.dtype) -> None:
-        rs = _row_seed(seed, row)
+    def __init__(self, row_seed: int, g: SketchGeometry, device: torch.device, dtype: torch.dtype) -> None:
         f, w = g.full_units, g.buckets
         self.full, self.buckets = f, w
-        gen = make_generator(rs)
+        #: positions and buckets fit int32 arithmetic (then no int64 copies are made)
+        self._i32 = (f + 1) * (w + 1) < 2**31
+        gen = make_generator(row_seed)
         perm = torch.randperm(f, generator=gen, dtype=torch.int32)
         words = torch.randint(0, 1 << _SIGN_BITS, (-(-f // _SIGN_BITS),), generator=gen)
         bits = (words.unsqueeze(1) >> _SHIFTS).bitwise_and_(1).view(-1)[:f]
-        sign = bits.to(dtype).mul_(-2).add_(1)
-        crow = torch.arange(w + 1, dtype=torch.int64).mul_(f).div_(w, rounding_mode="floor").to(torch.int32)
-        self.perm, self.sign, self.crow = perm.to(device), sign.to(device), crow.to(device)
-        self.tail_bucket, self.tail_sign = _tail_hash(rs, w)
+        sign = _sign_lut(dtype).index_select(0, bits)  # bit 0 -> +1, bit 1 -> -1
+        if self._i32:
+            crow = torch.arange(0, (w + 1) * f, f, dtype=torch.int32).div_(w, rounding_mode="floor")
+        else:
+            crow = torch.arange(0, (w + 1) * f, f, dtype=torch.int64).div_(w, rounding_mode="floor").to(torch.int32)
+        if device.type != "cpu":
+            perm, sign, crow = perm.to(device), sign.to(device), crow.to(device)
+        self.perm, self.sign, self.crow = perm, sign, crow
+        self.tail_bucket, self.tail_sign = _tail_hash(row_seed, w)
         self._inv: torch.Tensor | None = None
         self._ext: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -195,11 +212,12 @@ class _RowHash:
         return self._inv
 
     def _bucket_of(self, pos: torch.Tensor) -> torch.Tensor:
-        """Bucket of positions (int64): the largest ``b`` with ``crow[b] <= p``."""
-        return (pos.to(torch.int64) + 1).mul_(self.buckets).sub_(1).div_(self.full, rounding_mode="floor")
+        """Bucket of int32 positions (int32, or int64 for huge geometries): the largest ``b`` with ``crow[b] <= p``."""
+        p = pos + 1 if self._i32 else pos.to(torch.int64) + 1
+        return p.mul_(self.buckets).sub_(1).div_(self.full, rounding_mode="floor")
 
     def unit_buckets(self, lo: int, hi: int) -> torch.Tensor:
-        """Buckets (int64) of full units ``lo..hi-1``."""
+        """Buckets (int32 or int64) of full units ``lo..hi-1``."""
         return self._bucket_of(self.inv[lo:hi])
 
     def unit_signs(self, lo: int, hi: int) -> torch.Tensor:
@@ -216,7 +234,7 @@ class _RowHash:
     def extended(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Bucket (int64) and sign of every unit, tail included (``n`` entries each)."""
         if self._ext is None:
-            b = self.unit_buckets(0, self.full)
+            b = self.unit_buckets(0, self.full).to(torch.int64)
             s = self.unit_signs(0, self.full)
             dev = self.perm.device
             self._ext = (
@@ -250,7 +268,7 @@ def unit_hashes(
 
     A pure function of its arguments (the reference the sketch's kernels are tested against).
     """
-    h = _RowHash(seed, row, geometry, torch.device(device), torch.float32)
+    h = _RowHash(_row_seed(seed, row), geometry, torch.device(device), torch.float32)
     b, s = h.extended()
     if geometry.tail == 0:
         return b[:-1], s[:-1]
@@ -301,6 +319,7 @@ class CountSketch(ErrorStore):
         self.table = torch.zeros((g.rows, g.buckets, g.unit), dtype=sketch_dtype(dtype), device=device)
         #: float32/float64 tables compute in their own dtype (sparse kernels); 16-bit ones in float32.
         self._cdtype = self.table.dtype if self.table.dtype in _SPARSE_DTYPES else torch.float32
+        self._row_seeds = [_row_seed(self.seed, r) for r in range(g.rows)]
         self._memo: list[_RowHash] | None = None
         self._memo_depth = 0
 
@@ -323,9 +342,7 @@ class CountSketch(ErrorStore):
     def _hashes(self) -> list[_RowHash]:
         if self._memo is not None:
             return self._memo
-        hashes = [
-            _RowHash(self.seed, r, self.geometry, self.table.device, self._cdtype) for r in range(self.geometry.rows)
-        ]
+        hashes = [_RowHash(rs, self.geometry, self.table.device, self._cdtype) for rs in self._row_seeds]
         if self._memo_depth:
             self._memo = hashes
         return hashes
@@ -442,7 +459,7 @@ class CountSketch(ErrorStore):
         if g.rows == 1 and self._use_sparse() and x_units.dtype == self.table.dtype:
             h = hashes[0]
             crow = torch.arange(n + 1, dtype=torch.int32, device=self.table.device)
-            col = h.unit_buckets(u0, u0 + n).to(torch.int32)
+            col = h.unit_buckets(u0, u0 + n).to(torch.int32)  # no copy when already int32
             p = _csr(crow, col, h.unit_signs(u0, u0 + n), (n, g.buckets))
             x_units.addmm_(p, self.table[0], alpha=alpha)
             return
@@ -622,7 +639,7 @@ class CountSketch(ErrorStore):
         crow = crow.div_(g.buckets, rounding_mode="floor")
         factor = (crow[1:] - crow[:-1]).to(torch.float32).mul_(-c).add_(1.0)
         if g.tail:  # the tail unit adds load only on the first `tail` columns of its bucket
-            b, _ = _tail_hash(_row_seed(self.seed, 0), g.buckets)
+            b, _ = _tail_hash(self._row_seeds[0], g.buckets)
             fb = float(factor[b])
             self.table[0, b, : g.tail].mul_(fb - c)
             self.table[0, b, g.tail :].mul_(fb)
