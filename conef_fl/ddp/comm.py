@@ -16,21 +16,6 @@ import torch.distributed as dist
 from conef_fl.compressors import COMPRESSORS
 from conef_fl.compressors.base import Payload
 
-__all__ = [
-    "GATHER_COMPRESSORS",
-    "GradBucket",
-    "ProcessGroup",
-    "all_reducible",
-    "allgather_payloads",
-    "allreduce_dense",
-    "allreduce_payloads",
-    "allreduce_sum_",
-    "annotate_hook",
-    "average_",
-    "group_of",
-    "mean_async",
-]
-
 GradBucket = dist.GradBucket
 ProcessGroup = dist.ProcessGroup
 Future = torch.futures.Future

@@ -1,14 +1,9 @@
 """The ConEF hook: the core's error feedback (ConEF, EFSGD, PowerSGD, ...) on each bucket of a DDP model.
 
-::
-
-    state = register_conef_hook(ddp_model, "conef-cs", k_ratio=0.1, sketch_ratio=0.1, beta=0.9)
-
-Per segment, ``u = g`` (the optimizer applies the learning rate) goes through the core's
-``ErrorFeedback.step``; the payloads of a bucket travel in one collective (all-reduce for
-all-reducible Q, all-gather for top-k / scaled sign) or, for PowerSGD, two
-(:mod:`conef_fl.ddp.powersgd`). A rank whose gradient has NaN/Inf sends NaN in the same
-collective and leaves its error untouched. Design notes: ``docs/ddp.md``.
+Per segment, the gradient goes through the core's ``ErrorFeedback.step``; a bucket's payloads
+travel in one collective (all-reduce, or all-gather for top-k / scaled sign), or two for
+PowerSGD (:mod:`conef_fl.ddp.powersgd`). A rank whose gradient has NaN/Inf sends NaN and
+leaves its error untouched. Use and design notes: ``docs/ddp.md``.
 """
 
 from __future__ import annotations
@@ -23,19 +18,10 @@ from conef_fl.compressors.base import wire_value_dtype
 from conef_fl.config import MethodConfig
 from conef_fl.ddp import comm
 from conef_fl.ddp.powersgd import POWERSGD_FEEDBACKS, expected_nbytes, powersgd_step
-from conef_fl.ddp.segments import Segment, Work, scatter_back
-from conef_fl.ddp.state import HookState, check_count, check_ddp, register
+from conef_fl.ddp.segments import Segment, Work, plan, scatter_back
+from conef_fl.ddp.state import HookState, check_count, raise_first, register
 from conef_fl.feedback import make_compressor_for, make_feedback
 from conef_fl.registry import method_config
-
-__all__ = [
-    "ConEFHookState",
-    "conef_hook",
-    "dense_error_bytes",
-    "expected_bytes_per_step",
-    "register_conef_hook",
-    "supported_compressors",
-]
 
 logger = logging.getLogger(__name__)
 
@@ -50,25 +36,16 @@ def _validate(config: object, warmup_steps: object, error_reset_every: object) -
         raise ValueError(f"config must be a MethodConfig, got {type(config).__name__}")
     check_count("warmup_steps", warmup_steps)
     check_count("error_reset_every", error_reset_every)
-    if config.compressor not in supported_compressors():
-        raise ValueError(
-            f"compressor={config.compressor!r} is not supported by the DDP hook; "
-            f"allowed: {', '.join(supported_compressors())}"
-        )
-    if config.compressor == "powersgd" and config.feedback not in POWERSGD_FEEDBACKS:
-        raise ValueError(
-            f"feedback={config.feedback!r} is not supported with compressor='powersgd'; "
-            f"allowed: {', '.join(POWERSGD_FEEDBACKS)}"
-        )
-    linear = config.feedback == "efsgd" or (
-        config.feedback == "conef" and config.error_compressor in ("count-sketch", "identity")
-    )
-    if error_reset_every and not linear:
-        raise ValueError(
-            f"error_reset_every={error_reset_every} needs a linear error store; got feedback={config.feedback!r}, "
-            f"error_compressor={config.error_compressor!r}; allowed: feedback 'efsgd', or 'conef' with "
-            "error_compressor 'count-sketch' or 'identity' (or error_reset_every=0)"
-        )
+    stores = make_feedback(config, (1,)).stores().values() if error_reset_every else ()  # a 1-element probe
+    raise_first([
+        (config.compressor not in supported_compressors(), f"compressor={config.compressor!r} is not supported by "
+         f"the DDP hook; allowed: {', '.join(supported_compressors())}"),
+        (config.compressor == "powersgd" and config.feedback not in POWERSGD_FEEDBACKS, f"feedback="
+         f"{config.feedback!r} is not supported with compressor='powersgd'; allowed: {', '.join(POWERSGD_FEEDBACKS)}"),
+        (bool(error_reset_every) and not (stores and all(s.linear for s in stores)), f"error_reset_every="
+         f"{error_reset_every} needs a linear error store (feedback 'efsgd', or 'conef' with a linear "
+         f"error_compressor); got feedback={config.feedback!r}, error_compressor={config.error_compressor!r}"),
+    ])  # fmt: skip
 
 
 class ConEFHookState(HookState):
@@ -76,18 +53,14 @@ class ConEFHookState(HookState):
 
     Parameters
     ----------
-    process_group:
-        Group to communicate in; ``None`` is the default group.
     config:
-        The method (:func:`conef_fl.registry.method_config`); compressor in
-        :func:`supported_compressors`, PowerSGD with ``feedback`` none, efsgd or conef.
+        The method; compressor in :func:`supported_compressors` (PowerSGD: feedback none,
+        efsgd or conef).
     warmup_steps:
         Iterations of plain all-reduce before compression starts (>= 0).
     error_reset_every:
         Every this many compressed iterations the (linear) error stores are averaged over
         the ranks (the paper's ER; bytes in ``bytes_reset_total``); 0 disables it.
-
-    Attributes are those of :class:`~conef_fl.ddp.state.HookState`, plus ``bytes_reset_total``.
     """
 
     __slots__ = ("config", "error_reset_every", "bytes_reset_total", "compressor")
@@ -159,7 +132,7 @@ def conef_hook(state: ConEFHookState, bucket: comm.GradBucket) -> torch.futures.
             state._end_bucket(bucket, compressed)
             return fut
         seed = state._seed()
-        works = state._plan(bucket, buffer, cfg.layerwise)
+        works = plan(state, bucket, buffer, cfg.layerwise)
         step = powersgd_step if cfg.compressor == "powersgd" else _payload_step
         fut, sent = step(state, works, seed, group)
         state._count(bucket.index(), sent=sent, dense=dense)
@@ -218,7 +191,6 @@ def register_conef_hook(
     ``layerwise``, ``seed``, ...). A ``state`` (e.g. unpickled) is reused as it is, and
     the other settings are then ignored. Bad arguments raise ``ValueError``.
     """
-    check_ddp(model)
     if state is None:
         state = ConEFHookState.from_method(
             method, process_group, warmup_steps=warmup_steps, error_reset_every=error_reset_every, **overrides

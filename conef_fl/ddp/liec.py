@@ -1,17 +1,9 @@
 """LIEC-SGD (Cheng et al. 2024) as a DDP hook: bidirectional compression with a virtual server.
 
-::
-
-    state = register_liec_hook(ddp, k_ratio=0.1, down_compressor="top-k", average_every=32)
-    ...
-    loss.backward(); opt.step(); liec_average_(ddp, state)   # averages every H steps, else a no-op
-
-Per segment and step, on worker ``i``: ``Δ_i = Q_up(g_i)`` (shared seed), ``δ_i = g_i − Δ_i``;
-one all-reduce gives ``v = mean_i Δ_i``; every rank runs the server's error feedback (the
-core's ``step`` of ``downlink.feedback``) on ``v``, giving ``Δ̃``; the bucket receives
-``Δ̃ + δ_i`` (``compensation="immediate"``) or ``Δ̃`` (``"delayed"``: the uplink runs the
-core's error feedback instead). Every ``H`` compressed steps :func:`liec_average_`
-averages the parameters and resets the server error. Why, and what it costs: ``docs/ddp.md``.
+Per segment, on worker ``i``: ``Δ_i = Q_up(g_i)``, ``δ_i = g_i − Δ_i``; one all-reduce gives
+``v = mean_i Δ_i``; every rank runs the server's error feedback (the core's ``step``) on ``v``,
+giving ``Δ̃``; the bucket receives ``Δ̃ + δ_i`` (immediate) or ``Δ̃`` (delayed). Every ``H``
+steps :func:`liec_average_` averages the parameters. The update rule and why: ``docs/ddp.md``.
 """
 
 from __future__ import annotations
@@ -25,38 +17,26 @@ from torch import nn
 from conef_fl.compressors.base import Payload
 from conef_fl.config import MethodConfig
 from conef_fl.ddp import comm
-from conef_fl.ddp.segments import Segment, Work
-from conef_fl.ddp.state import HookState, check_count, check_ddp, register
+from conef_fl.ddp.segments import Segment, Work, plan
+from conef_fl.ddp.state import HookState, check_count, raise_first, ratio, register
 from conef_fl.errors.base import NonFiniteError
-from conef_fl.feedback import NoFeedback, make_compressor_for, make_feedback
+from conef_fl.feedback import make_compressor_for, make_feedback
 from conef_fl.memory import persistent_bytes
 from conef_fl.registry import method_config
 from conef_fl.seeding import derive_seed
 
-__all__ = [
-    "COMPENSATIONS",
-    "DOWNLINK_FEEDBACKS",
-    "LIECHookState",
-    "default_downlink",
-    "default_uplink",
-    "downlink_compressors",
-    "liec_average_",
-    "liec_hook",
-    "register_liec_hook",
-]
-
 logger = logging.getLogger(__name__)
 
-#: Server error feedback: none, dense (the paper), count sketch / other core stores (ConEF).
+#: Server error feedback: none, dense (the paper), a core store (ConEF).
 DOWNLINK_FEEDBACKS: tuple[str, ...] = ("none", "efsgd", "conef")
-#: ``immediate``: LIEC (the worker error is applied in the same step, no worker memory);
-#: ``delayed``: the worker error is fed into the next uplink (bidirectional EF / ConEF).
+#: ``immediate``: the worker error is applied in the same step; ``delayed``: in the next uplink.
 COMPENSATIONS: tuple[str, ...] = ("immediate", "delayed")
 _DOWN_PREFIX = "down_"
+_OPTIONS = ("compensation", "average_every", "warmup_steps", "reset_server_error", "shared_downlink_seed")
 
 
 def downlink_compressors() -> tuple[str, ...]:
-    """Downlink compressors: deterministic given the server's input and the seed (every rank agrees)."""
+    """Deterministic compressors (every rank's server agrees)."""
     return (*comm.all_reducible(), *comm.GATHER_COMPRESSORS)
 
 
@@ -81,9 +61,8 @@ def _as_config(value: str | MethodConfig | None, default: MethodConfig, what: st
 
 def _validate(s: LIECHookState) -> None:
     up, down = s.uplink, s.downlink
-    for name, cfg in (("uplink", up), ("downlink", down)):
-        if not isinstance(cfg, MethodConfig):
-            raise ValueError(f"{name} must be a MethodConfig, got {type(cfg).__name__}")
+    if not (isinstance(up, MethodConfig) and isinstance(down, MethodConfig)):
+        raise ValueError(f"uplink and downlink must be MethodConfigs, got {type(up).__name__}, {type(down).__name__}")
     if s.compensation not in COMPENSATIONS:
         raise ValueError(f"compensation={s.compensation!r} is not valid; allowed: {', '.join(COMPENSATIONS)}")
     check_count("warmup_steps", s.warmup_steps)
@@ -92,36 +71,20 @@ def _validate(s: LIECHookState) -> None:
         if not isinstance(getattr(s, flag), bool):
             raise ValueError(f"{flag}={getattr(s, flag)!r} must be a bool")
     immediate = s.compensation == "immediate"
-    if immediate and s.average_every == 0:
-        raise ValueError(
-            "average_every=0 is out of range with compensation='immediate' (the models would drift apart "
-            "for ever); allowed: integer >= 1"
-        )
-    if up.compressor not in comm.all_reducible():
-        raise ValueError(
-            f"uplink compressor={up.compressor!r} is not supported (it must be all-reducible); "
-            f"allowed: {', '.join(comm.all_reducible())}"
-        )
-    if immediate and up.feedback != "none":
-        raise ValueError(
-            f"uplink feedback={up.feedback!r} keeps a worker error for the next step, which immediate "
-            "compensation has already applied (it would be applied twice); allowed with "
-            "compensation='immediate': 'none' (or use compensation='delayed')"
-        )
-    if down.compressor not in downlink_compressors():
-        raise ValueError(
-            f"downlink compressor={down.compressor!r} is not supported; allowed: {', '.join(downlink_compressors())}"
-        )
-    if down.feedback not in DOWNLINK_FEEDBACKS:
-        raise ValueError(
-            f"downlink feedback={down.feedback!r} is not supported (the server error); "
-            f"allowed: {', '.join(DOWNLINK_FEEDBACKS)}"
-        )
-    if down.layerwise != up.layerwise:
-        raise ValueError(
-            f"downlink layerwise={down.layerwise} differs from uplink layerwise={up.layerwise}; "
-            "both directions use the same segments, so they must be equal"
-        )
+    raise_first([
+        (immediate and s.average_every == 0, "average_every=0 is out of range with compensation='immediate' "
+         "(the models would drift apart for ever); allowed: integer >= 1"),
+        (up.compressor not in comm.all_reducible(), f"uplink compressor={up.compressor!r} is not supported (it "
+         f"must be all-reducible); allowed: {', '.join(comm.all_reducible())}"),
+        (immediate and up.feedback != "none", f"uplink feedback={up.feedback!r} would be applied twice with "
+         "compensation='immediate'; allowed: 'none' (or compensation='delayed')"),
+        (down.compressor not in downlink_compressors(), f"downlink compressor={down.compressor!r} is not "
+         f"supported; allowed: {', '.join(downlink_compressors())}"),
+        (down.feedback not in DOWNLINK_FEEDBACKS, f"downlink feedback={down.feedback!r} is not supported (the "
+         f"server error); allowed: {', '.join(DOWNLINK_FEEDBACKS)}"),
+        (down.layerwise != up.layerwise, f"downlink layerwise={down.layerwise} differs from uplink layerwise="
+         f"{up.layerwise}; both directions use the same segments"),
+    ])  # fmt: skip
 
 
 class LIECHookState(HookState):
@@ -129,35 +92,22 @@ class LIECHookState(HookState):
 
     Parameters
     ----------
-    process_group:
-        Group to communicate in; ``None`` is the default group.
-    uplink:
-        The workers' compression: an all-reducible compressor; with ``compensation="delayed"``
-        also its error feedback. Default :func:`default_uplink`.
-    downlink:
-        The server's compression: compressor in :func:`downlink_compressors`, ``feedback`` in
-        :data:`DOWNLINK_FEEDBACKS` (the server error); ``layerwise`` equal to the uplink's.
-        Default :func:`default_downlink`.
+    uplink, downlink:
+        The workers' compression (an all-reducible Q; its error feedback with delayed
+        compensation) and the server's (Q in :func:`downlink_compressors`, the server error in
+        :data:`DOWNLINK_FEEDBACKS`). Defaults :func:`default_uplink`, :func:`default_downlink`.
     compensation:
         ``"immediate"`` (LIEC-SGD) or ``"delayed"``.
     average_every:
-        ``H``: compressed steps between parameter averages and server-error resets
-        (>= 1 with immediate compensation; 0, never, allowed with delayed).
-    warmup_steps:
-        Iterations of plain all-reduce first (>= 0).
+        ``H``, compressed steps between averages (>= 1 with immediate compensation; 0: never).
     reset_server_error:
         Zero the server error at each average (the paper's rule).
     shared_downlink_seed:
-        ``Q_down`` uses the uplink's step seed (default: ``derive_seed(seed, "liec-downlink")``).
+        ``Q_down`` uses the uplink's step seed, not ``derive_seed(seed, "liec-downlink")``.
 
-    Notes
-    -----
-    The step seed is derived as in :class:`~conef_fl.ddp.conef.ConEFHookState` (from
-    ``uplink.seed``), so both hooks pick the same uplink coordinates at the same step.
-    Attributes beyond :class:`~conef_fl.ddp.state.HookState`'s: ``averages``,
-    ``steps_since_average``, ``average_due``; the ``down`` channel (``bytes_down_total``,
-    ``last_bytes_down``: what a parameter server would send each worker);
-    ``bytes_average_total`` (the averaging all-reduces).
+    Beyond :class:`~conef_fl.ddp.state.HookState`'s attributes: ``averages``, ``average_due``,
+    ``steps_since_average``, ``bytes_average_total`` and the ``down`` byte channel (what a
+    parameter server would send each worker).
     """
 
     __slots__ = (
@@ -203,12 +153,9 @@ class LIECHookState(HookState):
         downlink: str | MethodConfig | None = None,
         **settings: Any,
     ) -> LIECHookState:
-        """A state from registry names / configs; ``settings`` are the constructor's keywords, uplink
-        ``MethodConfig`` fields (``k_ratio=0.1``) and downlink ones prefixed ``down_``.
-
-        Unless ``downlink`` is a ``MethodConfig`` (taken as it is), it inherits the uplink's
-        ``layerwise`` and ``seed`` when they are not given.
-        """
+        """A state from names / configs; ``settings``: the constructor's keywords, uplink config fields
+        and ``down_``-prefixed downlink ones (a downlink not given as a config inherits the
+        uplink's ``layerwise`` and ``seed``)."""
         own = {k: settings.pop(k) for k in list(settings) if k in _OPTIONS}
         up_over = {k: v for k, v in settings.items() if not k.startswith(_DOWN_PREFIX)}
         down_over = {k[len(_DOWN_PREFIX) :]: v for k, v in settings.items() if k.startswith(_DOWN_PREFIX)}
@@ -227,11 +174,8 @@ class LIECHookState(HookState):
         _validate(self)
 
     def _fill(self, seg: Segment, device: torch.device) -> None:
-        shape = (seg.numel,)
-        if self.compensation == "immediate":
-            seg.feedback = NoFeedback(shape, self.up_compressor, self.uplink, seg.key, device)
-        else:
-            seg.feedback = make_feedback(self.uplink, shape, seg.key, compressor=self.up_compressor, device=device)
+        shape = (seg.numel,)  # immediate compensation: uplink feedback "none", no worker memory
+        seg.feedback = make_feedback(self.uplink, shape, seg.key, compressor=self.up_compressor, device=device)
         seg.server = make_feedback(self.downlink, shape, seg.key, compressor=self.down_compressor, device=device)
         seg.down_nbytes = self.down_compressor.expected_nbytes(shape)
 
@@ -255,7 +199,6 @@ class LIECHookState(HookState):
         return persistent_bytes(self.server_error_tensors())
 
     def stats(self) -> dict[str, Any]:
-        dense = self.bytes_dense_total
         return {
             **super().stats(),
             "compensation": self.compensation,
@@ -264,15 +207,12 @@ class LIECHookState(HookState):
             "averages": self.averages,
             "average_due": self.average_due,
             "bytes_average_total": self.bytes_average_total,
-            "bytes_up_with_average_ratio_total": (self.bytes_sent_total + self.bytes_average_total) / dense
-            if dense
-            else None,
+            "bytes_up_with_average_ratio_total": ratio(
+                self.bytes_sent_total + self.bytes_average_total, self.bytes_dense_total
+            ),
             "worker_error_state_bytes": self.worker_error_state_bytes(),
             "server_error_state_bytes": self.server_error_state_bytes(),
         }
-
-
-_OPTIONS = ("compensation", "average_every", "warmup_steps", "reset_server_error", "shared_downlink_seed")
 
 
 def liec_hook(state: LIECHookState, bucket: comm.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -298,7 +238,7 @@ def liec_hook(state: LIECHookState, bucket: comm.GradBucket) -> torch.futures.Fu
         seed = state._seed()
         down_seed = seed if state.shared_downlink_seed else derive_seed(seed, "liec-downlink")
         immediate = state.compensation == "immediate"
-        works = state._plan(bucket, buffer, state.uplink.layerwise)
+        works = plan(state, bucket, buffer, state.uplink.layerwise)
         payloads = [state._payload(w, seed, consume=not immediate) for w in works]
         if immediate:  # δ_i = g_i − Δ_i in place (the k selected entries); applied in this step only
             for w, p in zip(works, payloads, strict=True):
@@ -386,7 +326,6 @@ def register_liec_hook(
     (``down_compressor="top-k"``). A ``state`` (e.g. unpickled) is reused as it is. Call
     :func:`liec_average_` after every optimizer step.
     """
-    check_ddp(model)
     if state is None:
         state = LIECHookState.from_settings(process_group, uplink=uplink, downlink=downlink, **settings)
     return register(model, state, LIECHookState, liec_hook, process_group)

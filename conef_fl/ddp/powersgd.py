@@ -14,17 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from conef_fl.compressors import powersgd as core
 from conef_fl.compressors.base import wire_value_dtype
-from conef_fl.compressors.powersgd import (
-    PowerSGD,
-    as_matrix,
-    factor_product,
-    matrix_view_shape,
-    orthogonalize,
-    project_back,
-    uses_dense,
-    warm_start,
-)
 from conef_fl.ddp import comm
 from conef_fl.ddp.segments import Work
 from conef_fl.errors.base import NonFiniteError, check_finite
@@ -33,25 +24,20 @@ from conef_fl.seeding import derive_seed
 if TYPE_CHECKING:
     from conef_fl.ddp.conef import ConEFHookState
 
-__all__ = ["POWERSGD_FEEDBACKS", "expected_nbytes", "matrix_shape", "powersgd_step"]
-
 #: Error feedback the PowerSGD path supports (the store is the core's error compressor C).
 POWERSGD_FEEDBACKS: tuple[str, ...] = ("none", "efsgd", "conef")
 
 
 def matrix_shape(shape: tuple[int, ...], rank: int, layerwise: bool) -> tuple[int, int, int] | None:
-    """``(n, m, r)`` if PowerSGD compresses a segment of ``shape``, else None (sent dense).
-
-    Layer-wise, vectors (biases, norm weights) go dense, as in torch's hook; a flat bucket
-    uses the core's near-square view. Dense whenever the factors would not be smaller.
-    """
-    if (layerwise and len(shape) < 2) or uses_dense(shape, rank):
+    """``(n, m, r)`` if PowerSGD compresses a segment of ``shape``, else None (sent dense: layer-wise
+    vectors, as in torch's hook, and whenever the factors would not be smaller)."""
+    if (layerwise and len(shape) < 2) or core.uses_dense(shape, rank):
         return None
-    n, m = matrix_view_shape(shape)
+    n, m = core.matrix_view_shape(shape)
     return n, m, min(rank, n, m)
 
 
-def expected_nbytes(q: PowerSGD, shape: tuple[int, ...], layerwise: bool) -> int:
+def expected_nbytes(q: core.PowerSGD, shape: tuple[int, ...], layerwise: bool) -> int:
     """Bytes one segment of ``shape`` sends: the core's count, or dense for a layer-wise vector."""
     if layerwise and len(shape) < 2:
         return math.prod(shape) * wire_value_dtype(q.value_dtype).itemsize
@@ -73,7 +59,7 @@ class _Matrix:
 
     def __init__(self, work: Work, p: torch.Tensor, shape: tuple[int, int, int], p_at: int, q_at: int) -> None:
         self.work, (self.n, self.m, self.r), self.p_at, self.q_at = work, shape, p_at, q_at
-        self.mat = as_matrix(p, self.n, self.m)  # a view of the bucket when it can be
+        self.mat = core.as_matrix(p, self.n, self.m)  # a view of the bucket when it can be
         self.p: torch.Tensor | None = None
 
     def p_of(self, buf: torch.Tensor) -> torch.Tensor:
@@ -110,7 +96,7 @@ def powersgd_step(
     device = works[0].vec.device
     comm1 = torch.empty(p_len + sum(w.vec.numel() for w in dense), dtype=wire, device=device)
     for x in mats:
-        q = warm_start(x.work.seg.q, x.m, x.r, derive_seed(seed, x.work.seg.key), device)
+        q = core.warm_start(x.work.seg.q, x.m, x.r, derive_seed(seed, x.work.seg.key), device)
         p_local = x.p_of(comm1)
         p_local.copy_(x.mat @ q)
         if not _finite(p_local):
@@ -144,11 +130,11 @@ def powersgd_step(
         if not _finite(p_sum):  # some rank sent NaN: the same decision on every rank
             q_local.fill_(float("nan"))
             continue
-        x.p = orthogonalize(p_sum)
+        x.p = core.orthogonalize(p_sum)
         if x.work.bad:
             q_local.fill_(float("nan"))
             continue
-        q_local.copy_(project_back(x.mat, x.p))
+        q_local.copy_(core.project_back(x.mat, x.p))
         if not _finite(q_local):
             state._mark_bad(x.work)
             q_local.fill_(float("nan"))
@@ -168,7 +154,7 @@ def powersgd_step(
             q_avg = x.q_of(q_all).to(torch.float32)
             if _finite(q_avg):
                 x.work.seg.q = q_avg.clone()  # the warm start, identical on every rank
-            factor_product(x.p, q_avg, out=x.mat)
+            core.factor_product(x.p, q_avg, out=x.mat)
             x.write_back()
 
     return fut.then(decompress), sent

@@ -1,8 +1,7 @@
 """The segment planner: the compressed units of a DDP bucket and the flat vectors they work on.
 
-A segment is one parameter (``layerwise``; keyed by its name, so the error state does not
-depend on DDP's bucket layout) or one whole flat bucket (keyed by the tuple of its
-parameters' names, checked by size). See ``docs/ddp.md`` ("DDP's bucket rebuild").
+A segment is a parameter (``layerwise``, keyed by its name) or a whole bucket (keyed by its
+parameters' names, checked by size); see ``docs/ddp.md`` ("DDP's bucket rebuild").
 """
 
 from __future__ import annotations
@@ -27,22 +26,11 @@ logger = logging.getLogger(__name__)
 class Segment:
     """The state of one compressed unit, kept between steps (pickled with the hook state).
 
-    Attributes
-    ----------
-    key:
-        Parameter name or ``bucket{i}``: seeds hashes, selections and PowerSGD's first ``Q``.
-    names, sizes:
-        The parameters covered and their numbers of elements, in flat order.
-    shape:
-        The parameter's shape (layer-wise) or ``(numel,)`` (a flat bucket).
-    feedback:
-        The worker's error feedback (the core's; ``NoFeedback`` when it keeps no error).
-    server:
-        LIEC-SGD only: the virtual server's error feedback on the downlink.
-    q:
-        PowerSGD only: the warm-start ``Q`` after the last all-reduce.
-    down_nbytes, last_down_nbytes:
-        LIEC-SGD only: bytes of one downlink payload, expected and last produced.
+    ``key`` (parameter name or ``bucket{i}``) seeds hashes, selections and PowerSGD's first
+    ``Q``; ``names``, ``sizes``: the parameters covered, in flat order; ``shape``: the
+    parameter's, or ``(numel,)``; ``feedback``: the worker's core error feedback. PowerSGD
+    only: ``q``, the warm start. LIEC-SGD only: ``server``, the virtual server's error
+    feedback, and ``down_nbytes`` / ``last_down_nbytes``, one downlink payload's bytes.
     """
 
     __slots__ = ("key", "names", "sizes", "shape", "feedback", "server", "q", "down_nbytes", "last_down_nbytes")
@@ -69,11 +57,8 @@ class Segment:
 
 
 class Work:
-    """One segment's share of a bucket during one step.
-
-    ``vec`` is a view of the bucket buffer, or (a saved flat segment met in a new DDP
-    layout) a gathered copy whose pieces :func:`scatter_back` writes back.
-    """
+    """One segment's share of a bucket in one step: a view of the buffer, or (a saved flat segment
+    met in a new DDP layout) a gathered copy that :func:`scatter_back` writes back."""
 
     __slots__ = ("seg", "vec", "scatter", "bad")
 

@@ -1,14 +1,13 @@
 """The hook-state base: slots, shared randomness, binding, pickling, byte counters, segments.
 
-Like ``torch``'s ``PowerSGDState``: a small class with ``__slots__`` whose pickle (and
-``state_dict``) leaves out the process group, so a checkpoint resumes in a new process
-(``process_group`` is ``None``, the default group, after loading).
+As ``torch``'s ``PowerSGDState``, it pickles without the process group (``None``, the
+default group, after loading), so a checkpoint resumes in a new process.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -16,7 +15,7 @@ from torch import nn
 
 from conef_fl.compressors.base import Payload
 from conef_fl.ddp import comm
-from conef_fl.ddp.segments import Segment, Work, plan
+from conef_fl.ddp.segments import Segment, Work
 from conef_fl.errors.base import NonFiniteError
 from conef_fl.memory import persistent_bytes
 from conef_fl.seeding import derive_seed, make_generator
@@ -29,6 +28,18 @@ _STATE_VERSION = 2
 _SEED_HIGH = 1 << 62
 
 
+def ratio(a: int, b: int) -> float | None:
+    """``a / b``, or None when ``b`` is 0."""
+    return a / b if b else None
+
+
+def raise_first(checks: Iterable[tuple[bool, str]]) -> None:
+    """``ValueError`` with the message of the first failed check."""
+    for failed, message in checks:
+        if failed:
+            raise ValueError(message)
+
+
 def check_count(name: str, value: object) -> int:
     """``value`` if it is an integer >= 0, else ``ValueError``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -39,23 +50,14 @@ def check_count(name: str, value: object) -> int:
 class HookState:
     """Per-segment state, the shared step seed and the statistics of a DDP communication hook.
 
-    The shared step seed (selections, PowerSGD's first ``Q``) is drawn once per compressed
-    iteration from the state's own ``torch.Generator`` (``derive_seed(seed, "ddp-hook")``),
-    identically on every rank; the global RNG is never used.
+    The step seed is drawn once per compressed iteration from the state's own generator
+    (``derive_seed(seed, "ddp-hook")``), identically on every rank; never the global RNG.
 
-    Attributes
-    ----------
-    iter, dense_steps, compressed_steps:
-        Completed iterations; of them dense (warm-up) and compressed.
-    bytes_<c>_total, last_bytes_<c>:
-        Per channel ``c`` of ``_CHANNELS`` (``sent``: what this rank passed to gradient
-        collectives; ``dense``: what plain DDP would pass), over all iterations and the last.
-    last_bucket_bytes:
-        ``(sent, dense)`` per bucket index in the last iteration.
-    segments, segments_created:
-        The live segments (by the tuple of their parameters' names), and how many were made.
-    nonfinite_segments:
-        Segment steps this rank sent as NaN (its gradient had NaN/Inf).
+    Attributes: ``iter``, ``dense_steps``, ``compressed_steps``; per byte channel ``c``
+    (``sent``: what this rank passed to gradient collectives; ``dense``: what plain DDP
+    would pass) ``bytes_<c>_total`` and ``last_bytes_<c>``; ``last_bucket_bytes`` (``(sent,
+    dense)`` per bucket index); ``segments`` (by parameter names), ``segments_created``;
+    ``nonfinite_segments`` (segment steps this rank sent as NaN).
     """
 
     __slots__ = (
@@ -87,11 +89,9 @@ class HookState:
 
     def _reset_transient(self) -> None:
         self.names_by_id: dict[int, str] = {}
-        self.bound = False
-        self.ddp_iter = 0
-        self.seed_iter = -1
+        self.bound, self.ddp_iter, self.seed_iter = False, 0, -1
         self.used: set[tuple[str, ...]] = set()
-        self.cur: dict[str, int] = {}
+        self.cur: dict[str, int] = {}  # this iteration's bytes per channel, and per bucket
         self.cur_buckets: dict[int, tuple[int, int]] = {}
 
     def _validate(self) -> None:
@@ -173,9 +173,6 @@ class HookState:
         self._fill(seg, device)
         self.segments_created += 1
         return seg
-
-    def _plan(self, bucket: comm.GradBucket, buffer: torch.Tensor, layerwise: bool) -> list[Work]:
-        return plan(self, bucket, buffer, layerwise)
 
     def _seed(self) -> int:
         if self.seed_iter != self.iter:
@@ -272,8 +269,8 @@ class HookState:
             out[f"bytes_{c}_total"], out[f"last_bytes_{c}"] = total, last
             if c != "dense":
                 tag = "" if c == "sent" else f"{c}_"
-                out[f"bytes_{tag}ratio_total"] = total / self.bytes_dense_total if self.bytes_dense_total else None
-                out[f"last_bytes_{tag}ratio"] = last / self.last_bytes_dense if self.last_bytes_dense else None
+                out[f"bytes_{tag}ratio_total"] = ratio(total, self.bytes_dense_total)
+                out[f"last_bytes_{tag}ratio"] = ratio(last, self.last_bytes_dense)
         return out
 
 
@@ -284,7 +281,9 @@ def register(
     hook: Any,
     process_group: comm.ProcessGroup | None,
 ) -> Any:
-    """Bind ``state`` (a ``cls``) to ``model`` and register ``hook`` with it."""
+    """Bind ``state`` (a ``cls``) to the DDP ``model`` and register ``hook`` with it."""
+    if not isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError(f"model must be a DistributedDataParallel model, got {type(model).__name__}")
     if not isinstance(state, cls):
         raise ValueError(f"state must be a {cls.__name__}, got {type(state).__name__}")
     if process_group is not None:
@@ -292,9 +291,3 @@ def register(
     state.bind(model)
     model.register_comm_hook(state, hook)
     return state
-
-
-def check_ddp(model: object) -> None:
-    """``ValueError`` unless ``model`` is a DDP model."""
-    if not isinstance(model, nn.parallel.DistributedDataParallel):
-        raise ValueError(f"model must be a DistributedDataParallel model, got {type(model).__name__}")

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import copy
 import math
-import pickle
 from collections.abc import Callable
 from typing import Any
 
@@ -327,23 +325,6 @@ def test_pickled_state_continues_exactly(runs: list[dict[str, Any]]) -> None:
         assert torch.equal(res["restore"]["restored"], res["restore"]["uninterrupted"])
         assert res["restore"]["stats_restored"]["averages"] == res["restore"]["stats"]["averages"] == 3
         assert res["restore"]["stats_restored"]["segments_created"] == res["restore"]["stats"]["segments_created"]
-
-
-def test_state_pickles_without_process_group() -> None:
-    state = LIECHookState.from_settings(k_ratio=0.2, down_compressor="top-k", average_every=7, warmup_steps=3)
-    state.process_group = object()  # type: ignore[assignment]  # a process group never travels
-    state.average_due = True
-    draw = torch.randint(0, 100, (3,), generator=copy.deepcopy(state.rng))
-    clone = pickle.loads(pickle.dumps(state))
-    assert clone.process_group is None
-    assert clone.uplink == state.uplink and clone.downlink == state.downlink
-    assert (clone.average_every, clone.warmup_steps, clone.average_due) == (7, 3, True)
-    assert torch.equal(torch.randint(0, 100, (3,), generator=clone.rng), draw)
-    fresh = LIECHookState.from_settings(k_ratio=0.2, down_compressor="top-k", average_every=7, warmup_steps=3)
-    fresh.load_state_dict(clone.state_dict())
-    assert fresh.average_due
-    with pytest.raises(ValueError, match="downlink"):
-        LIECHookState.from_settings(k_ratio=0.2).load_state_dict(clone.state_dict())
 
 
 def test_settings_split_between_uplink_and_downlink() -> None:
