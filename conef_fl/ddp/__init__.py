@@ -1,9 +1,6 @@
-"""PyTorch DDP communication hooks over the compression core (layout and use: ``docs/ddp.md``).
-
-``state`` is the hook-state base, ``segments`` the segment planner, ``comm`` the
-communicator (every ``torch.distributed`` call); ``conef`` (with its ``powersgd`` path)
-and ``liec`` are the hooks.
-"""
+"""PyTorch DDP communication hooks over the compression core: ``state`` (the hook-state base),
+``segments`` (the planner), ``comm`` (every ``torch.distributed`` call), the hooks ``conef`` (with
+its ``powersgd`` path) and ``liec``. Layout and use: ``docs/ddp.md``."""
 
 from conef_fl.ddp.conef import (
     ConEFHookState,

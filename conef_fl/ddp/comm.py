@@ -1,9 +1,7 @@
 """The communicator: every ``torch.distributed`` call of the DDP hooks (all-reduce, all-gather).
 
-Averages divide before the sum, as DDP does, except :func:`average_` (sum, then divide:
-the mean of identical values is then exact for two ranks). Collectives are issued only
-from the calling thread (never from a future's callback), so every rank queues them in
-the same order.
+Averages divide before the sum, as DDP does, except :func:`average_`. Collectives are issued
+only from the calling thread, never from a future's callback: every rank queues them in order.
 """
 
 from __future__ import annotations
@@ -116,7 +114,8 @@ def allgather_payloads(payloads: Sequence[Payload], group: ProcessGroup) -> tupl
 
 
 def average_(tensors: Sequence[torch.Tensor], group: ProcessGroup) -> int:
-    """Average ``tensors`` in place over the ranks, one all-reduce per dtype and device; returns the bytes sent."""
+    """Average ``tensors`` in place (sum, then divide: exact for identical values on two ranks), one
+    all-reduce per dtype and device; returns the bytes sent."""
     sent = 0
     by_kind: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for t in tensors:

@@ -199,17 +199,12 @@ class LIECHookState(HookState):
         return persistent_bytes(self.server_error_tensors())
 
     def stats(self) -> dict[str, Any]:
+        names = ("compensation", "average_every", "shared_downlink_seed", "averages", "average_due")
+        up_and_average = self.bytes_sent_total + self.bytes_average_total
         return {
             **super().stats(),
-            "compensation": self.compensation,
-            "average_every": self.average_every,
-            "shared_downlink_seed": self.shared_downlink_seed,
-            "averages": self.averages,
-            "average_due": self.average_due,
-            "bytes_average_total": self.bytes_average_total,
-            "bytes_up_with_average_ratio_total": ratio(
-                self.bytes_sent_total + self.bytes_average_total, self.bytes_dense_total
-            ),
+            **{name: getattr(self, name) for name in (*names, "bytes_average_total")},
+            "bytes_up_with_average_ratio_total": ratio(up_and_average, self.bytes_dense_total),
             "worker_error_state_bytes": self.worker_error_state_bytes(),
             "server_error_state_bytes": self.server_error_state_bytes(),
         }
@@ -291,22 +286,15 @@ def liec_average_(
         return False
     module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     with torch.no_grad():
-        tensors = list(module.parameters())
-        if optimizer is not None:
-            tensors += [
-                t
-                for s in optimizer.state.values()
-                for t in s.values()
-                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0
-            ]
+        opt_state = [t for s in optimizer.state.values() for t in s.values()] if optimizer is not None else []
+        opt_state = [t for t in opt_state if torch.is_tensor(t) and t.is_floating_point() and t.dim() > 0]
+        tensors = [*module.parameters(), *opt_state]  # no 0-d entries (Adam's step)
         state.bytes_average_total += comm.average_(tensors, state.group())
         if state.reset_server_error:
             for seg in state.segments.values():
                 assert seg.server is not None
                 seg.server.reset()
-    state.averages += 1
-    state.steps_since_average = 0
-    state.average_due = False
+    state.averages, state.steps_since_average, state.average_due = state.averages + 1, 0, False
     return True
 
 

@@ -94,14 +94,10 @@ class HookState:
         self.cur: dict[str, int] = {}  # this iteration's bytes per channel, and per bucket
         self.cur_buckets: dict[int, tuple[int, int]] = {}
 
-    def _validate(self) -> None:
-        """Check the settings (``ValueError``); subclasses override."""
+    def _validate(self) -> None: ...  # the settings: ValueError (subclasses)
 
-    def _fill(self, seg: Segment, device: torch.device) -> None:
-        """Give a new segment its error feedback (subclasses)."""
-        raise NotImplementedError
+    def _fill(self, seg: Segment, device: torch.device) -> None: ...  # a new segment's feedback (subclasses)
 
-    # -- pickling ---------------------------------------------------------------------------------
     @classmethod
     def _saved(cls) -> list[str]:
         return [s for k in reversed(cls.__mro__) for s in getattr(k, "__slots__", ()) if s not in cls._TRANSIENT]
@@ -112,12 +108,12 @@ class HookState:
 
     def __setstate__(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`__getstate__` (validated); ``process_group`` becomes ``None``."""
-        name = type(self).__name__
-        if state.get("_version") != _STATE_VERSION:
-            raise ValueError(f"{name} version={state.get('_version')!r} is not supported; allowed: {_STATE_VERSION}")
-        missing = [s for s in self._saved() if s not in state]
-        if missing:
-            raise ValueError(f"{name} state is missing {missing}")
+        name, missing = type(self).__name__, [s for s in self._saved() if s not in state]
+        raise_first([
+            (state.get("_version") != _STATE_VERSION,
+             f"{name} version={state.get('_version')!r} is not supported; allowed: {_STATE_VERSION}"),
+            (bool(missing), f"{name} state is missing {missing}"),
+        ])  # fmt: skip
         for s in self._saved():
             setattr(self, s, state[s])
         self._validate()
@@ -137,7 +133,6 @@ class HookState:
         self.__setstate__(state)
         self.process_group = group
 
-    # -- binding ----------------------------------------------------------------------------------
     def bind(self, model: nn.Module) -> HookState:
         """Name segments after ``model``'s parameters (a DDP model or its module); a new DDP model starts.
 
@@ -164,7 +159,6 @@ class HookState:
         """The process group used (``process_group`` or the default group)."""
         return comm.group_of(self.process_group)
 
-    # -- segments and steps -----------------------------------------------------------------------
     def new_segment(
         self, key: str, names: tuple[str, ...], sizes: tuple[int, ...], shape: tuple[int, ...], device: torch.device
     ) -> Segment:
@@ -232,7 +226,6 @@ class HookState:
             logger.info("%s: compression starts after %d warm-up iterations", self, self.iter)
         return True
 
-    # -- accounting -------------------------------------------------------------------------------
     def __repr__(self) -> str:
         return f"{type(self).__name__}(iter={self.iter}, segments={len(self.segments)})"
 
