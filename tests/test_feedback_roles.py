@@ -37,14 +37,15 @@ def _fused(fb: ErrorFeedback) -> bool:
     )
 
 
+@pytest.mark.parametrize("consume", [False, True])
 @pytest.mark.parametrize("method", available_methods())
-def test_step_equals_compensate_compress_absorb(method: str) -> None:
+def test_step_equals_compensate_compress_absorb(method: str, consume: bool) -> None:
     cfg = method_config(method, k_ratio=0.2, rank=2)
     fused, roles = (make_feedback(cfg, SHAPE, "w") for _ in range(2))
     exact = not _fused(fused)
     for t, u in enumerate(_updates()):
         u_before = u.clone()
-        a = dict(fused.step(u, seed=t).arrays)
+        a = dict(fused.step(u.clone() if consume else u, seed=t, consume=consume).arrays)
         b = _by_roles(roles, u, seed=t)
         assert torch.equal(u, u_before)  # consume=False leaves the update alone
         assert a.keys() == b.keys()
