@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["CHUNK", "pack_bits", "packed_nbytes", "unpack_bits"]
+__all__ = ["CHUNK", "bits_of_bytes_table", "pack_bits", "pack_mask_into", "packed_nbytes", "unpack_bits"]
 
 #: Values processed per chunk (a multiple of 8, so chunks map to whole bytes).
 CHUNK = 1 << 18
+#: Bit positions of eight 1-bit values within a byte (the 1-bit fast path).
+_SHIFT8 = torch.arange(8, dtype=torch.uint8)
+#: Row ``b``: the eight bits of byte ``b``, least significant first (the 1-bit unpacking table).
+_BITS_OF_BYTE = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).to(torch.uint8)
 
 
 def _check_bits(bits: int) -> int:
@@ -50,6 +54,9 @@ def _pack_chunk(v: torch.Tensor, bits: int, out: torch.Tensor) -> None:
     if bits == 8:
         out.copy_(v)
         return
+    if bits == 1:  # eight values per byte in two kernels: shift into place, sum (the bits never overlap)
+        torch.sum(v.view(-1, 8) << _SHIFT8.to(v.device), dim=1, dtype=torch.uint8, out=out)
+        return
     groups = v.view(-1, 8)
     dst = out.view(-1, bits)
     dst.zero_()
@@ -65,6 +72,9 @@ def _unpack_chunk(b: torch.Tensor, bits: int, out: torch.Tensor) -> None:
     if bits == 8:
         out.copy_(b)
         return
+    if bits == 1:  # one table lookup per byte
+        torch.index_select(_BITS_OF_BYTE.to(b.device), 0, b.to(torch.int32), out=out.view(-1, 8))
+        return
     src = b.view(-1, bits)
     dst = out.view(-1, 8)
     mask = (1 << bits) - 1
@@ -74,6 +84,25 @@ def _unpack_chunk(b: torch.Tensor, bits: int, out: torch.Tensor) -> None:
             col |= src[:, byte + 1] << (8 - shift)
         col &= mask
         dst[:, i] = col
+
+
+def bits_of_bytes_table(device: torch.device | str = "cpu") -> torch.Tensor:
+    """A (256, 8) uint8 table: row ``b`` holds the bits of byte ``b``, least significant first."""
+    return _BITS_OF_BYTE.to(device)
+
+
+def pack_mask_into(mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Pack the flat bool ``mask`` (length a multiple of 8) into ``out`` (``len/8`` uint8 bytes).
+
+    The layout of :func:`pack_bits` with ``bits=1``, without its checks and copies.
+    """
+    if mask.dtype != torch.bool or mask.numel() % 8 or out.dtype != torch.uint8 or out.numel() * 8 != mask.numel():
+        raise ValueError(
+            f"pack_mask_into needs a bool mask of 8·n values and n uint8 bytes, got {mask.numel()} "
+            f"{mask.dtype} and {out.numel()} {out.dtype}"
+        )
+    torch.sum(mask.view(torch.uint8).view(-1, 8) << _SHIFT8.to(mask.device), dim=1, dtype=torch.uint8, out=out)
+    return out
 
 
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:

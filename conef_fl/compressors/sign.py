@@ -10,10 +10,13 @@ import math
 
 import torch
 
-from conef_fl.bitpack import CHUNK, pack_bits, packed_nbytes, unpack_bits
+from conef_fl.bitpack import bits_of_bytes_table, pack_bits, pack_mask_into, packed_nbytes
 from conef_fl.compressors.base import Compressor, Payload
 
 __all__ = ["ScaledSign"]
+
+#: Entries per chunk of packing and unpacking (a multiple of 8): bounds the temporaries.
+CHUNK = 1 << 16
 
 
 class ScaledSign(Compressor):
@@ -37,7 +40,15 @@ class ScaledSign(Compressor):
         d = flat.numel()
         l1 = torch.linalg.vector_norm(flat, 1, dtype=torch.float32)  # no |x| temporary
         scale = (l1 / max(d, 1)).to(torch.float32).reshape(1)
-        signs = pack_bits(flat >= 0, 1)
+        signs = torch.empty(packed_nbytes(d, 1), dtype=torch.uint8, device=flat.device)
+        full = d - d % 8
+        mask = torch.empty(min(CHUNK, full), dtype=torch.bool, device=flat.device)
+        for lo in range(0, full, CHUNK):  # no d-sized boolean: one chunk at a time
+            c = min(CHUNK, full - lo)
+            m = torch.ge(flat[lo : lo + c], 0, out=mask[:c])
+            pack_mask_into(m, signs[lo // 8 : (lo + c) // 8])
+        if full < d:  # the last partial byte
+            signs[full // 8 :] = pack_bits(flat[full:] >= 0, 1)
         return Payload(self.name, tuple(int(s) for s in x.shape), {"signs": signs, "scale": scale}, {})
 
     def _check(self, payload: Payload) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,13 +76,15 @@ class ScaledSign(Compressor):
         if target.numel() != payload.numel:
             raise ValueError(f"target has {target.numel()} elements, payload shape {payload.shape}")
         flat = target.view(-1)
-        s = scale.to(flat.device, torch.float32) * alpha
+        s = float(scale) * alpha
         d = payload.numel
+        # row b: the ±1 of the eight entries of byte b (bit 1 -> +1, bit 0 -> -1)
+        table = bits_of_bytes_table(flat.device).to(torch.float32).mul_(2).sub_(1)
+        signs = signs.to(flat.device)
         for lo in range(0, d, CHUNK):
             c = min(CHUNK, d - lo)
-            bits = unpack_bits(signs[lo // 8 : lo // 8 + packed_nbytes(c, 1)], 1, c).to(flat.device)
-            # bit 1 -> +s, bit 0 -> -s
-            flat[lo : lo + c].add_((bits.to(torch.float32) * 2 - 1).mul_(s).to(flat.dtype))
+            pm = table.index_select(0, signs[lo // 8 : lo // 8 + packed_nbytes(c, 1)].to(torch.int32))
+            flat[lo : lo + c].add_(pm.view(-1)[:c].to(flat.dtype), alpha=s)  # ±s exact, one rounding
         return target
 
     def expected_nbytes(self, shape: tuple[int, ...]) -> int:
