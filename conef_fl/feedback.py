@@ -375,7 +375,10 @@ class ConEF(ErrorFeedback):
         else:
             for c in range(0, sel.k, chunk):
                 idx = sel.indices[c : c + chunk]
-                p_sel[c : c + chunk].copy_(u.index_select(0, idx.to(u.device)))
+                if u.dtype == torch.float32:
+                    torch.index_select(u, 0, idx.to(u.device), out=p_sel[c : c + chunk])
+                else:
+                    p_sel[c : c + chunk].copy_(u.index_select(0, idx.to(u.device)))
                 if fb:
                     p_sel[c : c + chunk].add_(self.store.estimate_at(idx).to(u.device), alpha=fb)
         payload = q.pack(p_sel, sel, self.shape, tseed, owned=True)

@@ -57,7 +57,7 @@ _TARGET_BUCKETS = 1024
 #: Largest unit width (elements hashed together).
 _MAX_UNIT = 4096
 #: Coordinates per call of the per-coordinate (sparse) paths.
-_SPARSE_CHUNK = 1 << 13
+_SPARSE_CHUNK = 1 << 12
 #: Scratch of the chunked paths: at most this fraction of the vector's float32 bytes ...
 _SCRATCH_FRACTION = 1 / 128
 #: ... and at least this many elements (one unit at the very least).
@@ -232,13 +232,13 @@ class _RowHash:
         return ((p + 1) * self.buckets - 1) // self.full, float(self.sign[p])
 
     def extended(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bucket (int64) and sign of every unit, tail included (``n`` entries each)."""
+        """Bucket (int32, or int64 for huge geometries) and sign of every unit, tail included (``n`` each)."""
         if self._ext is None:
-            b = self.unit_buckets(0, self.full).to(torch.int64)
+            b = self.unit_buckets(0, self.full)
             s = self.unit_signs(0, self.full)
             dev = self.perm.device
             self._ext = (
-                torch.cat([b, torch.tensor([self.tail_bucket], dtype=torch.int64, device=dev)]),
+                torch.cat([b, torch.tensor([self.tail_bucket], dtype=b.dtype, device=dev)]),
                 torch.cat([s, torch.tensor([self.tail_sign], dtype=s.dtype, device=dev)]),
             )
         return self._ext
@@ -483,6 +483,17 @@ class CountSketch(ErrorStore):
             parts.append(self.table[r, b, c0:c1].to(torch.float32).mul(s))
         return self._combine(parts)
 
+    def _index_dtype(self) -> torch.dtype:
+        """int32 when every flat index of the vector and of the table fits (halves the temporaries)."""
+        g = self.geometry
+        return torch.int32 if max(g.numel, g.buckets * g.unit) < 2**31 else torch.int64
+
+    def _split(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Units and columns of flat indices (new tensors, in :meth:`_index_dtype`)."""
+        i = idx.to(self._index_dtype(), copy=True)
+        units = torch.div(i, self.geometry.unit, rounding_mode="floor")
+        return units, i.sub_(units * self.geometry.unit)
+
     # ------------------------------------------------------------------ public API
     def accumulate_(self, x: torch.Tensor, alpha: float = 1.0) -> CountSketch:
         """``S ← S + alpha · CS(x)`` in place (x: any shape with ``numel`` elements; not modified)."""
@@ -535,13 +546,11 @@ class CountSketch(ErrorStore):
             return self
         hashes = self._hashes()
         for c in range(0, idx_all.numel(), _SPARSE_CHUNK):
-            idx = idx_all[c : c + _SPARSE_CHUNK].to(torch.int64)
-            units = torch.div(idx, g.unit, rounding_mode="floor")
-            cols = idx - units * g.unit  # idx may be the caller's tensor
+            units, cols = self._split(idx_all[c : c + _SPARSE_CHUNK])
             vals = vals_all[c : c + _SPARSE_CHUNK].to(torch.float32)
             for r, h in enumerate(hashes):
                 eb, es = h.extended()
-                flat_idx = eb.index_select(0, units).mul_(g.unit).add_(cols)
+                flat_idx = eb.index_select(0, units).to(cols.dtype).mul_(g.unit).add_(cols)
                 add = vals * es.index_select(0, units).to(torch.float32)
                 self.table[r].view(-1).index_add_(0, flat_idx, add.to(self.table.dtype), alpha=alpha)
         return self
@@ -569,13 +578,11 @@ class CountSketch(ErrorStore):
             return out
         hashes = self._hashes()
         for c in range(0, idx_all.numel(), _SPARSE_CHUNK):
-            idx = idx_all[c : c + _SPARSE_CHUNK].to(torch.int64)
-            units = torch.div(idx, g.unit, rounding_mode="floor")
-            cols = idx - units * g.unit  # idx may be the caller's tensor
+            units, cols = self._split(idx_all[c : c + _SPARSE_CHUNK])
             parts = []
             for r, h in enumerate(hashes):
                 eb, es = h.extended()
-                flat_idx = eb.index_select(0, units).mul_(g.unit).add_(cols)
+                flat_idx = eb.index_select(0, units).to(cols.dtype).mul_(g.unit).add_(cols)
                 v = self.table[r].view(-1).index_select(0, flat_idx).to(torch.float32)
                 parts.append(v.mul_(es.index_select(0, units).to(torch.float32)))
             out[c : c + _SPARSE_CHUNK] = self._combine(parts)
@@ -644,7 +651,18 @@ class CountSketch(ErrorStore):
             self.table[0, b, : g.tail].mul_(fb - c)
             self.table[0, b, g.tail :].mul_(fb)
             factor[b] = 1.0
-        self.table[0].mul_(factor.unsqueeze(1))  # float32 factor, one rounding for 16-bit tables
+        if self._use_sparse():
+            self.table[0].mul_(factor.unsqueeze(1).to(self.table.dtype))
+            return True
+        # 16-bit table: float32 factor, one rounding, per block of buckets (an in-place mixed-dtype mul_
+        # would allocate float32 copies of the whole table)
+        nb = min(g.buckets, self._scratch_units())
+        scratch = torch.empty((nb, g.unit), dtype=torch.float32, device=dev)
+        for b0 in range(0, g.buckets, nb):
+            b1 = min(g.buckets, b0 + nb)
+            s = scratch[: b1 - b0]
+            s.copy_(self.table[0, b0:b1]).mul_(factor[b0:b1].unsqueeze(1))
+            self.table[0, b0:b1].copy_(s)
         return True
 
     def assign_(self, x: torch.Tensor) -> CountSketch:
