@@ -100,6 +100,8 @@ APP_KEYS: tuple[AppKey, ...] = (
     _k("fraction-evaluate", _float(0.0, 1.0), 0.0, "fraction of nodes for federated evaluation (0 = off)"),
     _k("min-train-nodes", _int(1), 2, "fewest nodes a round trains with"),
     _k("min-available-nodes", _int(1), 2, "nodes to wait for before sampling (sim.run sets it to the node count)"),
+    _k("sampling", ValueSpec("str", choices=("random", "cyclic")), "random",
+       "random (seeded) or cyclic (nodes in order, each trains once every 1/fraction-train rounds)"),
     _k("node-wait-seconds", _float(0.0, 86_400.0, lo_open=True), 120.0,
        "how long to wait for min-available-nodes; then run with the nodes there (>= min-train-nodes) or stop"),
     # the server's strategy

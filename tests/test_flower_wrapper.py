@@ -443,3 +443,16 @@ def test_max_update_norm_is_an_absolute_bound() -> None:
     new, metrics = strategy.aggregate_train(1, replies)
     assert new is None and metrics["conef.rejected"] == 3
     assert "max_update_norm" in strategy.history[-1].rejections[0]
+
+
+def test_cyclic_sampling_visits_every_node_once_per_cycle() -> None:
+    inner = FedAvg(fraction_train=0.25, min_available_nodes=8, min_train_nodes=1)
+    strategy = ConEF(inner, "conef-cs", sampling="cyclic")
+    nodes = list(range(100, 108))
+    seen = []
+    for rnd in (1, 2, 3, 4):
+        seen += [m.metadata.dst_node_id for m in strategy.configure_train(rnd, _record(_global()), ConfigRecord(),
+                                                                            _grid(nodes))]
+    assert sorted(seen) == nodes
+    with pytest.raises(ValueError, match="sampling='sometimes'"):
+        ConEF(FedAvg(), sampling="sometimes")

@@ -153,6 +153,11 @@ def _update(global_arrays: ArrayRecord, local: ArrayRecord) -> dict[str, torch.T
     return update
 
 
+def _partition_id(ctxt: Context) -> int:
+    pid = ctxt.node_config.get("partition-id", -1)
+    return pid if isinstance(pid, int) and not isinstance(pid, bool) and 0 <= pid < 2**31 else -1
+
+
 def _settings(ctxt: Context) -> tuple[str, int]:
     """``state-dir`` and ``state-max-bytes`` (node config over run config)."""
     out: dict[str, Any] = {}
@@ -197,5 +202,6 @@ def _compress_reply(msg: Message, reply: Message, req: TrainRequest, ctxt: Conte
         P.M_STATE_SOURCE: P.STATE_SOURCES[loaded.source],
         P.M_STATE_SAVED: int(saved.saved_to_disk or not state_dir),
         P.M_PEAK_RSS: int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024,
+        P.M_PARTITION: _partition_id(ctxt),
     })
     return Message(RecordDict(records), reply_to=msg)

@@ -61,6 +61,9 @@ M_SERIALIZED_STATE_BYTES = "conef.serialized-state-bytes"
 M_STATE_SOURCE = "conef.state-source"
 M_STATE_SAVED = "conef.state-saved"
 M_PEAK_RSS = "conef.peak-rss-bytes"
+#: The node config's ``partition-id`` (-1 without one): replies are summed in (partition, node) order, which
+#: is the same in every run even where node IDs are assigned anew (deployment).
+M_PARTITION = "conef.partition-id"
 #: Every metric key the mod writes (the wrapper refuses replies without them).
 CLIENT_METRICS = (M_ROUND, M_UPLINK_BYTES, M_DENSE_BYTES, M_ERROR_STATE_BYTES, M_SERIALIZED_STATE_BYTES,
                   M_STATE_SOURCE, M_STATE_SAVED)

@@ -47,7 +47,6 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy.fedopt import FedOpt
 from flwr.serverapp.strategy import (
     Bulyan,
     FedAdagrad,
@@ -65,6 +64,7 @@ from flwr.serverapp.strategy import (
     Result,
     Strategy,
 )
+from flwr.serverapp.strategy.fedopt import FedOpt
 
 from conef_fl.compressors.base import Compressor, Payload
 from conef_fl.config import MethodConfig
@@ -88,6 +88,8 @@ UNSUPPORTED: dict[type, str] = {
     FedXgbBagging: "it aggregates serialized XGBoost trees (bytes), not float arrays",
     FedXgbCyclic: "it aggregates serialized XGBoost trees (bytes), not float arrays",
 }
+#: How the wrapper picks nodes each round.
+SAMPLINGS = ("random", "cyclic")
 #: Largest ``num-examples`` weight a reply may claim (their sum stays finite).
 MAX_WEIGHT = 1e12
 #: Inner-strategy attributes that hold cross-round state (checkpointed).
@@ -192,6 +194,10 @@ class ConEF(Strategy):
         How long to wait for the inner strategy's ``min_available_nodes``; after that
         the round runs with the nodes that are there if at least ``min_train_nodes``
         are, and otherwise stops with a ``RuntimeError`` saying what to change.
+    sampling:
+        ``"random"`` (seeded; the inner strategy's fraction and minimum) or ``"cyclic"``
+        (the same number of nodes, taken in node order round after round, so every node
+        trains once every ``1/fraction`` rounds: for measuring state at scale).
     allow_state_reset:
         Clients whose stored error state is for another method config start from zero
         error instead of refusing the round.
@@ -212,6 +218,7 @@ class ConEF(Strategy):
         norm_guard: float = 10.0,
         max_update_norm: float | None = None,
         node_wait_seconds: float = 120.0,
+        sampling: str = "random",
         allow_state_reset: bool = False,
         downlink: MethodConfig | None = None,
         downlink_log_rounds: int = 50,
@@ -235,6 +242,9 @@ class ConEF(Strategy):
             raise ValueError(f"max_update_norm={max_update_norm!r} is out of range; allowed: > 0 or None")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed={seed!r} is out of range; allowed: an integer >= 0")
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling={sampling!r} is not valid; allowed: {', '.join(SAMPLINGS)}")
+        self.sampling = sampling
         self.seed = seed
         self.norm_guard = float(norm_guard)
         self.max_update_norm = None if max_update_norm is None else float(max_update_norm)
@@ -314,6 +324,9 @@ class ConEF(Strategy):
         need = max(int(getattr(self.inner, "min_available_nodes", 1)), min_nodes)
         nodes = self._wait_for_nodes(grid, need, max(1, min_nodes))
         size = min(len(nodes), max(int(len(nodes) * fraction), min_nodes))
+        if self.sampling == "cyclic":
+            start = (server_round - 1) * size
+            return sorted(nodes[(start + i) % len(nodes)] for i in range(size))
         rng = random.Random(derive_seed(self.seed, kind, server_round))
         return sorted(rng.sample(nodes, size))
 
@@ -423,7 +436,7 @@ class ConEF(Strategy):
 
     # ------------------------------------------------------------------ replies
     def _screen(self, server_round: int, replies: list[Message], stats: RoundStats) -> list[Message]:
-        """Cheap checks before any decoding: errors, unsampled nodes, duplicates. Sorted by node."""
+        """Cheap checks before any decoding: errors, unsampled nodes, duplicates. Sorted by (partition, node)."""
         by_node: dict[int, list[Message]] = {}
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -435,7 +448,7 @@ class ConEF(Strategy):
                 continue
             by_node.setdefault(node, []).append(msg)
         kept = []
-        for node in sorted(by_node):
+        for node in sorted(by_node, key=lambda n: (_partition_of(by_node[n][0]), n)):
             msgs = by_node[node]
             if node not in self._sampled:
                 self._reject(stats, server_round, node, f"node was not sampled this round ({len(msgs)} replies)",
@@ -797,6 +810,14 @@ class ConEF(Strategy):
             self.downlink = DownlinkCompressor(self.downlink_config, model, max_log_rounds=self.downlink_log_rounds,
                                                seed=self.seed)
             self.downlink.load_state_dict(down)
+
+
+def _partition_of(msg: Message) -> int:
+    """The partition a reply says it trained on (only orders the sum; -1 when absent or malformed)."""
+    for record in msg.content.metric_records.values():
+        pid = record.get(P.M_PARTITION, -1)
+        return pid if isinstance(pid, int) and not isinstance(pid, bool) else -1
+    return -1
 
 
 def _to_tensors(value: Any) -> Any:
