@@ -401,8 +401,8 @@ class ConEF(Strategy):
         for msg in messages:
             node = msg.metadata.dst_node_id
             plan = dl.plan(node)
-            cfg = {**dict(msg.content[self.configrecord_key]), **P.method_to_config(self.downlink_config, P.DOWN_PREFIX),
-                   P.MODEL_VERSION_KEY: dl.version}
+            cfg = {**dict(msg.content[self.configrecord_key]),
+                   **P.method_to_config(self.downlink_config, P.DOWN_PREFIX), P.MODEL_VERSION_KEY: dl.version}
             records: dict[str, Any] = {k: v for k, v in msg.content.items() if k != self.configrecord_key}
             if plan.dense:
                 cfg[P.DOWNLINK_MODE_KEY] = "dense"
@@ -430,7 +430,8 @@ class ConEF(Strategy):
             raise RuntimeError("configure_train must run before aggregate_train")
         seed = self.round_seed(server_round)
         if self.method.layerwise:
-            return {k: expected_spec(self.compressor, tuple(v.shape), seed=seed, key=k) for k, v in self._global.items()}
+            return {k: expected_spec(self.compressor, tuple(v.shape), seed=seed, key=k)
+                    for k, v in self._global.items()}
         total = sum(v.numel() for v in self._global.values())
         return {FLAT_KEY: expected_spec(self.compressor, (total,), seed=seed, key=FLAT_KEY)}
 
@@ -603,7 +604,8 @@ class ConEF(Strategy):
             synthetic = []
             for c in accepted:
                 update = self._dense_update(self._decode(c.message, specs))
-                synthetic.append(self._model_reply(c.message, update, next(iter(c.message.content.metric_records.values()))))
+                metrics = next(iter(c.message.content.metric_records.values()))
+                synthetic.append(self._model_reply(c.message, update, metrics))
         arrays, metrics = self.inner.aggregate_train(server_round, synthetic)
         del synthetic
         if arrays is None:
