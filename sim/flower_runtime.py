@@ -108,6 +108,8 @@ class FlowerProcesses:
         self.superlink_port: int | None = None
         self.superlink_address: str | None = None
         self.superlink_proc: subprocess.Popen | None = None
+        #: extra environment for every process started here (e.g. ``RAY_ADDRESS`` of an existing Ray cluster)
+        self.extra_env: dict[str, str] = {}
 
     @property
     def env(self) -> dict[str, str]:
@@ -123,6 +125,7 @@ class FlowerProcesses:
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         # Flower starts helpers (flower-superexec, flwr-serverapp, ...) by name: use this interpreter's bin
         env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+        env.update(self.extra_env)
         return env
 
     def start(self, name: str, args: Sequence[str], *, env: Mapping[str, str] | None = None) -> subprocess.Popen:
@@ -349,6 +352,19 @@ class FlowerProcesses:
         self.close()
 
 
+def stop_pids(pids: list[int], grace: float = 10.0) -> list[int]:
+    """SIGTERM ``pids``, then SIGKILL what is still alive after ``grace`` seconds; return those still alive."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = [p for p in pids if _alive(p)]
+        for p in alive:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(p, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(_alive(p) for p in alive):
+            time.sleep(0.1)
+    return [p for p in pids if _alive(p)]
+
+
 def pid_alive(pid: int) -> bool:
     """Whether ``pid`` is a live (not zombie) process (Linux ``/proc``)."""
     return _alive(pid)
@@ -363,9 +379,19 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def simulation(num_supernodes: int, home: Path | None = None) -> Iterator[tuple[FlowerProcesses, str]]:
-    """A running simulation SuperLink; everything is stopped when the block exits."""
+def simulation(
+    num_supernodes: int, home: Path | None = None, *, ray_address: str | None = None
+) -> Iterator[tuple[FlowerProcesses, str]]:
+    """A running simulation SuperLink; everything is stopped when the block exits.
+
+    With ``ray_address`` (``host:port`` of a running Ray head) the simulation joins
+    that cluster instead of starting a private Ray instance: Flower 1.41's
+    ``flwr run`` passes no ``address`` to ``ray.init``, so it goes in as
+    ``RAY_ADDRESS``, which ``ray.init()`` reads.
+    """
     fp = FlowerProcesses(home)
+    if ray_address:
+        fp.extra_env["RAY_ADDRESS"] = ray_address
     try:
         conn = fp.start_simulation_superlink(num_supernodes=num_supernodes)
         yield fp, conn

@@ -12,14 +12,11 @@ and every process below it (the simulation, Ray and its actors) by PID::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
-import signal
-import time
 from pathlib import Path
 
-from sim.flower_runtime import descendants, pid_alive
+from sim.flower_runtime import descendants, pid_alive, stop_pids
 
 log = logging.getLogger("sim.local_superlink")
 
@@ -51,14 +48,7 @@ def stop_local_superlink(home: Path | None = None, timeout: float = 10.0) -> lis
     pids: list[int] = []
     for pid in local_superlink_pids(home):
         pids += [pid, *descendants(pid)]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        alive = [p for p in pids if pid_alive(p)]
-        for p in alive:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(p, sig)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(pid_alive(p) for p in alive):
-            time.sleep(0.1)
+    stop_pids(pids, timeout)
     return pids
 
 
@@ -66,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("action", choices=["stop"])
-    args = ap.parse_args(argv)
+    ap.parse_args(argv)
     home = flwr_home()
     pids = stop_local_superlink(home)
     left = [p for p in pids if pid_alive(p)]

@@ -32,3 +32,13 @@ def shakespeare_file() -> Path:
 @pytest.fixture(autouse=True)
 def _few_threads() -> None:
     torch.set_num_threads(2)
+
+
+@pytest.fixture
+def task_identity():
+    """Flower's task identity set as inside a running app (creating a Message needs a run id)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield TaskIdentity
+    TaskIdentity.node_id = 0

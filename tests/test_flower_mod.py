@@ -18,13 +18,7 @@ from conef_fl.flower.client_state import STATE_KEY
 SHAPES = {"w": (6, 5), "b": (6,)}
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id = 1
-    TaskIdentity.task_id = 1
-    TaskIdentity.node_id = 0
-    yield
-    TaskIdentity.node_id = 0
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _record(arrays) -> ArrayRecord:

@@ -31,13 +31,7 @@ SHAPES = {"fc.weight": (12, 20), "fc.bias": (12,), "conv.weight": (4, 3, 3, 3)}
 NODES = [11, 22, 33]
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id = 1
-    TaskIdentity.task_id = 1
-    TaskIdentity.node_id = 0
-    yield
-    TaskIdentity.node_id = 0
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _global(seed: int = 0) -> dict[str, np.ndarray]:
