@@ -450,3 +450,12 @@ def test_cyclic_sampling_visits_every_node_once_per_cycle() -> None:
     assert sorted(seen) == nodes
     with pytest.raises(ValueError, match="sampling='sometimes'"):
         ConEF(FedAvg(), sampling="sometimes")
+
+
+@pytest.mark.parametrize("method,kw", METHODS)
+def test_the_update_norm_equals_the_norm_of_the_decoded_update(method: str, kw: dict) -> None:
+    strategy = _wrap(method=method, **kw)
+    msgs, payloads, _ = _round(strategy, 1, _global())
+    for p in payloads:
+        dense = math.sqrt(sum(float((v**2).sum()) for v in _dense(strategy, p).values()))
+        assert math.isclose(strategy._norm(p), dense, rel_tol=1e-5)

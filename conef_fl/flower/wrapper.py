@@ -66,7 +66,8 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.fedopt import FedOpt
 
-from conef_fl.compressors.base import Compressor, Payload
+from conef_fl.compressors.base import Compressor, Payload, SelectiveCompressor
+from conef_fl.compressors.topk import TopK
 from conef_fl.config import MethodConfig
 from conef_fl.feedback import make_compressor_for
 from conef_fl.flower import protocol as P
@@ -88,6 +89,8 @@ UNSUPPORTED: dict[type, str] = {
     FedXgbBagging: "it aggregates serialized XGBoost trees (bytes), not float arrays",
     FedXgbCyclic: "it aggregates serialized XGBoost trees (bytes), not float arrays",
 }
+#: Compressors whose payload is values at distinct coordinates (the norm needs no decoding).
+_VALUE_SELECTING = (SelectiveCompressor, TopK)
 #: How the wrapper picks nodes each round.
 SAMPLINGS = ("random", "cyclic")
 #: Largest ``num-examples`` weight a reply may claim (their sum stays finite).
@@ -504,9 +507,15 @@ class ConEF(Strategy):
         return float(weight), info
 
     def _norm(self, payloads: Mapping[str, Payload]) -> float:
-        sq = 0.0
+        """L2 norm of the decoded update; from the values alone for value-selecting Q (no dense tensor)."""
+        q, sq = self.compressor, 0.0
         for p in payloads.values():
-            sq += float(torch.linalg.vector_norm(self.compressor.decompress(p).double()) ** 2)
+            if isinstance(q, _VALUE_SELECTING) and set(p.arrays) <= {"values", "indices"}:
+                # validated: distinct indices (or a seed-determined selection), so ||Q⁻¹(p)|| = scale·||values||
+                scale = q.value_scale(p.numel) if isinstance(q, SelectiveCompressor) else 1.0
+                sq += scale**2 * float(torch.linalg.vector_norm(p.arrays["values"].double()) ** 2)
+            else:
+                sq += float(torch.linalg.vector_norm(q.decompress(p).double()) ** 2)
         return math.sqrt(sq)
 
     def _validate(self, server_round: int, replies: list[Message], specs: Mapping[str, PayloadSpec],
