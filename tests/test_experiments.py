@@ -1,10 +1,20 @@
-"""The experiment runner (sim.experiments) on digits: outputs, resume, --only, the β study."""
+"""The experiment runner (sim.experiments) on digits: outputs, resume, --only, the β study.
+
+One grid is run once per module and only read; a test that runs the CLI on a
+grid again works on its own copy. Which runs execute is observed by recording
+the calls of :func:`sim.experiments.execute` and by marking the finished
+summaries, never by file times.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,17 +22,52 @@ from sim import experiments as ex
 
 FAST = ["--task", "digits", "--rounds", "2", "--quiet"]
 PLOTS = ("accuracy_vs_round.png", "accuracy_vs_uplink.png", "memory_per_client.png")
-
-
-def _mtime(out: Path, run: str) -> float:
-    return (out / run / "summary.json").stat().st_mtime_ns
+GRID_RUNS = ("sgd-s0", "conef-cs-90-s0")
+MARK = "test-mark"
 
 
 @pytest.fixture(scope="module")
-def grid(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A finished two-method grid; tests read it, never write to it (see :func:`grid_copy`): checked at the end."""
     out = tmp_path_factory.mktemp("grid")
     assert ex.main([*FAST, "--out", str(out), "--methods", "sgd,conef-cs-90"]) == 0
+    before = _contents(out)
+    yield out
+    assert _contents(out) == before, "a test wrote to the shared grid"
+
+
+def _contents(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def grid_copy(grid: Path, tmp_path: Path) -> Path:
+    """This test's own copy of the grid, each finished summary marked (a re-run replaces the mark)."""
+    out = tmp_path / "grid"
+    shutil.copytree(grid, out)
+    for run in GRID_RUNS:
+        path = out / run / "summary.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), MARK: True}))
     return out
+
+
+@pytest.fixture
+def executed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The run names :func:`sim.experiments.execute` is called with from now on (the real runs still happen)."""
+    calls: list[str] = []
+    real: Callable[..., dict[str, Any]] = ex.execute
+
+    def spy(cfg: dict[str, Any], num_nodes: int) -> dict[str, Any]:
+        calls.append(str(cfg["run-name"]))
+        return real(cfg, num_nodes)
+
+    monkeypatch.setattr(ex, "execute", spy)
+    return calls
+
+
+def _marked(out: Path, run: str) -> bool:
+    return bool(json.loads((out / run / "summary.json").read_text()).get(MARK))
 
 
 def test_grid_writes_runs_tables_and_plots(grid: Path) -> None:
@@ -48,40 +93,46 @@ def test_grid_writes_runs_tables_and_plots(grid: Path) -> None:
     assert "| SGD (dense FedAvg) |" in md and "| ConEF-CS 90 % |" in md and "uplink % of dense" in md
 
 
-def test_resume_skips_finished_runs(grid: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    before = {r: _mtime(grid, r) for r in ("sgd-s0", "conef-cs-90-s0")}
-
-    def boom(*args: object, **kwargs: object) -> dict[str, object]:
-        raise AssertionError("a finished run was started again")
-
-    monkeypatch.setattr(ex, "execute", boom)
-    assert ex.main([*FAST, "--out", str(grid), "--methods", "sgd,conef-cs-90"]) == 0
-    assert {r: _mtime(grid, r) for r in before} == before
+def test_resume_skips_finished_runs(grid_copy: Path, executed: list[str]) -> None:
+    assert ex.main([*FAST, "--out", str(grid_copy), "--methods", "sgd,conef-cs-90"]) == 0
+    assert executed == []
+    assert all(_marked(grid_copy, r) for r in GRID_RUNS)  # both summaries are the ones written before
+    rows = json.loads((grid_copy / "results.json").read_text())["rows"]
+    assert {r["method_id"] for r in rows} == {"sgd", "conef-cs-90"}  # the report is rebuilt from them
 
 
-def test_only_reruns_one_method(grid: Path) -> None:
-    sgd, cs = _mtime(grid, "sgd-s0"), _mtime(grid, "conef-cs-90-s0")
-    assert ex.main([*FAST, "--out", str(grid), "--only", "conef-cs-90", "--force"]) == 0
-    assert _mtime(grid, "sgd-s0") == sgd
-    assert _mtime(grid, "conef-cs-90-s0") > cs
-    rows = json.loads((grid / "results.json").read_text())["rows"]
+def test_resume_runs_what_is_missing(grid_copy: Path, executed: list[str]) -> None:
+    (grid_copy / "conef-cs-90-s0" / "summary.json").unlink()  # as if the run had been killed before its end
+    assert ex.main([*FAST, "--out", str(grid_copy), "--methods", "sgd,conef-cs-90"]) == 0
+    assert executed == ["conef-cs-90-s0"]
+    assert _marked(grid_copy, "sgd-s0")
+    assert not _marked(grid_copy, "conef-cs-90-s0") and (grid_copy / "conef-cs-90-s0" / "summary.json").exists()
+
+
+def test_only_reruns_one_method(grid_copy: Path, executed: list[str]) -> None:
+    assert ex.main([*FAST, "--out", str(grid_copy), "--only", "conef-cs-90", "--force"]) == 0
+    assert executed == ["conef-cs-90-s0"]
+    assert _marked(grid_copy, "sgd-s0")  # left alone
+    assert not _marked(grid_copy, "conef-cs-90-s0")  # written again by the new run
+    rows = json.loads((grid_copy / "results.json").read_text())["rows"]
     assert {r["method_id"] for r in rows} == {"sgd", "conef-cs-90"}  # the report still covers both
 
 
-def test_only_adds_a_missing_method(tmp_path: Path) -> None:
+def test_only_adds_a_missing_method(tmp_path: Path, executed: list[str]) -> None:
     assert ex.main([*FAST, "--out", str(tmp_path), "--only", "efsgd", "--rounds", "1"]) == 0
+    assert executed == ["efsgd-s0"]
     assert (tmp_path / "efsgd-s0" / "summary.json").exists()
     assert not (tmp_path / "sgd-s0").exists()
 
 
-def test_plan_grid_seeds_and_ids() -> None:
+def test_plan_grid_seeds_and_ids(tmp_path: Path) -> None:
     task = ex.TASKS["mnist"]
-    runs = ex.plan_grid(task, ["sgd", "ef-sign"], [0, 1, 2], 5, Path("/tmp/x"))
+    runs = ex.plan_grid(task, ["sgd", "ef-sign"], [0, 1, 2], 5, tmp_path)
     assert [r.name for r in runs] == ["sgd-s0", "ef-sign-s0", "sgd-s1", "sgd-s2"]  # extra seeds: main methods only
     cfg = runs[0].config
     assert cfg["method"] == "sgd" and cfg["partitioning"] == "dirichlet" and cfg["num-server-rounds"] == 5
     with pytest.raises(SystemExit):
-        ex.main(["--task", "digits", "--out", "/tmp/x-unused", "--methods", "nope"])
+        ex.main(["--task", "digits", "--out", str(tmp_path / "unused"), "--methods", "nope"])
 
 
 def test_aggregate_mean_std_and_delta() -> None:
