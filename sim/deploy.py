@@ -27,7 +27,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +111,8 @@ class DeploymentResult:
     unregistered_logs: list[str] = field(default_factory=list)
     #: every PID :meth:`FlowerProcesses.close` signalled (SuperLink, SuperNodes, SuperExecs, apps, flwr run).
     stopped_pids: list[int] = field(default_factory=list)
+    #: the run's output folder (``summary.json``, ``rounds.json``, ``model.pt``, ``checkpoint.pt``).
+    run_dir: Path | None = None
 
 
 def run_config_for(overrides: dict[str, Any], num_supernodes: int) -> tuple[dict[str, Any], Path]:
@@ -137,6 +139,7 @@ def _wait_exit(proc: subprocess.Popen, timeout: float) -> int | None:
 def run_deployment(
     overrides: dict[str, Any], *, num_supernodes: int, tls: bool = False, auth: bool = False,
     unregistered: int = 0, timeout: float | None = None, log_file: Path | None = None, home: Path | None = None,
+    node_configs: Sequence[Mapping[str, Any]] = (),
 ) -> DeploymentResult:
     """Start a SuperLink and ``num_supernodes`` SuperNodes on loopback, run the app, stop everything.
 
@@ -156,6 +159,9 @@ def run_deployment(
         Where ``flwr run --stream`` output goes (None: this process's stdout).
     home:
         FLWR_HOME to use (kept); a temporary one (removed) when None.
+    node_configs:
+        Extra node-config keys per SuperNode (e.g. its own ``state-dir``, as on separate devices): empty, or
+        one mapping per SuperNode.
 
     Raises
     ------
@@ -166,6 +172,9 @@ def run_deployment(
         raise ValueError(f"num_supernodes={num_supernodes} is out of range; allowed: >= 1")
     if unregistered and not auth:
         raise ValueError("unregistered SuperNodes are only refused with auth=True")
+    if node_configs and len(node_configs) != num_supernodes:
+        raise ValueError(f"node_configs has {len(node_configs)} entries; allowed: 0 or num_supernodes="
+                         f"{num_supernodes}")
     missing = missing_tools(tls, auth)
     if missing:
         raise RuntimeError(f"missing programs for --tls/--auth: {', '.join(missing)}")
@@ -184,8 +193,9 @@ def run_deployment(
             if auth:
                 key, pub = make_supernode_key(secrets, f"supernode-{i}")
                 fp.register_supernode(pub, conn)
+            extra = dict(node_configs[i]) if node_configs else {}
             nodes.append(fp.start_supernode(
-                f"supernode-{i}", node_config={"partition-id": i, "num-partitions": num_supernodes},
+                f"supernode-{i}", node_config={**extra, "partition-id": i, "num-partitions": num_supernodes},
                 root_certificates=root, private_key=key,
             ))
         intruders = []
@@ -208,6 +218,7 @@ def run_deployment(
             rounds=json.loads(rounds_path.read_text()) if rounds_path.exists() else [],
             seconds=time.monotonic() - t0,
             unregistered_exit_codes=[_wait_exit(p, 30.0) for p in intruders],
+            run_dir=run_dir,
         )
         sl_log = (fp.home / "superlink.log").read_text(errors="replace").splitlines()
         result.superlink_refusals = [

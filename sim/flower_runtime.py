@@ -28,6 +28,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
+#: Logged by :meth:`FlowerProcesses.run_app` once ``flwr run`` is started and its PID recorded.
+RUN_STARTED = "flwr run"
 
 
 @dataclass(frozen=True)
@@ -288,6 +290,8 @@ class FlowerProcesses:
             proc = subprocess.Popen(args, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO),
                                     start_new_session=True)
             self.procs.append(proc)
+            # after the PID is recorded: from here on a signal to this process cannot orphan ``flwr run``
+            log.info("%s (pid %d) started", RUN_STARTED, proc.pid)
             if not watch:
                 return proc.wait(timeout=timeout)
             deadline = None if timeout is None else time.monotonic() + timeout

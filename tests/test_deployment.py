@@ -8,16 +8,16 @@ processes, ``flwr run``) is gone and this process has no descendants left.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from sim.deploy import DeploymentResult, missing_tools, run_deployment
-from sim.flower_runtime import REPO, descendants, pid_alive
+from sim.flower_runtime import REPO, RUN_STARTED, descendants, pid_alive
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -30,54 +30,59 @@ SMALL = {
 }
 
 
-_BASELINE: set[int] = set()
-
-
-@pytest.fixture(autouse=True)
-def _baseline_processes():
+@pytest.fixture
+def baseline() -> frozenset[int]:
     """Processes this test process already had (e.g. multiprocessing's resource tracker from other tests)."""
-    _BASELINE.clear()
-    _BASELINE.update(descendants(os.getpid()))
-    yield
+    return frozenset(descendants(os.getpid()))
 
 
-def _assert_nothing_left(stopped: list[int]) -> None:
+def _assert_nothing_left(stopped: list[int], baseline: frozenset[int]) -> None:
     assert stopped, "close() signalled no process: nothing was started?"
     assert [p for p in stopped if pid_alive(p)] == []
-    assert set(descendants(os.getpid())) - _BASELINE == set()
+    assert set(descendants(os.getpid())) - baseline == set()
 
 
 def _assert_completed(res: DeploymentResult, rounds: int = 2, nodes: int = 2) -> None:
     s = res.summary
-    assert s["rounds"] == rounds and s["num_partitions"] == nodes
+    assert s["rounds"] == rounds
     assert s["failed_replies"] == 0 and s["rejected_replies"] == 0, s
     assert len(res.rounds) == rounds
     assert all(r["accepted"] == nodes and r["failed"] == 0 for r in res.rounds), res.rounds
     assert s["uplink_bytes_total"] > 0
 
 
-def test_insecure_two_supernodes(tmp_path: Path) -> None:
+def test_insecure_two_supernodes(tmp_path: Path, baseline: frozenset[int]) -> None:
     res = run_deployment({**SMALL, "output-dir": str(tmp_path), "run-name": "insecure"}, num_supernodes=2,
                          timeout=240, log_file=tmp_path / "flwr.log")
     _assert_completed(res)
     assert (tmp_path / "insecure" / "summary.json").exists()
-    _assert_nothing_left(res.stopped_pids)
+    _assert_nothing_left(res.stopped_pids, baseline)
 
 
 @pytest.fixture(scope="module")
-def secure_run(tmp_path_factory: pytest.TempPathFactory) -> DeploymentResult:
-    """One TLS + SuperNode-auth deployment: 2 registered SuperNodes and 1 whose key is not registered."""
+def secure(tmp_path_factory: pytest.TempPathFactory) -> tuple[DeploymentResult, frozenset[int]]:
+    """One TLS + SuperNode-auth deployment (2 registered SuperNodes, 1 whose key is not registered), and the
+    descendants of this process it left behind (read-only for the tests)."""
     missing = missing_tools(tls=True, auth=True)
     if missing:
         pytest.skip(f"TLS/auth test needs {', '.join(missing)} on PATH (certificates and keys are made at run time)")
+    before = frozenset(descendants(os.getpid()))
     out = tmp_path_factory.mktemp("secure")
-    return run_deployment({**SMALL, "output-dir": str(out), "run-name": "secure"}, num_supernodes=2, tls=True,
-                          auth=True, unregistered=1, timeout=240, log_file=out / "flwr.log")
+    res = run_deployment({**SMALL, "output-dir": str(out), "run-name": "secure"}, num_supernodes=2, tls=True,
+                         auth=True, unregistered=1, timeout=240, log_file=out / "flwr.log")
+    return res, frozenset(descendants(os.getpid())) - before
 
 
-def test_tls_and_auth_run_completes(secure_run: DeploymentResult) -> None:
-    _assert_completed(secure_run)
-    _assert_nothing_left(secure_run.stopped_pids)
+@pytest.fixture
+def secure_run(secure: tuple[DeploymentResult, frozenset[int]]) -> DeploymentResult:
+    return secure[0]
+
+
+def test_tls_and_auth_run_completes(secure: tuple[DeploymentResult, frozenset[int]]) -> None:
+    res, left = secure
+    _assert_completed(res)
+    assert res.stopped_pids and [p for p in res.stopped_pids if pid_alive(p)] == []
+    assert left == frozenset()
 
 
 def test_unregistered_supernode_is_refused(secure_run: DeploymentResult) -> None:
@@ -91,33 +96,49 @@ def test_unregistered_supernode_is_refused(secure_run: DeploymentResult) -> None
     assert all(r["accepted"] == 2 for r in secure_run.rounds)
 
 
-def test_failure_still_stops_everything(tmp_path: Path) -> None:
-    # flwr run cannot finish in 1 s: run_deployment raises, and everything it started is stopped anyway
-    before = set(descendants(os.getpid()))
-    with pytest.raises(subprocess.TimeoutExpired):
-        run_deployment({**SMALL, "output-dir": str(tmp_path)}, num_supernodes=2, timeout=1.0,
-                       log_file=tmp_path / "flwr.log")
-    assert set(descendants(os.getpid())) - before == set()
+def test_failure_still_stops_everything(tmp_path: Path, baseline: frozenset[int]) -> None:
+    # the ServerApp refuses the run config once the SuperLink and both SuperNodes are up: flwr run ends without
+    # results, run_deployment raises, and everything it started is stopped anyway
+    with pytest.raises(RuntimeError, match="wrote no summary"):
+        run_deployment({**SMALL, "inner-strategy": "no-such-strategy", "output-dir": str(tmp_path),
+                        "run-name": "refused"}, num_supernodes=2, timeout=240, log_file=tmp_path / "flwr.log")
+    assert "inner-strategy='no-such-strategy' is not valid" in (tmp_path / "flwr.log").read_text()
+    assert set(descendants(os.getpid())) - baseline == set()
 
 
-def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
+def test_ctrl_c_stops_everything(tmp_path: Path, baseline: frozenset[int]) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "sim.deploy", "--supernodes", "1", "--set", "num-server-rounds=50",
            "--set", f'output-dir="{tmp_path}"']
-    proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    started: dict[str, int] = {}
+    lines: list[str] = []
     try:
-        # wait until the SuperLink and the SuperNode are up (two Flower processes, each with a SuperExec)
-        deadline = time.monotonic() + 60
-        seen: set[int] = set()
-        while time.monotonic() < deadline and len(seen) < 4:
-            seen |= set(descendants(proc.pid))
-            time.sleep(0.5)
-        assert len(seen) >= 4, f"only {len(seen)} processes started"
-        seen |= set(descendants(proc.pid))
+        # sim.deploy logs each process it starts with its PID; the line for `flwr run` comes once the SuperLink
+        # answers, the SuperNode is started and every PID is recorded: Ctrl-C from then on must stop them all
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            m = re.search(r"started (\S+) \(pid (\d+)\)", line) or re.search(
+                rf"({re.escape(RUN_STARTED)}) \(pid (\d+)\) started", line)
+            if m:
+                started[m[1]] = int(m[2])
+            if RUN_STARTED in started:
+                break
+        assert set(started) == {"superlink", "supernode-0", RUN_STARTED}, "".join(lines)
+        seen = set(started.values()) | set(descendants(proc.pid))
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 130
+        _, err = proc.communicate()
+        assert proc.returncode == 130, "".join(lines) + err
+        assert "every process started was stopped" in err
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if proc.poll() is None:  # the test failed before its Ctrl-C: still let sim.deploy clean up
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
     assert [p for p in seen if pid_alive(p)] == []
+    assert set(descendants(os.getpid())) - baseline == set()
