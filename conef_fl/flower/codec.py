@@ -13,6 +13,7 @@ allocate memory in proportion to a size it merely declares.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Mapping
 
@@ -64,12 +65,40 @@ def encode_payloads(payloads: Mapping[str, Payload]) -> tuple[ArrayRecord, Confi
     return ArrayRecord(arrays), ConfigRecord(meta)
 
 
-def _check_npy(data: bytes, shape: tuple[int, ...], dtype: str, where: str) -> None:
-    """Parse the ``.npy`` header ourselves: dtype, shape and body length must match before numpy reads it.
+@functools.lru_cache(maxsize=4096)
+def _npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
+    """The exact ``.npy`` header ``np.save`` writes for a C-ordered array of ``dtype`` and ``shape``."""
+    from numpy.lib import format as npy_format
 
-    ``numpy.load`` on an in-memory buffer allocates the array the header declares
-    before reading the body, so a forged header could make it allocate terabytes.
+    bio = io.BytesIO()
+    header = {"descr": npy_format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+    try:
+        npy_format.write_array_header_1_0(bio, header)
+    except ValueError:  # header too long for version 1.0
+        bio = io.BytesIO()
+        npy_format.write_array_header_2_0(bio, header)
+    return bio.getvalue()
+
+
+def _read_npy(data: bytes, shape: tuple[int, ...], dtype: str, where: str) -> np.ndarray:
+    """The array in ``data`` if it is exactly a C-ordered ``dtype``/``shape`` ``.npy``; else PayloadError.
+
+    The bytes are compared with the header ``np.save`` writes for the expected dtype and
+    shape and the body length is checked, *before* anything is allocated: ``numpy.load``
+    on an in-memory buffer would allocate whatever a forged header declares. Anything
+    else gets the slow path, which parses the header to say what is wrong.
     """
+    header = _npy_header(dtype, tuple(int(s) for s in shape))
+    count = int(np.prod(shape, dtype=np.int64))
+    need = count * np.dtype(dtype).itemsize
+    if len(data) == len(header) + need and data.startswith(header):
+        return np.frombuffer(data, dtype=dtype, count=count, offset=len(header)).reshape(shape).copy()
+    _explain_npy(data, shape, dtype, where)
+    raise PayloadError(f"{where}: array bytes are not a plain C-ordered {dtype}{tuple(shape)} .npy")
+
+
+def _explain_npy(data: bytes, shape: tuple[int, ...], dtype: str, where: str) -> None:
+    """Raise a PayloadError saying how ``data`` differs from a ``dtype``/``shape`` ``.npy``."""
     from numpy.lib import format as npy_format
 
     bio = io.BytesIO(data)
@@ -152,16 +181,7 @@ def decode_payloads(
                 for d, exp in zip(declared, aspec.shape, strict=False)
             ):
                 raise PayloadError(f"{where}: array {name!r} declares shape {declared}, expected {aspec.shape}")
-            _check_npy(arr.data, declared, want_np, f"{where}: array {name!r}")
-            try:
-                nd = arr.numpy()
-            except Exception as exc:  # malformed bytes
-                raise PayloadError(f"{where}: array {name!r} cannot be decoded ({exc})") from None
-            if tuple(nd.shape) != declared or str(nd.dtype) != want_np:
-                raise PayloadError(
-                    f"{where}: array {name!r} data is {nd.dtype}{tuple(nd.shape)}, declared {arr.dtype}{declared}"
-                )
-            t = torch.from_numpy(np.ascontiguousarray(nd))
+            t = torch.from_numpy(_read_npy(arr.data, declared, want_np, f"{where}: array {name!r}"))
             if name in bf16[tensor]:
                 t = t.view(torch.bfloat16)
             tensors[name] = t
