@@ -362,7 +362,7 @@ class ConEF(ErrorFeedback):
         tseed = q.tensor_seed(seed, self.key)  # type: ignore[attr-defined]
         sel = q.select(self.numel, tseed, u.device)
         fb = 1.0 - self.beta
-        chunk = 1 << 14
+        chunk = 1 << 12
         # p on the selection only, built chunk by chunk: p_sel = u_sel + (1−β)·ê_sel
         p_sel = torch.empty(sel.k, dtype=torch.float32, device=u.device)
         if sel.indices is None:

@@ -1,31 +1,40 @@
-"""Compressor-core benchmark (issue #2 §6): sketch, EF steps, compressors, measured memory.
+"""Compressor-core benchmark (issues #2 §6 and #13): one run reports the whole compressor core.
 
-One run measures, for each size ``d``:
+For each size ``d`` (default 1M, 10M, 50M float32 values):
 
-* one ``x.add_(y)`` over ``d`` float32 values: the memory-bandwidth yardstick;
+* one ``x.add_(y)`` over ``d`` values: the memory-bandwidth yardstick (on ``--device``);
 * count-sketch update (``CountSketch.accumulate_``) and decompress
-  (``CountSketch.estimate_add_`` into a ``d``-vector), ``v = 1`` and ``3``,
-  ``w = 0.1 d``, float32 and float16 tables, and the update + decompress pair;
+  (``CountSketch.estimate_add_`` into a ``d``-vector), ``v = 1`` (float32, float16,
+  bfloat16 tables) and ``v = 3`` (float32), ``w = 0.1 d``, and the update +
+  decompress pair, timed round-robin with ``add_``;
+* a table-based count sketch in csvec's design (FetchSGD: an int64 bucket table and
+  a float sign table of ``d`` entries per row, ``bincount`` to sketch, a gather to
+  recover) at the same geometry (``v = 1``, ``0.1 d`` table entries), timed in the
+  same loop: the in-process anchor;
 * one EFSGD step and one ConEF step (``conef-cs``, β = 0.9, sketch ratio 0.1,
   ``v = 1``, float32 and float16 sketch) with the same ``Q``, for random-block-k
-  10 %, random-k 1 %, top-k 1 % and scaled sign;
-* every gradient compressor's ``compress`` and ``decompress``;
-* persistent bytes of each method and the peak transient bytes of each step,
-  **measured** (:func:`conef_fl.memory.persistent_bytes`,
-  :func:`conef_fl.memory.measure_transient`), never computed from shapes.
+  10 %, random-k 1 %, top-k 1 % and scaled sign: time, persistent memory and the
+  transient peak of the step beyond the payload it returns;
+* every gradient compressor's ``compress``, ``decompress`` and ``decompress_add_``.
 
-Timing: one warm-up call, then ``repeats`` timed calls; min and median are
-recorded. Operations compared by a ratio are timed round-robin in the same loop
-(``add_`` with the sketch operations, EFSGD with ConEF), so background load hits
-both sides alike. Nothing here asserts on timing: it is a benchmark, not a test.
+Once per run, the fixed cost per tensor: single tensors of ``d`` = 100K and 1M,
+and a layer-wise model with ResNet-18's 62 tensor shapes (11.7M values), EFSGD
+vs ConEF with every ``Q``.
+
+Memory is **measured** (:func:`conef_fl.memory.persistent_bytes`,
+:func:`conef_fl.memory.measure_transient`), never computed from shapes. Timing: one
+warm-up call, then ``repeats`` timed calls; min and median are recorded; operations
+compared by a ratio are timed round-robin in the same loop. Nothing here asserts on
+timing: it is a benchmark, not a test.
 
 Usage::
 
-    python -m sim.bench_core [--sizes 1e6,1e7,5e7] [--repeats 7] [--threads 2]
-                             [--out docs/results/bench_core.json] [--quick]
+    python -m sim.bench_core [--sizes 1e6,1e7,5e7] [--repeats 7] [--threads 2] [--device cpu]
+                             [--out outputs/bench_core.json] [--save] [--quick] [--parts ...]
 
-Writes the JSON to ``--out`` and a markdown summary next to it (same name,
-``.md``). The keys are documented in ``docs/benchmarks.md``.
+Writes the JSON to ``--out`` and a markdown summary next to it (same name, ``.md``);
+``--save`` also writes ``docs/results/bench_core.{json,md}`` (never written otherwise).
+The keys are documented in ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -52,11 +61,13 @@ from conef_fl.feedback import make_feedback
 from conef_fl.memory import measure_transient, persistent_bytes
 from conef_fl.registry import method_config
 
-SCHEMA = "conef-fl/bench_core/1"
+SCHEMA = "conef-fl/bench_core/2"
 DEFAULT_SIZES = (1_000_000, 10_000_000, 50_000_000)
-#: The size at which the targets of issue #2 are checked.
+DEFAULT_OUT = "outputs/bench_core.json"
+SAVED_OUT = "docs/results/bench_core.json"
+#: The size at which the targets are checked.
 TARGET_D = 10_000_000
-#: Error-compressor settings of the ConEF steps.
+#: Error-compressor settings of the ConEF steps and sketches.
 SKETCH_RATIO = 0.1
 BETA = 0.9
 #: A compressor call slower than this (seconds) is "slow": at larger sizes it is
@@ -64,9 +75,9 @@ BETA = 0.9
 SLOW_LIMIT_S = 10.0
 #: Wall-clock budget per timed item (seconds); repeats are cut to fit (recorded).
 ITEM_BUDGET_S = 15.0
-#: ``csvec`` (FetchSGD's count sketch), d = 10M, r = 1, c = 2M, same kind of machine
-#: (docs: /work/shared/guide/PERFORMANCE.md); not installable here, so not re-measured.
-CSVEC_REFERENCE = {"d": 10_000_000, "rows": 1, "columns": 2_000_000, "sketch_ms": 1000.0, "recover_ms": 3100.0}
+#: Single-tensor sizes of the fixed-cost-per-tensor measurement.
+FIXED_COST_SIZES = (100_000, 1_000_000)
+PARTS = ("sketch", "steps", "compressors", "fixed")
 
 #: Gradient compressors whose EFSGD and ConEF steps are compared: name -> (label, kwargs for method_config).
 STEP_COMPRESSORS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -77,6 +88,13 @@ STEP_COMPRESSORS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 #: The main case of the step targets.
 MAIN_Q = "random-block-k"
+#: Sketch configurations: name -> (rows, table dtype).
+SKETCH_CONFIGS: dict[str, tuple[int, str]] = {
+    "v1_float32": (1, "float32"),
+    "v1_float16": (1, "float16"),
+    "v1_bfloat16": (1, "bfloat16"),
+    "v3_float32": (3, "float32"),
+}
 
 #: Every gradient compressor: name -> constructor kwargs.
 COMPRESSOR_PARAMS: dict[str, dict[str, Any]] = {
@@ -94,9 +112,57 @@ COMPRESSOR_PARAMS: dict[str, dict[str, Any]] = {
 #: ATOMO is an SVD of a ~sqrt(d) x sqrt(d) matrix: O(d^1.5).
 _GROWTH = {"atomo": 1.5}
 
+_DEVICE = torch.device("cpu")
+
 
 def _log(msg: str) -> None:
     print(f"[bench_core {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _sync() -> None:
+    if _DEVICE.type == "cuda":
+        torch.cuda.synchronize(_DEVICE)
+
+
+def resnet18_shapes(num_classes: int = 1000) -> list[tuple[int, ...]]:
+    """The 62 parameter shapes of torchvision's ResNet-18, in module order (11.7M values)."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+    cin = 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        for block in range(2):
+            s = stride if block == 0 else 1
+            shapes += [(cout, cin, 3, 3), (cout,), (cout,), (cout, cout, 3, 3), (cout,), (cout,)]
+            if s != 1 or cin != cout:
+                shapes += [(cout, cin, 1, 1), (cout,), (cout,)]
+            cin = cout
+    return shapes + [(num_classes, 512), (num_classes,)]
+
+
+class TableCountSketch:
+    """A count sketch in csvec's design (FetchSGD's ``CSVec``), the in-process anchor.
+
+    Per row an int64 bucket table and a float32 sign table with one entry per
+    coordinate (3× the vector's own bytes at ``v = 1``), a ``bincount`` with weights
+    to sketch, a gather to recover (csvec's ``unSketch`` before its top-k).
+    """
+
+    def __init__(self, numel: int, columns: int, rows: int = 1, seed: int = 0, device: torch.device = _DEVICE):
+        g = torch.Generator().manual_seed(seed)
+        self.columns = columns
+        self.buckets = torch.randint(0, columns, (rows, numel), generator=g).to(device)
+        self.signs = torch.randint(0, 2, (rows, numel), generator=g).to(device, torch.float32).mul_(2).sub_(1)
+        self.table = torch.zeros(rows, columns, device=device)
+
+    def persistent_tensors(self) -> list[torch.Tensor]:
+        return [self.buckets, self.signs, self.table]
+
+    def accumulate_(self, x: torch.Tensor) -> None:
+        for r in range(self.table.shape[0]):
+            self.table[r] += torch.bincount(self.buckets[r], weights=self.signs[r] * x, minlength=self.columns)
+
+    def estimate_add_(self, target: torch.Tensor) -> None:
+        vals = [self.table[r][self.buckets[r]] * self.signs[r] for r in range(self.table.shape[0])]
+        target.add_(vals[0] if len(vals) == 1 else torch.stack(vals).median(0).values)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +194,7 @@ def time_round_robin(
     round) would exceed ``budget_s · len(items)``, fewer rounds are run: at least 3, or
     1 when one round takes more than :data:`SLOW_LIMIT_S`; ``repeats`` in each result
     says how many. ``warm`` (seconds per name): the caller already ran the warm-up
-    calls and timed them.
+    calls and timed them. On CUDA every call is followed by a synchronisation.
     """
     setup = setup or {}
     if warm is None:
@@ -136,8 +202,10 @@ def time_round_robin(
         for name, fn in items.items():
             if name in setup:
                 setup[name]()
+            _sync()
             t0 = time.perf_counter()
             fn()
+            _sync()
             warm[name] = time.perf_counter() - t0
     per_round = sum(warm.values())
     total_budget = budget_s * len(items)
@@ -150,8 +218,10 @@ def time_round_robin(
         for name, fn in items.items():
             if name in setup:
                 setup[name]()
+            _sync()
             t0 = time.perf_counter()
             fn()
+            _sync()
             samples[name].append(time.perf_counter() - t0)
     out = {}
     for name in items:
@@ -163,12 +233,12 @@ def time_round_robin(
 
 def _transient(fn: Callable[[], Any]) -> tuple[Any, dict[str, int]]:
     """Run ``fn`` under :func:`measure_transient`; return its result and peak/retained bytes."""
-    out, m = measure_transient(fn)
+    out, m = measure_transient(fn, _DEVICE)
     return out, {"peak_bytes": m.peak_bytes, "retained_bytes": m.retained_bytes}
 
 
 def machine_info(threads: int) -> dict[str, Any]:
-    """Torch version, threads, CPU model and memory of this machine."""
+    """Torch version, threads, CPU model, memory and device of this machine."""
     cpu = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -194,6 +264,8 @@ def machine_info(threads: int) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "threads_requested": threads,
         "mem_total_bytes": mem_total,
+        "device": str(_DEVICE),
+        "device_name": torch.cuda.get_device_name(_DEVICE) if _DEVICE.type == "cuda" else cpu,
     }
 
 
@@ -206,6 +278,8 @@ def _loadavg() -> list[float]:
 
 def _free() -> None:
     gc.collect()
+    if _DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,26 +287,24 @@ def _free() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _sketch_configs() -> list[tuple[str, int, str]]:
-    return [(f"v{v}_{dt}", v, dt) for v in (1, 3) for dt in ("float32", "float16")]
+def bench_sketch(d: int, repeats: int, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> dict[str, Any]:
+    """``add_``, our sketch's update / decompress / pair per configuration and the table-based anchor.
 
+    Everything is timed round-robin in one loop.
+    """
+    sketches = {
+        name: CountSketch(SketchGeometry.for_ratio(d, SKETCH_RATIO, v), seed=12345, dtype=dt, device=_DEVICE)
+        for name, (v, dt) in SKETCH_CONFIGS.items()
+    }
+    main = sketches["v1_float32"].geometry
+    table = TableCountSketch(d, main.buckets * main.unit, rows=1, seed=12345, device=_DEVICE)
 
-def bench_sketch(d: int, repeats: int, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
-                 extra: dict[str, tuple[float, int, str]] | None = None) -> dict[str, Any]:
-    """``add_`` and sketch update / decompress / pair, timed round-robin in one loop."""
-    configs: dict[str, tuple[float, int, str]] = {name: (SKETCH_RATIO, v, dt) for name, v, dt in _sketch_configs()}
-    configs.update(extra or {})
-    sketches = {}
-    for name, (ratio, v, dt) in configs.items():
-        geom = SketchGeometry.for_ratio(d, ratio, v)
-        sketches[name] = CountSketch(geom, seed=12345, dtype=dt)
-
-    def pair(sk: CountSketch) -> None:
+    def pair(sk: CountSketch | TableCountSketch) -> None:
         sk.accumulate_(x)
         sk.estimate_add_(target)
 
     items: dict[str, Callable[[], Any]] = {"add_": lambda: x.add_(y)}
-    for name, sk in sketches.items():
+    for name, sk in [*sketches.items(), ("table_sketch", table)]:
         items[f"{name}/update"] = lambda sk=sk: sk.accumulate_(x)
         items[f"{name}/decompress"] = lambda sk=sk: sk.estimate_add_(target)
         items[f"{name}/pair"] = lambda sk=sk: pair(sk)
@@ -241,19 +313,14 @@ def bench_sketch(d: int, repeats: int, x: torch.Tensor, y: torch.Tensor, target:
     add["gb_per_s"] = 12.0 * d / (add["median_ms"] * 1e-3) / 1e9  # read x, y; write x
     out: dict[str, Any] = {"add": add, "configs": {}}
     for name, sk in sketches.items():
-        ratio, v, dt = configs[name]
+        v, dt = SKETCH_CONFIGS[name]
         g = sk.geometry
         _, upd_mem = _transient(lambda sk=sk: sk.accumulate_(x))
         _, dec_mem = _transient(lambda sk=sk: sk.estimate_add_(target))
+        tb = persistent_bytes(sk.persistent_tensors())
         entry: dict[str, Any] = {
-            "rows": v,
-            "dtype": dt,
-            "ratio": ratio,
-            "buckets": g.buckets,
-            "unit": g.unit,
-            "width": g.buckets * g.unit,
-            "table_bytes": persistent_bytes(sk.persistent_tensors()),
-            "table_fraction_of_4d": persistent_bytes(sk.persistent_tensors()) / (4 * d),
+            "rows": v, "dtype": dt, "ratio": SKETCH_RATIO, "buckets": g.buckets, "unit": g.unit,
+            "width": g.buckets * g.unit, "table_bytes": tb, "table_fraction_of_4d": tb / (4 * d),
         }
         for op in ("update", "decompress", "pair"):
             t = times[f"{name}/{op}"]
@@ -262,7 +329,22 @@ def bench_sketch(d: int, repeats: int, x: torch.Tensor, y: torch.Tensor, target:
         entry["update"]["transient"] = upd_mem
         entry["decompress"]["transient"] = dec_mem
         out["configs"][name] = entry
-    del sketches
+    fp32 = out["configs"]["v1_float32"]
+    for name in ("v1_float16", "v1_bfloat16"):
+        c = out["configs"][name]
+        c["pair_over_fp32_pair"] = c["pair"]["median_ms"] / fp32["pair"]["median_ms"]
+        c["pair_over_fp32_pair_min"] = c["pair"]["min_ms"] / fp32["pair"]["min_ms"]
+    tbytes = persistent_bytes(table.persistent_tensors())
+    anchor: dict[str, Any] = {"design": "csvec (int64 buckets + float32 signs per coordinate, bincount / gather)",
+                              "rows": 1, "columns": table.columns, "persistent_bytes": tbytes,
+                              "persistent_fraction_of_4d": tbytes / (4 * d)}
+    for op in ("update", "decompress", "pair"):
+        t = times[f"table_sketch/{op}"]
+        t["over_ours"] = t["median_ms"] / fp32[op]["median_ms"]
+        t["over_ours_min"] = t["min_ms"] / fp32[op]["min_ms"]
+        anchor[op] = t
+    out["table_sketch"] = anchor
+    del sketches, table
     return out
 
 
@@ -273,6 +355,17 @@ def _step_configs(q: str, kw: dict[str, Any]) -> dict[str, Any]:
         "efsgd": method_config("efsgd", **common),
         "conef": method_config("conef-cs", **common, **sk, sketch_dtype="float32"),
         "conef_fp16": method_config("conef-cs", **common, **sk, sketch_dtype="float16"),
+    }
+
+
+def _transient_entry(payload_bytes: int, mem: dict[str, int], four_d: int) -> dict[str, Any]:
+    peak = mem["peak_bytes"]
+    return {
+        "peak_bytes": peak,
+        "retained_bytes": mem["retained_bytes"],
+        "payload_bytes": payload_bytes,
+        "peak_minus_payload_bytes": peak - payload_bytes,
+        "peak_minus_payload_fraction_of_4d": (peak - payload_bytes) / four_d,
     }
 
 
@@ -288,7 +381,7 @@ def bench_steps(d: int, repeats: int, src: torch.Tensor, u: torch.Tensor) -> tup
     refill = lambda: u.copy_(src)  # noqa: E731 - refill of the preallocated update buffer (not timed)
     for q, (label, kw) in STEP_COMPRESSORS.items():
         cfgs = _step_configs(q, kw)
-        fbs = {name: make_feedback(cfg, (d,), key="bench") for name, cfg in cfgs.items()}
+        fbs = {name: make_feedback(cfg, (d,), key="bench", device=_DEVICE) for name, cfg in cfgs.items()}
         seeds = {name: iter(range(1, 10**6)) for name in fbs}
         items = {
             name: (lambda fb=fb, it=seeds[name]: fb.step(u, seed=next(it), consume=True)) for name, fb in fbs.items()
@@ -305,28 +398,91 @@ def bench_steps(d: int, repeats: int, src: torch.Tensor, u: torch.Tensor) -> tup
             refill()
             payload, mem = _transient(lambda fb=fb: fb.step(u, seed=999_983, consume=True))
             pb = persistent_bytes(fb.persistent_tensors())
-            peak = mem["peak_bytes"]
             entry["methods"][name] = {
                 "config": cfgs[name].to_dict(),
                 "time": times[name],
                 "persistent_bytes": pb,
                 "nbytes": fb.nbytes,
                 "persistent_fraction_of_4d": pb / four_d,
-                "transient": {
-                    "peak_bytes": peak,
-                    "retained_bytes": mem["retained_bytes"],
-                    "payload_bytes": payload.nbytes,
-                    "peak_minus_payload_bytes": peak - payload.nbytes,
-                    "peak_minus_payload_fraction_of_4d": (peak - payload.nbytes) / four_d,
-                },
+                "transient": _transient_entry(payload.nbytes, mem, four_d),
             }
-        ef = times["efsgd"]["median_ms"]
-        entry["conef_over_efsgd"] = times["conef"]["median_ms"] / ef
-        entry["conef_fp16_over_efsgd"] = times["conef_fp16"]["median_ms"] / ef
+        ef = times["efsgd"]
+        entry["conef_over_efsgd"] = times["conef"]["median_ms"] / ef["median_ms"]
+        entry["conef_over_efsgd_min"] = times["conef"]["min_ms"] / ef["min_ms"]
+        entry["conef_fp16_over_efsgd"] = times["conef_fp16"]["median_ms"] / ef["median_ms"]
         out[q] = entry
+        _log(f"  steps {label}: EFSGD {ef['median_ms']:.2f} ms, ConEF {times['conef']['median_ms']:.2f} ms "
+             f"({entry['conef_over_efsgd']:.2f}x)")
         del fbs, items
         _free()
     return out, overheads
+
+
+def _time_model_steps(shapes: Sequence[tuple[int, ...]], q: str, kw: dict[str, Any], repeats: int,
+                      gen: torch.Generator) -> dict[str, Any]:
+    """One step over every tensor of a layer-wise model, EFSGD vs ConEF (fp32 sketch), round-robin."""
+    cfgs = {k: v for k, v in _step_configs(q, kw).items() if k in ("efsgd", "conef")}
+    srcs = [torch.randn(s, generator=gen).to(_DEVICE) for s in shapes]
+    bufs = [torch.empty_like(t) for t in srcs]
+    total = sum(t.numel() for t in srcs)
+    models = {name: [make_feedback(cfg, s, key=f"layer{i}", device=_DEVICE) for i, s in enumerate(shapes)]
+              for name, cfg in cfgs.items()}
+    seeds = {name: iter(range(1, 10**6)) for name in models}
+
+    def refill() -> None:
+        for b, s in zip(bufs, srcs, strict=True):
+            b.copy_(s)
+
+    def run(name: str, seed: int | None = None) -> int:
+        s = next(seeds[name]) if seed is None else seed
+        return sum(fb.step(b, seed=s, consume=True).nbytes for fb, b in zip(models[name], bufs, strict=True))
+
+    items = {name: (lambda name=name: run(name)) for name in models}
+    times = time_round_robin(items, repeats, {name: refill for name in models})
+    entry: dict[str, Any] = {"tensors": len(shapes), "numel": total, "methods": {}}
+    for name in models:
+        refill()
+        payload_bytes, mem = _transient(lambda name=name: run(name, 999_983))
+        entry["methods"][name] = {
+            "time": times[name],
+            "persistent_bytes": persistent_bytes([t for fb in models[name] for t in fb.persistent_tensors()]),
+            "transient": _transient_entry(int(payload_bytes), mem, 4 * total),
+        }
+    ef, ce = times["efsgd"], times["conef"]
+    entry["conef_over_efsgd"] = ce["median_ms"] / ef["median_ms"]
+    entry["conef_over_efsgd_min"] = ce["min_ms"] / ef["min_ms"]
+    entry["extra_ms_per_tensor"] = (ce["median_ms"] - ef["median_ms"]) / len(shapes)
+    return entry
+
+
+def bench_fixed_cost(repeats: int) -> dict[str, Any]:
+    """The fixed cost per tensor: sketch operations and steps on small single tensors, and a layer-wise model."""
+    gen = torch.Generator().manual_seed(7)
+    out: dict[str, Any] = {"single": {}, "resnet18": {}}
+    for d in FIXED_COST_SIZES:
+        x = torch.randn(d, generator=gen).to(_DEVICE)
+        y, target = torch.randn_like(x), torch.zeros_like(x)
+        sk = CountSketch(SketchGeometry.for_ratio(d, SKETCH_RATIO), seed=3, device=_DEVICE)
+        t = time_round_robin({"add_": lambda x=x, y=y: x.add_(y), "update": lambda sk=sk, x=x: sk.accumulate_(x),
+                              "decompress": lambda sk=sk, t=target: sk.estimate_add_(t)}, max(repeats, 15))
+        entry: dict[str, Any] = {"d": d, "sketch": t, "steps": {}}
+        for q, (_label, kw) in STEP_COMPRESSORS.items():
+            model = _time_model_steps([(d,)], q, kw, max(repeats, 15), gen)
+            entry["steps"][q] = model
+        out["single"][str(d)] = entry
+        _log(f"  fixed cost d={d}: update {t['update']['median_ms']:.3f} ms, decompress "
+             f"{t['decompress']['median_ms']:.3f} ms, add_ {t['add_']['median_ms']:.3f} ms")
+        _free()
+    shapes = resnet18_shapes()
+    out["resnet18"]["shapes"] = [list(s) for s in shapes]
+    for q, (label, kw) in STEP_COMPRESSORS.items():
+        e = _time_model_steps(shapes, q, kw, repeats, gen)
+        e["label"] = label
+        out["resnet18"][q] = e
+        _log(f"  layer-wise ResNet-18, {label}: EFSGD {e['methods']['efsgd']['time']['median_ms']:.1f} ms, "
+             f"ConEF {e['methods']['conef']['time']['median_ms']:.1f} ms ({e['conef_over_efsgd']:.2f}x)")
+        _free()
+    return out
 
 
 def bench_compressors(d: int, repeats: int, x: torch.Tensor, target: torch.Tensor,
@@ -397,28 +553,30 @@ def bench_compressors(d: int, repeats: int, x: torch.Tensor, target: torch.Tenso
     return out
 
 
-def bench_size(d: int, repeats: int, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+def bench_size(d: int, repeats: int, parts: Sequence[str], previous: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything for one size ``d``."""
     gen = torch.Generator().manual_seed(d)
     res: dict[str, Any] = {"d": d, "load_avg_start": _loadavg()}
     t0 = time.perf_counter()
-    x = torch.randn(d, generator=gen)
-    y = torch.randn(d, generator=gen)
-    target = torch.zeros(d)
-    extra = {}
-    if d == CSVEC_REFERENCE["d"]:
-        extra["csvec_match_v1_float32"] = (CSVEC_REFERENCE["columns"] / d, 1, "float32")
-    _log(f"d={d}: add_ and sketches")
-    res["sketch"] = bench_sketch(d, repeats, x, y, target, extra)
-    x.copy_(torch.randn(d, generator=gen))  # add_ grew x; restore a standard normal vector
-    target.zero_()
-    _log(f"d={d}: EFSGD vs ConEF steps")
-    u = torch.empty(d)
-    res["steps"], res["overheads"] = bench_steps(d, repeats, x, u)
-    del u, y
-    _free()
-    _log(f"d={d}: compressors")
-    res["compressors"] = bench_compressors(d, repeats, x, target, previous)
+    x = torch.randn(d, generator=gen).to(_DEVICE)
+    target = torch.zeros_like(x)
+    if "sketch" in parts:
+        _log(f"d={d}: add_, sketches and the table-based anchor")
+        y = torch.randn(d, generator=gen).to(_DEVICE)
+        res["sketch"] = bench_sketch(d, repeats, x, y, target)
+        del y
+        x.copy_(torch.randn(d, generator=gen))  # add_ grew x; restore a standard normal vector
+        target.zero_()
+        _free()
+    if "steps" in parts:
+        _log(f"d={d}: EFSGD vs ConEF steps")
+        u = torch.empty_like(x)
+        res["steps"], res["overheads"] = bench_steps(d, repeats, x, u)
+        del u
+        _free()
+    if "compressors" in parts:
+        _log(f"d={d}: compressors")
+        res["compressors"] = bench_compressors(d, repeats, x, target, previous)
     res["load_avg_end"] = _loadavg()
     res["elapsed_s"] = time.perf_counter() - t0
     del x, target
@@ -432,64 +590,67 @@ def bench_size(d: int, repeats: int, previous: dict[str, Any] | None = None) -> 
 
 
 def _target(name: str, measured: float | None, target: float, unit: str, note: str = "",
-            measured_min: float | None = None) -> dict[str, Any]:
-    met = None if measured is None else bool(measured <= target)
+            measured_min: float | None = None, at_least: bool = False) -> dict[str, Any]:
+    met = None if measured is None else bool(measured >= target if at_least else measured <= target)
     return {"name": name, "measured": measured, "measured_min": measured_min, "target": target, "unit": unit,
-            "met": met, "note": note}
+            "at_least": at_least, "met": met, "note": note}
 
 
 def evaluate_targets(result: dict[str, Any]) -> dict[str, Any]:
-    """Targets of issue #2 §6 at d = 10M (or the largest size run, if 10M was not run)."""
+    """Targets of issue #13 (and #2 §6) at d = 10M (or the largest size run) and on the fixed-cost part."""
     sizes = result["sizes"]
-    key = str(TARGET_D) if str(TARGET_D) in sizes else max(sizes, key=int)
-    r = sizes[key]
-    d = r["d"]
-    sk = r["sketch"]["configs"]["v1_float32"]
-    add = r["sketch"]["add"]
-    rows = []
-    for cfg, lab, extra in (("v1_float32", "fp32", ""), ("v1_float16", "fp16", "; fp16 table, for reference")):
-        c = r["sketch"]["configs"][cfg]
-        rows.append(_target(f"sketch update + decompress / add_ (v=1, w=0.1d, {lab})", c["pair"]["over_add"], 2.5,
-                            "x add_",
-                            f"pair {c['pair']['median_ms']:.2f} ms (min {c['pair']['min_ms']:.2f}) vs add_ "
-                            f"{add['median_ms']:.2f} ms (min {add['min_ms']:.2f}){extra}",
-                            c["pair"]["min_ms"] / add["min_ms"]))
-    for q, e in r["steps"].items():
-        main = " (main case)" if q == MAIN_Q else ""
-        ce, ee = e["methods"]["conef"]["time"], e["methods"]["efsgd"]["time"]
-        rows.append(_target(f"ConEF step / EFSGD step, {e['label']}{main}", e["conef_over_efsgd"], 1.2,
-                            "x EFSGD", f"{ce['median_ms']:.2f} vs {ee['median_ms']:.2f} ms (mins {ce['min_ms']:.2f} "
-                            f"vs {ee['min_ms']:.2f})", ce["min_ms"] / ee["min_ms"]))
-    m = r["steps"][MAIN_Q]["methods"]
-    rows.append(_target("persistent error state / 4d, fp32 sketch", m["conef"]["persistent_fraction_of_4d"], 0.10,
-                        "fraction", f"{m['conef']['persistent_bytes']} B vs 4d = {4 * d} B"))
-    rows.append(_target("persistent error state / 4d, fp16 sketch", m["conef_fp16"]["persistent_fraction_of_4d"],
-                        0.05, "fraction", f"{m['conef_fp16']['persistent_bytes']} B vs 4d = {4 * d} B"))
-    for q, e in r["steps"].items():
-        for meth, lab in (("conef", "fp32"), ("conef_fp16", "fp16")):
-            t = e["methods"][meth]["transient"]
-            main = " (main case)" if q == MAIN_Q else ""
-            ef = e["methods"]["efsgd"]["transient"]
-            rows.append(_target(f"ConEF step transient (peak - payload) / 4d, {lab} sketch, {e['label']}{main}",
-                                t["peak_minus_payload_fraction_of_4d"], 0.02, "fraction",
-                                f"peak {t['peak_bytes']} B, payload {t['payload_bytes']} B; EFSGD with the same Q: "
-                                f"{100 * ef['peak_minus_payload_fraction_of_4d']:.2f} %"))
-    csv = None
-    if "csvec_match_v1_float32" in r["sketch"]["configs"]:
-        c = r["sketch"]["configs"]["csvec_match_v1_float32"]
-        csv = {
-            "reference": CSVEC_REFERENCE,
-            "ours_config": "csvec_match_v1_float32 (v=1, w=0.2d = c, fp32)",
-            "ours_update_ms": c["update"]["median_ms"],
-            "ours_decompress_ms": c["decompress"]["median_ms"],
-            "speedup_sketch": CSVEC_REFERENCE["sketch_ms"] / c["update"]["median_ms"],
-            "speedup_recover": CSVEC_REFERENCE["recover_ms"] / c["decompress"]["median_ms"],
-            "speedup_sketch_v1_w01d": CSVEC_REFERENCE["sketch_ms"] / sk["update"]["median_ms"],
-            "speedup_recover_v1_w01d": CSVEC_REFERENCE["recover_ms"] / sk["decompress"]["median_ms"],
-            "note": "csvec numbers come from PERFORMANCE.md (same kind of machine, different run), not this run; "
-                    "csvec's unSketch also selects the top-k after recovering every coordinate",
-        }
-    return {"d": d, "rows": rows, "csvec": csv}
+    rows: list[dict[str, Any]] = []
+    d = None
+    if sizes:
+        key = str(TARGET_D) if str(TARGET_D) in sizes else max(sizes, key=int)
+        r = sizes[key]
+        d = r["d"]
+        if "sketch" in r:
+            add = r["sketch"]["add"]
+            c = r["sketch"]["configs"]["v1_float32"]
+            rows.append(_target("sketch update + decompress / add_ (v=1, w=0.1d, fp32)", c["pair"]["over_add"], 2.0,
+                                "x add_", f"pair {c['pair']['median_ms']:.2f} ms (min {c['pair']['min_ms']:.2f}) vs "
+                                f"add_ {add['median_ms']:.2f} ms (min {add['min_ms']:.2f})",
+                                c["pair"]["min_ms"] / add["min_ms"]))
+            for name in ("v1_float16", "v1_bfloat16"):
+                h = r["sketch"]["configs"][name]
+                rows.append(_target(f"sketch pair, {h['dtype']} table / fp32 table", h["pair_over_fp32_pair"], 1.5,
+                                    "x fp32", f"{h['pair']['median_ms']:.2f} vs {c['pair']['median_ms']:.2f} ms",
+                                    h["pair_over_fp32_pair_min"]))
+            a = r["sketch"]["table_sketch"]
+            rows.append(_target("table-based count sketch (csvec design) / ours, update + decompress",
+                                a["pair"]["over_ours"], 20.0, "x ours",
+                                f"{a['pair']['median_ms']:.1f} vs {c['pair']['median_ms']:.2f} ms; its tables: "
+                                f"{100 * a['persistent_fraction_of_4d']:.0f} % of 4d", a["pair"]["over_ours_min"],
+                                at_least=True))
+        if "steps" in r:
+            for q, e in r["steps"].items():
+                main = " (main case)" if q == MAIN_Q else ""
+                ce, ee = e["methods"]["conef"]["time"], e["methods"]["efsgd"]["time"]
+                rows.append(_target(f"ConEF step / EFSGD step, {e['label']}{main}", e["conef_over_efsgd"], 1.0,
+                                    "x EFSGD", f"{ce['median_ms']:.2f} vs {ee['median_ms']:.2f} ms (mins "
+                                    f"{ce['min_ms']:.2f} vs {ee['min_ms']:.2f})", e["conef_over_efsgd_min"]))
+            m = r["steps"][MAIN_Q]["methods"]
+            for meth, lab, lim in (("conef", "fp32", 0.10), ("conef_fp16", "fp16", 0.05)):
+                rows.append(_target(f"persistent error state / 4d, {lab} sketch", m[meth]["persistent_fraction_of_4d"],
+                                    lim, "fraction", f"{m[meth]['persistent_bytes']} B vs 4d = {4 * d} B"))
+            for e in r["steps"].values():
+                for meth, lab in (("efsgd", "EFSGD"), ("conef", "ConEF fp32"), ("conef_fp16", "ConEF fp16")):
+                    t = e["methods"][meth]["transient"]
+                    rows.append(_target(f"step transient (peak - payload) / 4d, {lab}, {e['label']}",
+                                        t["peak_minus_payload_fraction_of_4d"], 0.02, "fraction",
+                                        f"peak {t['peak_bytes']} B, payload {t['payload_bytes']} B"))
+    fixed = result.get("fixed_cost")
+    if fixed:
+        for q, e in fixed["resnet18"].items():
+            if q == "shapes":
+                continue
+            ce, ee = e["methods"]["conef"]["time"], e["methods"]["efsgd"]["time"]
+            rows.append(_target(f"layer-wise ResNet-18 ({e['tensors']} tensors), ConEF / EFSGD, {e['label']}",
+                                e["conef_over_efsgd"], 1.2, "x EFSGD",
+                                f"{ce['median_ms']:.1f} vs {ee['median_ms']:.1f} ms; "
+                                f"{1e3 * e['extra_ms_per_tensor']:.0f} us more per tensor", e["conef_over_efsgd_min"]))
+    return {"d": d, "rows": rows}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,8 +659,11 @@ def evaluate_targets(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_benchmark(sizes: Sequence[int] = DEFAULT_SIZES, repeats: int = 7, threads: int = 2,
-                  command: str | None = None, quick: bool = False) -> dict[str, Any]:
+                  command: str | None = None, quick: bool = False, parts: Sequence[str] = PARTS,
+                  device: str = "cpu") -> dict[str, Any]:
     """Run the whole benchmark and return the result dict (see ``docs/benchmarks.md``)."""
+    global _DEVICE
+    _DEVICE = torch.device(device)
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     result: dict[str, Any] = {
@@ -512,23 +676,30 @@ def run_benchmark(sizes: Sequence[int] = DEFAULT_SIZES, repeats: int = 7, thread
             "repeats": repeats,
             "warmup": 1,
             "threads": threads,
+            "device": str(_DEVICE),
             "quick": quick,
+            "parts": list(parts),
             "sketch_ratio": SKETCH_RATIO,
             "beta": BETA,
             "slow_limit_s": SLOW_LIMIT_S,
             "item_budget_s": ITEM_BUDGET_S,
             "step_compressors": {q: kw for q, (_, kw) in STEP_COMPRESSORS.items()},
+            "sketch_configs": {k: {"rows": v, "dtype": dt} for k, (v, dt) in SKETCH_CONFIGS.items()},
             "compressor_params": COMPRESSOR_PARAMS,
+            "fixed_cost_sizes": list(FIXED_COST_SIZES),
         },
         "load_avg_start": _loadavg(),
         "sizes": {},
     }
     previous: dict[str, Any] | None = None
     for d in sizes:
-        r = bench_size(int(d), repeats, previous)
+        r = bench_size(int(d), repeats, parts, previous)
         result["sizes"][str(int(d))] = r
-        previous = r["compressors"]
+        previous = r.get("compressors")
         _log(f"d={d}: done in {r['elapsed_s']:.1f} s, load {_loadavg()}")
+    if "fixed" in parts:
+        _log("fixed cost per tensor: single tensors and layer-wise ResNet-18")
+        result["fixed_cost"] = bench_fixed_cost(repeats)
     result["load_avg_end"] = _loadavg()
     result["elapsed_s"] = time.perf_counter() - t0
     result["targets"] = evaluate_targets(result)
@@ -572,15 +743,20 @@ def _ms(t: dict[str, Any] | None) -> str:
     return "–" if not t else f"{t['median_ms']:.2f}"
 
 
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f} %"
+
+
 def to_markdown(result: dict[str, Any]) -> str:
-    """A short markdown summary: one table per size and the targets table."""
+    """A short markdown summary: the targets table, one table per size, the fixed cost per tensor."""
     m = result["machine"]
     lines = [
         "# Compressor-core benchmark",
         "",
         f"Generated by `{result.get('command') or 'python -m sim.bench_core'}` on {result['created_utc']}; "
         f"{m['cpu_model']}, {m['logical_cpus']} logical CPUs, torch {m['torch_version']}, "
-        f"{result['settings']['threads']} threads, medians of {result['settings']['repeats']} runs after one warm-up. "
+        f"{result['settings']['threads']} threads, device {m.get('device', 'cpu')}, medians of "
+        f"{result['settings']['repeats']} runs after one warm-up (in the same loop for compared items). "
         f"Load average at start {result['load_avg_start']}, at end {result['load_avg_end']}; "
         f"total {result['elapsed_s']:.0f} s. Keys: `docs/benchmarks.md`.",
         "",
@@ -594,52 +770,77 @@ def to_markdown(result: dict[str, Any]) -> str:
                   f"logical CPUs). Timings then include scheduler stalls, worst with several threads (spread between "
                   f"`min_ms` and `median_ms` in the JSON); ratios of mins are shown next to ratios of medians.", ""]
     t = result["targets"]
-    lines += [f"## Targets (d = {t['d']:,}, same run)", "",
+    lines += [f"## Targets (d = {t['d']:,} unless stated, same run)" if t["d"] else "## Targets", "",
               "| target | measured (medians) | ratio of mins | limit | met | note |", "|---|---|---|---|---|---|"]
     for row in t["rows"]:
-        meas = "–" if row["measured"] is None else (
-            f"{100 * row['measured']:.3f} %" if row["unit"] == "fraction" else f"{row['measured']:.2f}×")
+        frac = row["unit"] == "fraction"
+        meas = "–" if row["measured"] is None else (_pct(row["measured"]) if frac else f"{row['measured']:.2f}×")
         mmin = "" if row.get("measured_min") is None else f"{row['measured_min']:.2f}×"
-        lim = f"{100 * row['target']:.0f} %" if row["unit"] == "fraction" else f"{row['target']:.1f}×"
+        lim = f"{100 * row['target']:.0f} %" if frac else f"{row['target']:.1f}×"
+        lim = ("≥ " if row.get("at_least") else "≤ ") + lim
         met = "–" if row["met"] is None else ("yes" if row["met"] else "**no**")
-        lines.append(f"| {row['name']} | {meas} | {mmin} | ≤ {lim} | {met} | {row['note']} |")
-    if t.get("csvec"):
-        c = t["csvec"]
-        lines += ["", f"vs `csvec` (r = 1, c = 2M, d = 10M: sketch 1.0 s, recover 3.1 s; numbers from "
-                      f"PERFORMANCE.md, not this run): ours at w = c: update {c['ours_update_ms']:.1f} ms "
-                      f"(**{c['speedup_sketch']:.0f}×** faster), decompress {c['ours_decompress_ms']:.1f} ms "
-                      f"(**{c['speedup_recover']:.0f}×**); at w = 0.1d: {c['speedup_sketch_v1_w01d']:.0f}× / "
-                      f"{c['speedup_recover_v1_w01d']:.0f}×."]
+        lines.append(f"| {row['name']} | {meas} | {mmin} | {lim} | {met} | {row['note']} |")
     for r in result["sizes"].values():
         d = r["d"]
-        s = r["sketch"]
-        add = s["add"]
-        cf = r.get("overheads", {}).get("check_finite")
-        cf_txt = f" `check_finite(u)`, run at the start of every step: {cf['median_ms']:.2f} ms." if cf else ""
-        lines += ["", f"## d = {d:,} (load {r['load_avg_start']} → {r['load_avg_end']})", "",
-                  f"`add_` over d floats: {add['median_ms']:.2f} ms (min {add['min_ms']:.2f}, "
-                  f"{add['gb_per_s']:.0f} GB/s).{cf_txt}", "",
-                  "| operation | median ms | × add_ / × EFSGD | persistent MB | transient peak − payload MB |",
-                  "|---|---|---|---|---|"]
-        for name, c in s["configs"].items():
-            tr = max(c["update"]["transient"]["peak_bytes"], c["decompress"]["transient"]["peak_bytes"])
-            lines.append(f"| sketch {name} (w={c['width']:,}): update / decompress / pair | "
-                         f"{_ms(c['update'])} / {_ms(c['decompress'])} / {_ms(c['pair'])} | "
-                         f"{c['pair']['over_add']:.2f}× (pair) | {_mb(c['table_bytes'])} | {_mb(tr)} |")
-        for e in r["steps"].values():
-            ef_ms = e["methods"]["efsgd"]["time"]["median_ms"]
-            for meth, mm in e["methods"].items():
-                ratio = "1" if meth == "efsgd" else f"{mm['time']['median_ms'] / ef_ms:.2f}×"
-                lines.append(f"| step {meth}, {e['label']} | {_ms(mm['time'])} | {ratio} | "
-                             f"{_mb(mm['persistent_bytes'])} | {_mb(mm['transient']['peak_minus_payload_bytes'])} |")
-        lines += ["", "| Q | compress ms | decompress ms | decompress_add_ ms | payload MB | compress peak MB |",
-                  "|---|---|---|---|---|---|"]
-        for q, c in r["compressors"].items():
-            if c.get("skipped"):
-                lines.append(f"| {q} | skipped | | | | {c['skipped']} |")
+        lines += ["", f"## d = {d:,} (load {r['load_avg_start']} → {r['load_avg_end']})", ""]
+        if "sketch" in r:
+            s = r["sketch"]
+            add = s["add"]
+            cf = r.get("overheads", {}).get("check_finite")
+            cf_txt = f" `check_finite(u)`, run at the start of every step: {cf['median_ms']:.2f} ms." if cf else ""
+            lines += [f"`add_` over d floats: {add['median_ms']:.2f} ms (min {add['min_ms']:.2f}, "
+                      f"{add['gb_per_s']:.0f} GB/s).{cf_txt}", "",
+                      "| sketch (w = 0.1 d) | update ms | decompress ms | pair ms | pair × add_ | table MB | "
+                      "transient MB |", "|---|---|---|---|---|---|---|"]
+            for name, c in s["configs"].items():
+                tr = max(c["update"]["transient"]["peak_bytes"], c["decompress"]["transient"]["peak_bytes"])
+                lines.append(f"| {name} ({c['buckets']} × {c['unit']}) | {_ms(c['update'])} | {_ms(c['decompress'])} "
+                             f"| {_ms(c['pair'])} | {c['pair']['over_add']:.2f}× | {_mb(c['table_bytes'])} | "
+                             f"{_mb(tr)} |")
+            a = s["table_sketch"]
+            over = a["pair"]["median_ms"] / add["median_ms"]
+            lines.append(f"| table-based, csvec design (c = {a['columns']:,}) | {_ms(a['update'])} | "
+                         f"{_ms(a['decompress'])} | {_ms(a['pair'])} | {over:.2f}× | "
+                         f"{_mb(a['persistent_bytes'])} | – |")
+        if "steps" in r:
+            lines += ["", "| step | median ms | × EFSGD | persistent MB | transient − payload |",
+                      "|---|---|---|---|---|"]
+            for e in r["steps"].values():
+                ef_ms = e["methods"]["efsgd"]["time"]["median_ms"]
+                for meth, mm in e["methods"].items():
+                    ratio = "1" if meth == "efsgd" else f"{mm['time']['median_ms'] / ef_ms:.2f}×"
+                    tr = mm["transient"]["peak_minus_payload_fraction_of_4d"]
+                    lines.append(f"| {meth}, {e['label']} | {_ms(mm['time'])} | {ratio} | "
+                                 f"{_mb(mm['persistent_bytes'])} | {_pct(tr)} of 4d |")
+        if "compressors" in r:
+            lines += ["", "| Q | compress ms | decompress ms | decompress_add_ ms | payload MB | compress peak MB |",
+                      "|---|---|---|---|---|---|"]
+            for q, c in r["compressors"].items():
+                if c.get("skipped"):
+                    lines.append(f"| {q} | skipped | | | | {c['skipped']} |")
+                    continue
+                lines.append(f"| {q} | {_ms(c['compress'])} | {_ms(c['decompress'])} | {_ms(c['decompress_add'])} | "
+                             f"{_mb(c['payload_bytes'])} | {_mb(c['compress']['transient']['peak_bytes'])} |")
+    fixed = result.get("fixed_cost")
+    if fixed:
+        lines += ["", "## Fixed cost per tensor", "",
+                  "| tensor | sketch update ms | decompress ms | add_ ms | Q | EFSGD step ms | ConEF step ms | × |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for e in fixed["single"].values():
+            sk = e["sketch"]
+            for q, st in e["steps"].items():
+                ef, ce = st["methods"]["efsgd"]["time"], st["methods"]["conef"]["time"]
+                lines.append(f"| d = {e['d']:,} | {_ms(sk['update'])} | {_ms(sk['decompress'])} | {_ms(sk['add_'])} "
+                             f"| {q} | {_ms(ef)} | {_ms(ce)} | {st['conef_over_efsgd']:.2f}× |")
+        lines += ["", "| layer-wise ResNet-18 (62 tensors, 11.7M values) | EFSGD ms | ConEF ms | × | extra per tensor "
+                      "| ConEF transient − payload |", "|---|---|---|---|---|---|"]
+        for q, e in fixed["resnet18"].items():
+            if q == "shapes":
                 continue
-            lines.append(f"| {q} | {_ms(c['compress'])} | {_ms(c['decompress'])} | {_ms(c['decompress_add'])} | "
-                         f"{_mb(c['payload_bytes'])} | {_mb(c['compress']['transient']['peak_bytes'])} |")
+            ef, ce = e["methods"]["efsgd"]["time"], e["methods"]["conef"]["time"]
+            tr = e["methods"]["conef"]["transient"]["peak_minus_payload_fraction_of_4d"]
+            lines.append(f"| {e['label']} | {_ms(ef)} | {_ms(ce)} | {e['conef_over_efsgd']:.2f}× | "
+                         f"{1e3 * e['extra_ms_per_tensor']:.0f} µs | {_pct(tr)} of 4d |")
     return "\n".join(lines) + "\n"
 
 
@@ -647,26 +848,39 @@ def _parse_sizes(text: str) -> list[int]:
     return [int(float(s)) for s in text.split(",") if s.strip()]
 
 
+def _write(result: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+    out.with_suffix(".md").write_text(to_markdown(result))
+    _log(f"wrote {out} and {out.with_suffix('.md')}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sim.bench_core", description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default=",".join(str(s) for s in DEFAULT_SIZES),
-                   help="comma-separated d values (floats allowed: 1e6,1e7,5e7)")
+                   help="comma-separated d values (floats allowed: 1e6,1e7,5e7); empty: fixed-cost part only")
     p.add_argument("--repeats", type=int, default=7, help="timed runs after one warm-up (median and min kept)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    p.add_argument("--out", default="docs/results/bench_core.json", help="JSON output; markdown goes next to it (.md)")
+    p.add_argument("--device", default="cpu", help="torch device of every tensor (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="JSON output; markdown goes next to it (.md)")
+    p.add_argument("--save", action="store_true", help=f"also write {SAVED_OUT} and its .md (the committed results)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--quick", action="store_true", help="smoke test: d = 1M only, 3 repeats")
     a = p.parse_args(argv)
     sizes = [1_000_000] if a.quick else _parse_sizes(a.sizes)
     repeats = 3 if a.quick else a.repeats
-    if repeats < 1 or a.threads < 1 or not sizes:
-        p.error("--repeats and --threads must be >= 1 and --sizes non-empty")
+    parts = [s.strip() for s in a.parts.split(",") if s.strip()]
+    if repeats < 1 or a.threads < 1 or not parts or set(parts) - set(PARTS):
+        p.error(f"--repeats and --threads must be >= 1; --parts a non-empty subset of {','.join(PARTS)}")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {a.device}: CUDA is not available")
     cmd = "python -m sim.bench_core " + " ".join(sys.argv[1:] if argv is None else argv)
-    result = run_benchmark(sizes, repeats, a.threads, command=cmd.strip(), quick=a.quick)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
-    out.with_suffix(".md").write_text(to_markdown(result))
-    _log(f"wrote {out} and {out.with_suffix('.md')} in {result['elapsed_s']:.0f} s")
+    result = run_benchmark(sizes, repeats, a.threads, command=cmd.strip(), quick=a.quick, parts=parts,
+                           device=a.device)
+    _write(result, Path(a.out))
+    if a.save:
+        _write(result, Path(SAVED_OUT))
+    _log(f"done in {result['elapsed_s']:.0f} s")
     return 0
 
 

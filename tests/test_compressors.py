@@ -30,7 +30,8 @@ from conef_fl.compressors import (
 from conef_fl.compressors.atomo import atomo_probabilities
 from conef_fl.compressors.powersgd import matrix_view_shape
 from conef_fl.compressors.random_k import sample_without_replacement
-from conef_fl.compressors.topk import FAST_MIN_NUMEL, topk_indices
+from conef_fl.compressors.topk import FAST_MIN_NUMEL, topk_indices, topk_select
+from conef_fl.memory import measure_transient
 
 NAMES = [
     "identity",
@@ -582,3 +583,89 @@ def test_identity_payload_does_not_alias_input() -> None:
     p = Identity().compress(x)
     x.add_(1.0)
     assert not torch.equal(p.arrays["values"], x)
+
+
+# ----------------------------------------------------------------------------------------------
+# large-tensor paths: exact results with bounded memory (issue #13)
+# ----------------------------------------------------------------------------------------------
+
+
+def _reference_topk(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted indices of k largest |x|, ties towards lower indices (a stable sort)."""
+    order = torch.sort(x.abs().double(), descending=True, stable=True).indices[:k]
+    return order.sort().values
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["gaussian", "ties", "all-equal", "spiky", "negative", "fp16-wire", "heavy-tail"],
+)
+def test_topk_streaming_selection_is_exact(case: str) -> None:
+    d = FAST_MIN_NUMEL * 2 + 13
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(d, generator=g)
+    k, dtype = 2_000, torch.float32
+    if case == "ties":  # the k-th largest value repeats many times
+        x = torch.randint(0, 50, (d,), generator=g).float()
+    elif case == "all-equal":  # the sample says nothing: the radix select streams over the input
+        x = torch.full((d,), -2.5)
+    elif case == "spiky":  # a strided sample misses every large entry
+        x = torch.zeros(d)
+        x[1::1031] = torch.arange(1, len(range(1, d, 1031)) + 1, dtype=torch.float32)
+        k = 100
+    elif case == "negative":
+        x = -x.abs()
+    elif case == "fp16-wire":
+        dtype = torch.float16
+    elif case == "heavy-tail":
+        x = torch.randn(d, generator=g) ** 5
+    idx, vals = topk_select(x, k, dtype)
+    ref = _reference_topk(x, k)
+    assert idx.dtype == torch.int32 and vals.dtype == dtype
+    assert torch.equal(idx.long(), ref), case
+    assert torch.equal(vals, x[ref].to(dtype))
+    assert idx.untyped_storage().nbytes() == 4 * k  # the payload's storage is exactly its bytes
+
+
+@pytest.mark.parametrize(
+    "name,kwargs", [("top-k", {"ratio": 0.01}), ("scaled-sign", {}), ("random-k", {"ratio": 0.01})]
+)
+def test_large_compress_and_decompress_add_allocate_little(name: str, kwargs: dict) -> None:
+    """Beyond its payload a compressor allocates at most 2 % of the vector's 4·d bytes (measured)."""
+    d = 4_000_000
+    q = make_compressor(name, **kwargs)
+    x, target = torch.randn(d, generator=torch.Generator().manual_seed(1)), torch.zeros(d)
+    q.compress(x, seed=1, key="w")
+    payload, m = measure_transient(lambda: q.compress(x, seed=2, key="w"))
+    assert m.peak_bytes - payload.nbytes <= 0.02 * 4 * d, (name, m)
+    _, m = measure_transient(lambda: q.decompress_add_(payload, target, alpha=-1.0))
+    assert m.peak_bytes <= 0.02 * 4 * d, (name, m)
+
+
+@pytest.mark.parametrize("d,k", [(1_000_003, 20_000), (50_000, 20_000), (9_000, 4_097)])
+def test_random_k_blocked_sampler(d: int, k: int) -> None:
+    g = torch.Generator().manual_seed(2)
+    a = sample_without_replacement(d, k, g)
+    assert a.numel() == k and bool((a[1:] > a[:-1]).all()) and int(a[0]) >= 0 and int(a[-1]) < d
+    assert a.dtype == torch.int32  # large k: half the bytes of int64
+    b = sample_without_replacement(d, k, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+
+
+def test_random_k_blocked_sampler_is_uniform() -> None:
+    """Every coordinate is picked with probability k/d, across block boundaries too."""
+    d, k, n = 10_000, 4_500, 400
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(d)
+    sizes = []
+    for _ in range(n):
+        idx = sample_without_replacement(d, k, g).long()
+        counts[idx] += 1
+        sizes.append(idx.numel())
+    assert set(sizes) == {k}
+    freq = counts / n
+    se = math.sqrt(k / d * (1 - k / d) / n)
+    assert abs(float(freq.mean()) - k / d) < 1e-6
+    assert float(freq.std()) < 1.15 * se  # no excess spread: no coordinate is favoured
+    block_means = freq.view(10, -1).mean(1)  # 10 equal ranges
+    assert float((block_means - k / d).abs().max()) < 5 * se / math.sqrt(d / 10)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conef_fl.errors.sketch import CountSketch, SketchGeometry, unit_hashes
+from conef_fl.memory import measure_transient
 
 
 def _sketch(numel: int, ratio: float = 0.1, rows: int = 1, seed: int = 0, dtype: str = "float32", unit=None):
@@ -200,3 +201,99 @@ def test_bad_geometry(kwargs: dict, match: str) -> None:
 def test_bad_dtype() -> None:
     with pytest.raises(ValueError, match="int8"):
         _sketch(100, dtype="int8")
+
+
+# --------------------------------------------------------------------------- hash scheme perm-v1
+def _reference_table(x: torch.Tensor, gm: SketchGeometry, seed: int, row: int = 0) -> torch.Tensor:
+    h, s = unit_hashes(seed, row, gm)
+    ref = torch.zeros(gm.buckets, gm.unit, dtype=torch.float64)
+    for i in range(gm.num_units):
+        seg = x[i * gm.unit : (i + 1) * gm.unit].double()
+        ref[int(h[i]), : seg.numel()] += float(s[i]) * seg
+    return ref
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+def test_every_table_dtype_matches_the_reference(dtype: str) -> None:
+    """Sparse kernels (fp32/fp64), bucket-block scratch (fp16/bf16) and the estimate, against a loop."""
+    gm = SketchGeometry(numel=5_003, rows=1, buckets=37, unit=16)  # a tail unit of 11
+    x = torch.randn(5_003, generator=torch.Generator().manual_seed(2))
+    sk = CountSketch(gm, seed=5, dtype=dtype)
+    sk.accumulate_(x)
+    ref = _reference_table(x, gm, 5)
+    tol = {"float32": 1e-5, "float64": 1e-12, "float16": 2e-3, "bfloat16": 2e-2}[dtype]
+    torch.testing.assert_close(sk.table[0].double(), ref, rtol=tol, atol=tol * 4)
+    h, s = unit_hashes(5, 0, gm)
+    table = sk.table[0].double()
+    ref_est = torch.stack([float(s[i]) * table[int(h[i])] for i in range(gm.num_units)]).reshape(-1)[:5_003]
+    torch.testing.assert_close(sk.decompress().double(), ref_est, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sk.estimate_at(torch.arange(5_003)).double(), ref_est, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_low_precision_tables_round_once(dtype: str) -> None:
+    """A 16-bit table is the float32 result rounded once (sums accumulate in float32)."""
+    gm = SketchGeometry.for_ratio(300_007, 0.1)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(300_007, generator=g) * 3, torch.randn(300_007, generator=g)
+    lo, ref = CountSketch(gm, seed=9, dtype=dtype), CountSketch(gm, seed=9)
+    lo.accumulate_(x)
+    ref.accumulate_(x)
+    assert torch.equal(lo.table, ref.table.to(lo.table.dtype))
+    ref.table.copy_(lo.table.float())  # the next update starts from the rounded table
+    lo.accumulate_(y)
+    ref.accumulate_(y)
+    assert torch.equal(lo.table, ref.table.to(lo.table.dtype))
+    assert torch.equal(lo.decompress(), _decompress_of(lo))
+
+
+def _decompress_of(sk: CountSketch) -> torch.Tensor:
+    """The estimate of a 16-bit table computed through a float32 copy of it."""
+    f = CountSketch(sk.geometry, seed=sk.seed)
+    f.table.copy_(sk.table.float())
+    return f.decompress()
+
+
+def test_buckets_are_balanced_and_signs_fair() -> None:
+    gm = SketchGeometry.for_ratio(1_000_003, 0.1)
+    h, s = unit_hashes(11, 0, gm)
+    full = gm.full_units
+    assert torch.equal(torch.bincount(h[:full], minlength=gm.buckets), torch.tensor(gm.bucket_loads()))
+    assert max(gm.bucket_loads()) - min(gm.bucket_loads()) <= 1
+    assert abs(float(s.mean())) < 0.05
+    other, _ = unit_hashes(12, 0, gm)
+    assert not torch.equal(h, other)
+
+
+def test_hash_scheme_is_pinned() -> None:
+    """The hashes are part of the saved state's meaning: a change of torch's generators must fail here."""
+    gm = SketchGeometry(numel=40, rows=1, buckets=4, unit=3)  # 13 full units and a tail of 1
+    h, s = unit_hashes(123, 0, gm)
+    assert h.tolist() == PINNED_BUCKETS and s.tolist() == PINNED_SIGNS
+
+
+def test_state_of_another_hash_scheme_is_refused() -> None:
+    sk = _sketch(5000, seed=2)
+    state = dict(sk.state_dict())
+    for bad in (None, "carter-wegman"):
+        other = {k: v for k, v in state.items() if k != "hash"} if bad is None else dict(state, hash=bad)
+        with pytest.raises(ValueError, match="hash scheme"):
+            _sketch(5000, seed=2).load_state_dict(other)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_sketch_operations_allocate_little(dtype: str) -> None:
+    """Update, decompress and the feedback scaling stay far below the vector's size (measured)."""
+    d = 4_000_000
+    sk = CountSketch(SketchGeometry.for_ratio(d, 0.1), seed=1, dtype=dtype)
+    x, target = torch.randn(d), torch.zeros(d)
+    sk.accumulate_(x)
+    for fn in (lambda: sk.accumulate_(x), lambda: sk.estimate_add_(target),
+               lambda: sk.subtract_estimate_feedback_(0.1), lambda: sk.estimate_block_add_(target[:400_000], 123)):
+        _, m = measure_transient(fn)
+        assert m.peak_bytes <= 0.02 * 4 * d, m
+
+
+#: unit_hashes(123, 0, SketchGeometry(numel=40, rows=1, buckets=4, unit=3)) under scheme perm-v1.
+PINNED_BUCKETS = [3, 2, 3, 2, 1, 3, 0, 2, 0, 1, 1, 0, 3, 0]
+PINNED_SIGNS = [-1.0, 1.0, 1.0, 1.0, 1.0, -1.0, -1.0, 1.0, -1.0, -1.0, 1.0, -1.0, -1.0, -1.0]

@@ -23,7 +23,7 @@ from conef_fl.seeding import derive_seed, make_generator
 MetaValue = int | float | str | bool
 
 #: Indices per chunk of the per-index work of a :class:`Selection` (bounds its temporaries).
-SELECTION_CHUNK = 1 << 14
+SELECTION_CHUNK = 1 << 12
 
 _WIRE_VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -29,7 +29,7 @@ from conef_fl.seeding import derive_seed, make_generator
 __all__ = ["RandomK", "sample_without_replacement"]
 
 #: Above this many picks, sample block by block (bounds the int64 temporaries).
-_BLOCK_PICKS = 4096
+_BLOCK_PICKS = 2048
 #: Entries per chunk when dropping or inserting members in place.
 _MERGE_CHUNK = 1 << 12
 

@@ -15,8 +15,13 @@ from conef_fl.compressors.base import Compressor, Payload
 
 __all__ = ["ScaledSign"]
 
-#: Entries per chunk of packing and unpacking (a multiple of 8): bounds the temporaries.
+#: Most entries per chunk of packing and unpacking (a multiple of 8): bounds the temporaries ...
 CHUNK = 1 << 16
+
+
+def _chunk(d: int) -> int:
+    """... to about 1/128 of the vector (at least 8192 entries): a multiple of 8."""
+    return max(1 << 13, min(CHUNK, d // 128)) // 8 * 8
 
 
 class ScaledSign(Compressor):
@@ -42,9 +47,10 @@ class ScaledSign(Compressor):
         scale = (l1 / max(d, 1)).to(torch.float32).reshape(1)
         signs = torch.empty(packed_nbytes(d, 1), dtype=torch.uint8, device=flat.device)
         full = d - d % 8
-        mask = torch.empty(min(CHUNK, full), dtype=torch.bool, device=flat.device)
-        for lo in range(0, full, CHUNK):  # no d-sized boolean: one chunk at a time
-            c = min(CHUNK, full - lo)
+        step = _chunk(d)
+        mask = torch.empty(min(step, full), dtype=torch.bool, device=flat.device)
+        for lo in range(0, full, step):  # no d-sized boolean: one chunk at a time
+            c = min(step, full - lo)
             m = torch.ge(flat[lo : lo + c], 0, out=mask[:c])
             pack_mask_into(m, signs[lo // 8 : (lo + c) // 8])
         if full < d:  # the last partial byte
@@ -81,10 +87,13 @@ class ScaledSign(Compressor):
         # row b: the ±1 of the eight entries of byte b (bit 1 -> +1, bit 0 -> -1)
         table = bits_of_bytes_table(flat.device).to(torch.float32).mul_(2).sub_(1)
         signs = signs.to(flat.device)
-        for lo in range(0, d, CHUNK):
-            c = min(CHUNK, d - lo)
-            pm = table.index_select(0, signs[lo // 8 : lo // 8 + packed_nbytes(c, 1)].to(torch.int32))
-            flat[lo : lo + c].add_(pm.view(-1)[:c].to(flat.dtype), alpha=s)  # ±s exact, one rounding
+        step = _chunk(d)
+        pm = torch.empty((packed_nbytes(min(step, d), 1), 8), dtype=torch.float32, device=flat.device)
+        for lo in range(0, d, step):
+            c = min(step, d - lo)
+            nb = packed_nbytes(c, 1)
+            torch.index_select(table, 0, signs[lo // 8 : lo // 8 + nb].to(torch.int32), out=pm[:nb])
+            flat[lo : lo + c].add_(pm[:nb].view(-1)[:c], alpha=s)  # ±s exact, one rounding
         return target
 
     def expected_nbytes(self, shape: tuple[int, ...]) -> int:

@@ -59,9 +59,9 @@ _MAX_UNIT = 4096
 #: Coordinates per call of the per-coordinate (sparse) paths.
 _SPARSE_CHUNK = 1 << 12
 #: Scratch of the chunked paths: at most this fraction of the vector's float32 bytes ...
-_SCRATCH_FRACTION = 1 / 128
+_SCRATCH_FRACTION = 1 / 256
 #: ... and at least this many elements (one unit at the very least).
-_SCRATCH_MIN = 1 << 15
+_SCRATCH_MIN = 1 << 12
 #: Random sign bits drawn per int64 word.
 _SIGN_BITS = 62
 _SHIFTS = torch.arange(_SIGN_BITS, dtype=torch.int64)
@@ -179,7 +179,7 @@ class _RowHash:
     at position ``p``. ``(crow, perm, sign)`` is ``Pᵀ`` in CSR form.
     """
 
-    __slots__ = ("full", "buckets", "perm", "sign", "crow", "tail_bucket", "tail_sign", "_i32", "_inv", "_ext")
+    __slots__ = ("full", "buckets", "perm", "sign", "crow", "tail_bucket", "tail_sign", "_i32", "_inv")
 
     def __init__(self, row_seed: int, g: SketchGeometry, device: torch.device, dtype: torch.dtype) -> None:
         f, w = g.full_units, g.buckets
@@ -200,15 +200,13 @@ class _RowHash:
         self.perm, self.sign, self.crow = perm, sign, crow
         self.tail_bucket, self.tail_sign = _tail_hash(row_seed, w)
         self._inv: torch.Tensor | None = None
-        self._ext: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def inv(self) -> torch.Tensor:
         """Position of every full unit (int32)."""
-        if self._inv is None:
-            inv = torch.empty_like(self.perm)
-            inv[self.perm] = torch.arange(self.full, dtype=torch.int32, device=self.perm.device)
-            self._inv = inv
+        if self._inv is None:  # scatter (int64 index) is several times faster than index_put here
+            ar = torch.arange(self.full, dtype=torch.int32, device=self.perm.device)
+            self._inv = torch.empty_like(self.perm).scatter_(0, self.perm.to(torch.int64), ar)
         return self._inv
 
     def _bucket_of(self, pos: torch.Tensor) -> torch.Tensor:
@@ -231,17 +229,19 @@ class _RowHash:
         p = int(self.inv[i])
         return ((p + 1) * self.buckets - 1) // self.full, float(self.sign[p])
 
-    def extended(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bucket (int32, or int64 for huge geometries) and sign of every unit, tail included (``n`` each)."""
-        if self._ext is None:
-            b = self.unit_buckets(0, self.full)
-            s = self.unit_signs(0, self.full)
-            dev = self.perm.device
-            self._ext = (
-                torch.cat([b, torch.tensor([self.tail_bucket], dtype=b.dtype, device=dev)]),
-                torch.cat([s, torch.tensor([self.tail_sign], dtype=s.dtype, device=dev)]),
-            )
-        return self._ext
+    def lookup(self, units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bucket (int32, or int64 for huge geometries) and sign of any units (the tail unit is ``full``)."""
+        if self.full:
+            pos = self.inv.index_select(0, units.clamp(max=self.full - 1))
+            b, s = self._bucket_of(pos), self.sign.index_select(0, pos)
+        else:
+            b = torch.zeros(units.numel(), dtype=torch.int32, device=units.device)
+            s = torch.zeros(units.numel(), dtype=self.sign.dtype, device=units.device)
+        tail = units >= self.full
+        if bool(tail.any()):
+            b = torch.where(tail, torch.tensor(self.tail_bucket, dtype=b.dtype, device=b.device), b)
+            s = torch.where(tail, torch.tensor(self.tail_sign, dtype=s.dtype, device=s.device), s)
+        return b, s
 
     def transposed(self, u0: int, u1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``Pᵀ`` restricted to full units ``u0..u1-1`` as CSR parts (crow, col, values), columns from 0."""
@@ -269,10 +269,8 @@ def unit_hashes(
     A pure function of its arguments (the reference the sketch's kernels are tested against).
     """
     h = _RowHash(_row_seed(seed, row), geometry, torch.device(device), torch.float32)
-    b, s = h.extended()
-    if geometry.tail == 0:
-        return b[:-1], s[:-1]
-    return b, s
+    b, s = h.lookup(torch.arange(geometry.num_units, device=torch.device(device)))
+    return b.to(torch.int64), s
 
 
 class CountSketch(ErrorStore):
@@ -549,9 +547,9 @@ class CountSketch(ErrorStore):
             units, cols = self._split(idx_all[c : c + _SPARSE_CHUNK])
             vals = vals_all[c : c + _SPARSE_CHUNK].to(torch.float32)
             for r, h in enumerate(hashes):
-                eb, es = h.extended()
-                flat_idx = eb.index_select(0, units).to(cols.dtype).mul_(g.unit).add_(cols)
-                add = vals * es.index_select(0, units).to(torch.float32)
+                b, sg = h.lookup(units)
+                flat_idx = b.to(cols.dtype).mul_(g.unit).add_(cols)
+                add = vals * sg.to(torch.float32)
                 self.table[r].view(-1).index_add_(0, flat_idx, add.to(self.table.dtype), alpha=alpha)
         return self
 
@@ -581,10 +579,10 @@ class CountSketch(ErrorStore):
             units, cols = self._split(idx_all[c : c + _SPARSE_CHUNK])
             parts = []
             for r, h in enumerate(hashes):
-                eb, es = h.extended()
-                flat_idx = eb.index_select(0, units).to(cols.dtype).mul_(g.unit).add_(cols)
+                b, sg = h.lookup(units)
+                flat_idx = b.to(cols.dtype).mul_(g.unit).add_(cols)
                 v = self.table[r].view(-1).index_select(0, flat_idx).to(torch.float32)
-                parts.append(v.mul_(es.index_select(0, units).to(torch.float32)))
+                parts.append(v.mul_(sg.to(torch.float32)))
             out[c : c + _SPARSE_CHUNK] = self._combine(parts)
         return out.mul_(self.estimate_scale)
 
