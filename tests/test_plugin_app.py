@@ -108,8 +108,10 @@ APP = textwrap.dedent('''
             out["rejected"] = sum(h.rejected + h.failed for h in strategy.history)
         json.dump(out, open(OUT, "w"))
 
+    # address "local": a Ray instance of its own, even where another Ray cluster runs on this machine
     run_simulation(server_app=server, client_app=client, num_supernodes=10,
-                   backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}})
+                   backend_config={"client_resources": {"num_cpus": 1},
+                                   "init_args": {"num_cpus": 2, "address": "local"}})
 ''')
 
 
@@ -117,7 +119,9 @@ def _run(tmp_path: Path, which: str) -> dict:
     script = tmp_path / "user_app.py"
     script.write_text(APP)
     out = tmp_path / f"{which}.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_DEDUP_LOGS": "0", "RAY_TMPDIR": str(tmp_path / "ray")}
+    # (no RAY_TMPDIR under tmp_path: Ray's socket paths there exceed the 107-byte AF_UNIX limit and it hangs)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_DEDUP_LOGS": "0"}
+    env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, str(script), which, str(out), str(ROUNDS)], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
