@@ -16,6 +16,7 @@ with each train message.
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -57,8 +58,22 @@ def train(msg: Message, context: Context) -> Message:
         generator=gen,
     )
     metrics = MetricRecord({"num-examples": int(out["num_examples"]), "train-loss": float(out["loss"])})
+    node = ray_node()
+    if node is not None:
+        metrics["ray-node"] = node
     local = ArrayRecord({k: v.cpu() for k, v in model.state_dict().items()})
     return Message(RecordDict({"arrays": local, "metrics": metrics}), reply_to=msg)
+
+
+def ray_node() -> int | None:
+    """The Ray node this ClientApp runs on, as a small integer (its node id's first 6 hex digits).
+
+    None outside a Ray worker (deployment SuperNodes): Ray is then not imported.
+    """
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return int(ray.get_runtime_context().get_node_id()[:6], 16)
 
 
 @app.evaluate()

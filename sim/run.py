@@ -3,6 +3,7 @@
     python -m sim.run                      # 100 virtual clients, 10 % per round, ConEF count sketch
     python -m sim.run --num-supernodes 1000 --set num-server-rounds=5
     python -m sim.run --set method=efsgd --set dataset=mnist --set data-dir=../shared/data/mnist
+    python -m sim.run --ray-address 127.0.0.1:6379   # on a running Ray cluster (docs/ray.md)
 
 It starts its own SuperLink (free ports, private FLWR_HOME, runtime dependency
 installation disabled), runs the app with ``flwr run``, prints the summary the
@@ -23,6 +24,7 @@ from typing import Any
 
 from conef_fl.app_config import parse_overrides
 from sim.flower_runtime import REPO, simulation
+from sim.ray_cluster import check_ray_address
 
 log = logging.getLogger("sim.run")
 
@@ -43,9 +45,17 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 
 def run_simulation(
     overrides: dict[str, Any], *, num_supernodes: int, timeout: float | None = None, quiet: bool = False,
-    log_file: Path | None = None,
+    log_file: Path | None = None, ray_address: str | None = None, app_dir: Path = REPO,
 ) -> dict[str, Any]:
-    """Run one simulation and return its summary (``summary.json`` written by the ServerApp)."""
+    """Run one simulation and return its summary (``summary.json`` written by the ServerApp).
+
+    ``ray_address`` (``host:port`` of a running Ray head) runs the ClientApps on that
+    cluster; an address where nothing listens raises :class:`ConnectionError`
+    naming it within seconds, before anything is started. ``app_dir`` is the app
+    folder given to ``flwr run`` (default: this repository).
+    """
+    if ray_address:
+        check_ray_address(ray_address)
     cfg = dict(overrides)
     cfg.setdefault("min-available-nodes", num_supernodes)  # round 1 samples from every virtual node
     run_name = str(cfg.get("run-name") or f"{cfg.get('method', app_defaults()['method'])}-{int(time.time())}")
@@ -54,8 +64,8 @@ def run_simulation(
     if not out_root.is_absolute():
         out_root = (Path.cwd() / out_root).resolve()
     cfg["output-dir"] = str(out_root)
-    with simulation(num_supernodes) as (fp, conn):
-        code = fp.run_app(conn, cfg, timeout=timeout, stream_to=log_file)
+    with simulation(num_supernodes, ray_address=ray_address) as (fp, conn):
+        code = fp.run_app(conn, cfg, app_dir=app_dir, timeout=timeout, stream_to=log_file)
         if code != 0:
             raise RuntimeError(f"flwr run exited with {code}; SuperLink log:\n{fp.tail()}")
     summary_path = out_root / run_name / "summary.json"
@@ -90,13 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override an app config value (pyproject [tool.flwr.app.config]); repeatable")
     ap.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    ap.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                    help="run the ClientApps on this running Ray cluster (the head's GCS address; docs/ray.md)")
     args = ap.parse_args(argv)
     overrides = parse_set(args.set)
     if args.num_supernodes < 1:
         raise SystemExit(f"--num-supernodes={args.num_supernodes} is out of range; allowed: >= 1")
     try:
-        summary = run_simulation(overrides, num_supernodes=args.num_supernodes, timeout=args.timeout)
-    except (RuntimeError, TimeoutError) as exc:
+        summary = run_simulation(overrides, num_supernodes=args.num_supernodes, timeout=args.timeout,
+                                 ray_address=args.ray_address)
+    except (RuntimeError, TimeoutError, ConnectionError, ValueError) as exc:
         log.error("%s", exc)
         return 1
     print(format_summary(summary))

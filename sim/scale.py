@@ -1,115 +1,382 @@
-"""1000 virtual clients on Flower's simulation engine, and the host memory their error states take.
+"""Many virtual clients on Flower's simulation engine, the host memory their error states take, and a memory guard.
 
-    python -m sim.scale --num-supernodes 1000 --methods efsgd,conef-cs --out docs/results/scale_1000.json
+    # 10,000 clients of a 1.07M-parameter MLP, 100 per round (cyclic), each trains once:
+    python -m sim.scale --num-supernodes 10000 --clients-per-round 100 \\
+        --methods conef-cs,efsgd,conef-cs+disk --disk-supernodes 2000 --save
 
-Per method: one simulation where every client trains once (fraction-train 1.0, so all
-N error states exist at the end), on MNIST with the 184,586-parameter CNN (digits when
-MNIST is absent). Reported: the serialized state bytes every client stored in its
-``context.state`` (summed over the N clients, as reported by the clients and counted
-by the strategy), and the peak resident memory (VmHWM/VmRSS polled from /proc) of the
-``flwr-simulation`` process, which holds every virtual node's ``context.state``.
+Per method, one simulation of the project's ServerApp and ClientApp (with the
+1.07M-parameter MLP of :mod:`sim.scale_app`; ``--model project`` keeps the app's
+own model) on MNIST (digits when MNIST is absent) in which every client trains
+once: ``sampling=cyclic`` with ``fraction-train = clients-per-round / N`` for
+``ceil(N / clients-per-round)`` rounds, one local step of a small batch, central
+evaluation only after the last round. Every client's error state is real: it is
+``conef_mod``'s state in the node's ``context.state``, all of which Flower keeps
+in the ``flwr-simulation`` process. ``<method>+disk`` sets ``state-dir`` as well.
+
+Measured: the peak resident memory (VmRSS polled from /proc) of that process and
+of all processes of the run, the lowest MemAvailable, the per-client and total
+serialized state bytes (as the clients report them), the wall time, and the RSS
+against the number of clients that hold state (from the round log).
+
+The :class:`MemoryGuard` stops a run before the kernel's OOM killer would: when
+the simulation process's RSS passes ``--max-rss-gb`` or MemAvailable falls below
+``--min-available-gb``, it kills every process of the run by PID (the simulation
+process first) and the result records the size at which it stopped: rounds
+completed, clients holding state, RSS at the stop.
+
+Results go to ``--out`` (default ``outputs/scale/scale_<N>.json``); ``--save``
+writes ``docs/results/scale_<N>.json`` and ``.md`` instead. An existing file is
+never overwritten without ``--save`` or ``--force``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
 import os
+import re
+import shutil
+import signal
 import threading
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from sim.flower_runtime import REPO, descendants
-from sim.run import run_simulation
+from sim.flower_runtime import REPO, descendants, pid_alive
 
 log = logging.getLogger("sim.scale")
 
+GIB = 1024**3
+#: The simulation process (holds every node's Context) is recognised by this in its command line.
+SIM_NEEDLE = "flwr-simulation"
+_ROUND_RE = re.compile(r"round (\d+): accepted (\d+)/(\d+) replies")
 
-class RssMonitor(threading.Thread):
-    """Polls the RSS of our descendant processes whose command line contains ``needle``."""
 
-    def __init__(self, needle: str = "flwr-simulation", interval: float = 0.5) -> None:
+def _rss(pid: int) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def mem_available() -> int:
+    """MemAvailable from /proc/meminfo, in bytes (0 where unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def clients_done(log_file: Path | None) -> tuple[int, int]:
+    """(rounds completed, replies accepted so far) from the ServerApp's round log lines."""
+    if log_file is None or not log_file.exists():
+        return 0, 0
+    rounds, accepted = 0, 0
+    for m in _ROUND_RE.finditer(log_file.read_text(errors="replace")):
+        rounds, accepted = max(rounds, int(m.group(1))), accepted + int(m.group(2))
+    return rounds, accepted
+
+
+@dataclass
+class GuardStop:
+    """Where a :class:`MemoryGuard` stopped a run."""
+
+    reason: str
+    sim_rss_bytes: int
+    mem_available_bytes: int
+    rounds_completed: int
+    clients_with_state: int
+    seconds: float
+    pids_signalled: list[int] = field(default_factory=list)
+
+
+class MemoryGuard(threading.Thread):
+    """Polls the run's processes; stops the run by PID before memory runs out.
+
+    Parameters
+    ----------
+    max_rss:
+        Stop when the simulation process's RSS exceeds this many bytes (0 = off).
+    min_available:
+        Stop when the system's MemAvailable falls below this many bytes (0 = off).
+    log_file:
+        The run's streamed log, for the rounds and clients completed (optional).
+    root:
+        Watch the descendants of this PID (default: this process) that appear after
+        the guard is created; only those are ever signalled.
+    interval:
+        Seconds between polls.
+
+    Raises
+    ------
+    ValueError
+        A negative limit or a non-positive interval.
+    """
+
+    def __init__(self, max_rss: int = 0, min_available: int = 0, *, log_file: Path | None = None,
+                 root: int | None = None, interval: float = 0.25, needle: str = SIM_NEEDLE) -> None:
         super().__init__(daemon=True)
-        self.needle = needle
-        self.interval = interval
+        if max_rss < 0 or min_available < 0:
+            raise ValueError(f"max_rss={max_rss}, min_available={min_available}: allowed: >= 0 bytes (0 = off)")
+        if not interval > 0:
+            raise ValueError(f"interval={interval!r} is out of range; allowed: > 0 seconds")
+        self.max_rss, self.min_available = int(max_rss), int(min_available)
+        self.log_file, self.root, self.interval, self.needle = log_file, root or os.getpid(), interval, needle
         self.peak_rss = 0
         self.peak_total_rss = 0
+        self.min_mem_available = mem_available()
+        self.samples: list[tuple[float, int, int]] = []  # (seconds, clients with state, simulation RSS)
+        self.stopped: GuardStop | None = None
+        self._t0 = time.monotonic()
         self._halt = threading.Event()
+        #: processes that existed before: never signalled (e.g. a test runner's helpers)
+        self._preexisting = set(descendants(self.root))
 
     def run(self) -> None:
+        last_sample = -1e9
         while not self._halt.is_set():
-            total = 0
-            for pid in descendants(os.getpid()):
-                try:
-                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                    status = Path(f"/proc/{pid}/status").read_text()
-                except OSError:
-                    continue
-                rss = next((int(line.split()[1]) * 1024 for line in status.splitlines()
-                            if line.startswith("VmRSS:")), 0)
-                total += rss
-                if self.needle in cmd:
-                    self.peak_rss = max(self.peak_rss, rss)
+            pids = [p for p in descendants(self.root) if p not in self._preexisting]
+            sim = [p for p in pids if self.needle in _cmdline(p)]
+            sim_rss = max((_rss(p) for p in sim), default=0)
+            total = sum(_rss(p) for p in pids)
+            avail = mem_available()
+            self.peak_rss = max(self.peak_rss, sim_rss)
             self.peak_total_rss = max(self.peak_total_rss, total)
+            if avail:
+                self.min_mem_available = min(self.min_mem_available, avail)
+            now = time.monotonic() - self._t0
+            reason = ""
+            if self.max_rss and sim_rss > self.max_rss:
+                reason = f"simulation process RSS {sim_rss / GIB:.2f} GiB > limit {self.max_rss / GIB:.2f} GiB"
+            elif self.min_available and avail and avail < self.min_available and sim:
+                reason = f"MemAvailable {avail / GIB:.2f} GiB < floor {self.min_available / GIB:.2f} GiB"
+            if reason:
+                rounds, clients = clients_done(self.log_file)
+                signalled = self._stop_run(sim, pids)
+                self.stopped = GuardStop(reason, sim_rss, avail, rounds, clients, now, signalled)
+                log.warning("memory guard: %s; stopped the run after %d rounds, %d clients holding state "
+                            "(pids %s)", reason, rounds, clients, signalled)
+                return
+            if now - last_sample >= 5.0 and sim:
+                self.samples.append((round(now, 1), clients_done(self.log_file)[1], sim_rss))
+                last_sample = now
             self._halt.wait(self.interval)
+
+    def _stop_run(self, sim: list[int], pids: list[int]) -> list[int]:
+        """SIGKILL the simulation process (it holds the memory), then SIGTERM/SIGKILL the rest of the run."""
+        for p in sim:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(p, signal.SIGKILL)
+        rest = [p for p in pids if p not in sim]
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            alive = [p for p in rest if pid_alive(p)]
+            for p in alive:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(p, sig)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and any(pid_alive(p) for p in alive):
+                time.sleep(0.1)
+        return [*sim, *rest]
 
     def stop(self) -> None:
         self._halt.set()
-        self.join(timeout=5)
+        self.join(timeout=10)
 
 
-def measure(method: str, num_supernodes: int, dataset: str, out_dir: Path) -> dict:
-    overrides = {
-        "method": method, "num-server-rounds": 1, "fraction-train": 1.0, "dataset": dataset,
-        "local-steps": 1, "local-epochs": 0, "batch-size": 32, "output-dir": str(out_dir),
-        "run-name": f"scale-{method}-{num_supernodes}", "eval-every": 1,
+def plan(num_supernodes: int, clients_per_round: int) -> tuple[float, int]:
+    """(fraction-train, rounds) so that cyclic sampling trains every client exactly once."""
+    if num_supernodes < 1 or not 1 <= clients_per_round <= num_supernodes:
+        raise ValueError(f"num_supernodes={num_supernodes}, clients_per_round={clients_per_round}: allowed: "
+                         "1 <= clients_per_round <= num_supernodes")
+    fraction = clients_per_round / num_supernodes
+    per_round = max(int(num_supernodes * fraction), 1)  # what the wrapper samples
+    return fraction, math.ceil(num_supernodes / per_round)
+
+
+def measure(
+    spec: str, num_supernodes: int, *, clients_per_round: int, dataset: str, work: Path, model: str = "wide",
+    max_rss: int = 0, min_available: int = 0, batch_size: int = 4, timeout: float | None = None,
+) -> dict[str, Any]:
+    """One run of method ``spec`` (``"conef-cs"``, ``"efsgd"``, ``"conef-cs+disk"``); its measurements."""
+    from sim.metrics_probe import write_app_dir
+    from sim.run import run_simulation
+
+    method, _, variant = spec.partition("+")
+    if variant not in ("", "disk"):
+        raise ValueError(f"method {spec!r}: the only variant is '+disk' (state-dir), e.g. 'conef-cs+disk'")
+    fraction, rounds = plan(num_supernodes, clients_per_round)
+    run_name = f"scale-{method}{'-disk' if variant else ''}-{num_supernodes}"
+    state_dir = work / f"{run_name}-state"
+    overrides: dict[str, Any] = {
+        "method": method, "num-server-rounds": rounds, "fraction-train": fraction, "sampling": "cyclic",
+        "dataset": dataset, "local-steps": 1, "local-epochs": 0, "batch-size": batch_size,
+        "output-dir": str(work), "run-name": run_name, "eval-every": rounds, "norm-guard": 0.0,
     }
-    mon = RssMonitor()
-    mon.start()
+    if variant == "disk":
+        shutil.rmtree(state_dir, ignore_errors=True)
+        overrides["state-dir"] = str(state_dir)
+    app_dir = REPO
+    if model == "wide":
+        from sim.scale_app import CLIENTAPP, SERVERAPP
+
+        app_dir = write_app_dir(work / "scale-app", REPO, serverapp=SERVERAPP, clientapp=CLIENTAPP)
+    log_file = work / f"{run_name}.log"
+    log_file.unlink(missing_ok=True)
+    guard = MemoryGuard(max_rss, min_available, log_file=log_file)
+    guard.start()
     t0 = time.time()
+    summary: dict[str, Any] | None = None
+    error = ""
     try:
-        summary = run_simulation(overrides, num_supernodes=num_supernodes, log_file=out_dir / f"{method}.log")
+        summary = run_simulation(overrides, num_supernodes=num_supernodes, log_file=log_file, app_dir=app_dir,
+                                 timeout=timeout)
+    except (RuntimeError, TimeoutError) as exc:
+        error = str(exc)[:2000]
     finally:
-        mon.stop()
-    rows = json.loads((out_dir / overrides["run-name"] / "rounds.json").read_text())
-    return {
-        "method": method,
-        "num_supernodes": num_supernodes,
-        "dataset": dataset,
-        "num_params": summary["num_params"],
-        "clients_trained": sum(r["accepted"] for r in rows),
-        "client_error_state_bytes_each": summary["client_error_state_bytes"],
-        "client_serialized_state_bytes_total": sum(r["client_serialized_state_bytes_total"] for r in rows),
-        "simulation_process_peak_rss_bytes": mon.peak_rss,
-        "all_processes_peak_rss_bytes": mon.peak_total_rss,
-        "wall_seconds": time.time() - t0,
+        guard.stop()
+    wall = time.time() - t0
+    rounds_done, clients = clients_done(log_file)
+    result: dict[str, Any] = {
+        "method": method, "state_dir": variant == "disk", "num_supernodes": num_supernodes,
+        "clients_per_round": clients_per_round, "rounds_planned": rounds, "dataset": dataset,
+        "model": "mlp-784-1024-256-10" if model == "wide" else "project", "local_steps": 1,
+        "batch_size": batch_size, "rounds_completed": rounds_done, "clients_with_state": clients,
+        "simulation_process_peak_rss_bytes": guard.peak_rss, "all_processes_peak_rss_bytes": guard.peak_total_rss,
+        "min_mem_available_bytes": guard.min_mem_available, "wall_seconds": round(wall, 1),
+        "stopped_by_guard": guard.stopped is not None,
+        "guard": asdict(guard.stopped) if guard.stopped else None,
+        "guard_limits": {"max_rss_bytes": max_rss, "min_available_bytes": min_available},
+        "rss_vs_clients": guard.samples,
     }
+    if summary is not None:
+        rows = json.loads((work / run_name / "rounds.json").read_text())
+        total = sum(r["client_serialized_state_bytes_total"] for r in rows)
+        accepted = sum(r["accepted"] for r in rows)
+        result.update({
+            "num_params": summary["num_params"],
+            "clients_trained": accepted,
+            "failed_or_rejected": summary["failed_replies"] + summary["rejected_replies"],
+            "client_error_state_bytes_each": summary["client_error_state_bytes"],
+            "client_serialized_state_bytes_each": round(total / accepted) if accepted else 0,
+            "client_serialized_state_bytes_total": total,
+            "final_accuracy": summary["final_accuracy"],
+        })
+    elif error and guard.stopped is None:
+        result["error"] = error
+    if variant == "disk":
+        result["state_dir_bytes"] = sum(f.stat().st_size for f in state_dir.rglob("*") if f.is_file()) \
+            if state_dir.exists() else 0
+        shutil.rmtree(state_dir, ignore_errors=True)
+    return result
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    """The results as a markdown table."""
+    head = ("| method | clients | params | clients holding state | state / client | state, all clients | "
+            "simulation process peak RSS | all processes peak RSS | wall | outcome |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        name = r["method"] + (" + state-dir" if r["state_dir"] else "")
+        each = r.get("client_serialized_state_bytes_each")
+        total = r.get("client_serialized_state_bytes_total")
+        if r["stopped_by_guard"]:
+            g = r["guard"]
+            outcome = (f"stopped by the memory guard after {g['clients_with_state']:,} clients "
+                       f"(round {g['rounds_completed']}): {g['reason']}")
+        elif "error" in r:
+            outcome = "failed: " + r["error"].splitlines()[0][:120]
+        else:
+            outcome = f"completed, {r.get('clients_trained', 0):,} clients trained once"
+            if r.get("state_dir_bytes"):
+                outcome += f"; {r['state_dir_bytes'] / 1e9:.2f} GB of state files"
+        lines.append(
+            f"| {name} | {r['num_supernodes']:,} | {r.get('num_params', 0):,} | {r['clients_with_state']:,} | "
+            f"{'%.0f KB' % (each / 1e3) if each else 'n/a'} | {'%.2f GB' % (total / 1e9) if total else 'n/a'} | "
+            f"{r['simulation_process_peak_rss_bytes'] / GIB:.2f} GiB | {r['all_processes_peak_rss_bytes'] / GIB:.2f} GiB | "
+            f"{r['wall_seconds'] / 60:.1f} min | {outcome} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _write(path: Path, text: str, *, allowed: bool) -> None:
+    if path.exists() and not allowed:
+        raise SystemExit(f"{path} exists; pass --force (or --save for docs/results) to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    log.info("wrote %s", path)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--num-supernodes", type=int, default=1000)
-    ap.add_argument("--methods", default="efsgd,conef-cs")
+    ap.add_argument("--num-supernodes", type=int, default=1000, help="virtual clients (default: %(default)s)")
+    ap.add_argument("--clients-per-round", type=int, default=100, help="replies per round (default: %(default)s)")
+    ap.add_argument("--methods", default="conef-cs,efsgd", help="comma-separated; '<method>+disk' adds state-dir")
+    ap.add_argument("--disk-supernodes", type=int, default=0,
+                    help="virtual clients for the '+disk' runs (default: --num-supernodes)")
+    ap.add_argument("--model", choices=("wide", "project"), default="wide",
+                    help="wide: the 1.07M-parameter MLP of sim.scale_app; project: the app's own model")
     ap.add_argument("--dataset", default="")
-    ap.add_argument("--out", default="docs/results/scale_1000.json")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--max-rss-gb", type=float, default=12.0,
+                    help="memory guard: simulation process RSS limit in GiB (0 = off; default %(default)s)")
+    ap.add_argument("--min-available-gb", type=float, default=2.0,
+                    help="memory guard: stop when MemAvailable falls below this many GiB (0 = off)")
+    ap.add_argument("--timeout", type=float, default=None, help="give up a run after this many seconds")
+    ap.add_argument("--out", default="", help="results JSON (default: outputs/scale/scale_<N>.json)")
+    ap.add_argument("--save", action="store_true", help="write docs/results/scale_<N>.json and .md")
+    ap.add_argument("--force", action="store_true", help="overwrite an existing --out")
     args = ap.parse_args(argv)
+    if args.max_rss_gb < 0 or args.min_available_gb < 0:
+        raise SystemExit(f"--max-rss-gb={args.max_rss_gb}, --min-available-gb={args.min_available_gb}: "
+                         "allowed: >= 0")
+    n = args.num_supernodes
+    try:
+        plan(n, args.clients_per_round)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     dataset = args.dataset or ("mnist" if (REPO / ".." / "shared" / "data" / "mnist").is_dir() else "digits")
-    out = Path(args.out)
-    work = Path("outputs") / "scale"
+    if args.model == "wide" and dataset != "mnist":
+        raise SystemExit(f"--model wide needs MNIST (dataset={dataset!r}); use --model project")
+    if args.save:
+        out = REPO / "docs" / "results" / f"scale_{n}.json"
+    else:
+        out = Path(args.out or f"outputs/scale/scale_{n}.json")
+    if out.exists() and not (args.save or args.force):
+        raise SystemExit(f"{out} exists; pass --force to overwrite it")
+    work = (Path("outputs") / "scale").resolve()
     work.mkdir(parents=True, exist_ok=True)
-    results = [measure(m, args.num_supernodes, dataset, work) for m in args.methods.split(",")]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    for r in results:
-        log.info(
-            "%s: %d clients trained, state %.1f KB each, %.1f MB in all client states, "
-            "simulation process peak RSS %.0f MB, %.0f s",
-            r["method"], r["clients_trained"], r["client_error_state_bytes_each"] / 1e3,
-            r["client_serialized_state_bytes_total"] / 1e6, r["simulation_process_peak_rss_bytes"] / 1e6,
-            r["wall_seconds"],
-        )
+    results = []
+    for spec in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        size = args.disk_supernodes if spec.endswith("+disk") and args.disk_supernodes else n
+        log.info("=== %s with %d virtual clients", spec, size)
+        r = measure(spec, size, clients_per_round=min(args.clients_per_round, size), dataset=dataset, work=work,
+                    model=args.model, max_rss=int(args.max_rss_gb * GIB),
+                    min_available=int(args.min_available_gb * GIB), batch_size=args.batch_size,
+                    timeout=args.timeout)
+        results.append(r)
+        log.info("%s: %d clients holding state, peak RSS %.2f GiB, %.0f s%s", spec, r["clients_with_state"],
+                 r["simulation_process_peak_rss_bytes"] / GIB, r["wall_seconds"],
+                 " (stopped by the memory guard)" if r["stopped_by_guard"] else "")
+        _write(out, json.dumps(results, indent=1), allowed=True)  # after each run: a stop keeps what was measured
+    if args.save:
+        _write(out.with_suffix(".md"), markdown(results), allowed=True)
+    print(markdown(results))
     return 0
 
 
