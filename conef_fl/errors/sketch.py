@@ -211,6 +211,8 @@ class _RowHash:
 
     def _bucket_of(self, pos: torch.Tensor) -> torch.Tensor:
         """Bucket of int32 positions (int32, or int64 for huge geometries): the largest ``b`` with ``crow[b] <= p``."""
+        if self._i32 and pos.numel() <= 256:  # one call instead of four (a binary search: only for few)
+            return torch.bucketize(pos, self.crow[1:], right=True, out_int32=True)
         p = pos + 1 if self._i32 else pos.to(torch.int64) + 1
         return p.mul_(self.buckets).sub_(1).div_(self.full, rounding_mode="floor")
 
