@@ -5,10 +5,14 @@
     python -m sim.experiments --task mnist --out OUT --only conef-cs-90 --force     # redo one method
     python -m sim.experiments --task mnist --out OUT --report-only                   # tables/plots only
     python -m sim.experiments --study beta --task mnist --out docs/results/experiments/beta-mnist
+    python -m sim.experiments --task mnist --out OUT --engine flower --methods efsgd,conef-cs-90 --seeds 0
 
-Every run goes through the project's real ServerApp and ClientApp over
-:class:`sim.inmemory.InMemoryGrid` (same strategy, same client code, same
-records as a Flower simulation, no Ray). Each run writes
+Every run goes through the project's real ServerApp and ClientApp, by default
+(``--engine inmemory``) over :class:`sim.inmemory.InMemoryGrid` (same strategy,
+same client code, same records as a Flower simulation, no Ray, no SuperLink);
+with ``--engine flower`` through Flower's own simulation engine
+(:func:`sim.run.run_simulation`: ``flwr run``, a SuperLink, Ray actors). Each
+run's ``experiment.json`` and the report's setting line name the engine. Each run writes
 ``<out>/<method-id>-s<seed>/`` (``rounds.json``, ``rounds.csv``, ``summary.json``,
 ``model.pt``, plus ``experiment.json``: the run config used). A run whose
 ``summary.json`` exists is skipped (resume); ``--force`` re-runs.
@@ -265,20 +269,34 @@ def _init_worker(log_dir: str) -> None:
     logging.getLogger("conef_fl.server").addHandler(_ROUND_HANDLER)
 
 
-def execute(cfg: Mapping[str, Any], num_nodes: int) -> dict[str, Any]:
-    """Run one configuration with the real ServerApp/ClientApp in memory; return its summary."""
+#: ``--engine`` values: the in-process grid, or Flower's simulation engine.
+ENGINES = ("inmemory", "flower")
+ENGINE_LABELS = {"inmemory": "the in-process grid (sim/inmemory.py)",
+                 "flower": "Flower's simulation engine (flwr run, SuperLink, Ray)"}
+
+
+def execute(cfg: Mapping[str, Any], num_nodes: int, engine: str = "inmemory") -> dict[str, Any]:
+    """Run one configuration with the real ServerApp/ClientApp on ``engine``; return its summary."""
     import torch
 
-    from sim.inmemory import run_inmemory
-
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r} is not valid; allowed: {', '.join(ENGINES)}")
     torch.set_num_threads(1)
     if _ROUND_HANDLER is not None:
         _ROUND_HANDLER.run_name = str(cfg["run-name"])
     out = Path(str(cfg["output-dir"])) / str(cfg["run-name"])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "experiment.json").write_text(json.dumps({"run_config": dict(cfg), "num_nodes": num_nodes}, indent=2))
+    (out / "experiment.json").write_text(json.dumps({"run_config": dict(cfg), "num_nodes": num_nodes,
+                                                     "engine": engine}, indent=2))
     t0 = time.time()
-    run_inmemory(cfg, num_nodes)
+    if engine == "flower":
+        from sim.run import run_simulation
+
+        run_simulation(dict(cfg), num_supernodes=num_nodes, log_file=out / "flwr.log")
+    else:
+        from sim.inmemory import run_inmemory
+
+        run_inmemory(cfg, num_nodes)
     summary = json.loads((out / "summary.json").read_text())
     summary["total_seconds"] = time.time() - t0
     return summary
@@ -302,9 +320,10 @@ def _check_same_config(run: Run, out: Path) -> None:
 class Executor:
     """Runs :class:`Run` objects, in this process (``jobs=1``) or in a pool of worker processes."""
 
-    def __init__(self, out: Path, jobs: int = 1) -> None:
+    def __init__(self, out: Path, jobs: int = 1, engine: str = "inmemory") -> None:
         self.out = out
         self.jobs = jobs
+        self.engine = engine
         self.pool: cf.ProcessPoolExecutor | None = None
         if jobs > 1:
             ctx = multiprocessing.get_context("spawn")
@@ -312,11 +331,13 @@ class Executor:
                                                initargs=(str(out / "logs"),))
 
     def submit(self, run: Run) -> cf.Future[dict[str, Any]]:
+        # the default engine is not passed: execute(cfg, num_nodes) stays the call for the in-process grid
+        args = (run.config, run.num_nodes) if self.engine == "inmemory" else (run.config, run.num_nodes, self.engine)
         if self.pool is not None:
-            return self.pool.submit(execute, run.config, run.num_nodes)
+            return self.pool.submit(execute, *args)
         fut: cf.Future[dict[str, Any]] = cf.Future()
         try:
-            fut.set_result(execute(run.config, run.num_nodes))
+            fut.set_result(execute(*args))
         except Exception as exc:  # reported by the caller like a worker's failure
             fut.set_exception(exc)
         return fut
@@ -339,7 +360,7 @@ def adopt(run: Run, source: Path, out: Path) -> None:
 
 
 def run_all(runs: Sequence[Run], out: Path, *, jobs: int = 1, force: bool = False,
-            reuse: Sequence[Path] = ()) -> dict[str, dict[str, Any]]:
+            reuse: Sequence[Path] = (), engine: str = "inmemory") -> dict[str, dict[str, Any]]:
     """Run every unfinished run (all with ``force``); returns summaries of the runs done now, by name.
 
     A run with the same config finished in one of the ``reuse`` folders is copied in instead of run."""
@@ -347,9 +368,12 @@ def run_all(runs: Sequence[Run], out: Path, *, jobs: int = 1, force: bool = Fals
     for r in runs:
         if is_done(r, out) and not force:
             _check_same_config(r, out)
+            if _engine_of(r.folder(out)) != engine:
+                log.warning("%s: finished on engine %s, not %s; kept (use --force to re-run, or another --out)",
+                            r.name, _engine_of(r.folder(out)), engine)
             log.info("skip %s (summary.json exists)", r.name)
             continue
-        same = None if force or not reuse else find_equivalent(r, reuse)
+        same = None if force or not reuse else find_equivalent(r, reuse, engine=engine)
         if same is not None:
             adopt(r, same, out)
             log.info("copied %s from %s (same run config)", r.name, same)
@@ -360,7 +384,7 @@ def run_all(runs: Sequence[Run], out: Path, *, jobs: int = 1, force: bool = Fals
     done: dict[str, dict[str, Any]] = {}
     if not todo:
         return done
-    ex = Executor(out, jobs)
+    ex = Executor(out, jobs, engine)
     t0 = time.time()
     try:
         futures: dict[cf.Future[dict[str, Any]], tuple[int, Run]] = {}
@@ -404,8 +428,14 @@ def load_runs(out: Path) -> list[dict[str, Any]]:
         mid, _, seed = name.rpartition("-s")
         runs.append({"name": name, "method_id": mid, "seed": int(seed) if seed.isdigit() else 0,
                      "summary": json.loads((folder / "summary.json").read_text()), "rounds": rounds,
-                     "run_config": info.get("run_config", {})})
+                     "run_config": info.get("run_config", {}), "engine": info.get("engine", "inmemory")})
     return runs
+
+
+def _engine_of(folder: Path) -> str:
+    """The engine a run folder was produced on (runs from before ``--engine`` existed: the in-process grid)."""
+    meta = folder / "experiment.json"
+    return json.loads(meta.read_text()).get("engine", "inmemory") if meta.exists() else "inmemory"
 
 
 def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
@@ -533,8 +563,13 @@ def _setting_line(runs: Sequence[Mapping[str, Any]]) -> str:
     keys = ["dataset", "partitioning", "dirichlet-alpha", "fraction-train", "local-steps", "local-epochs",
             "batch-size", "local-lr", "server-lr", "num-server-rounds", "eval-every"]
     parts = [f"{k}={c[k]}" for k in keys if k in c]
-    return (f"Setting: {s.get('num_partitions')} clients, model {s.get('model')} with {s.get('num_params')} "
-            f"parameters; " + ", ".join(parts) + ". Final accuracy = centralised test accuracy after the last round.")
+    engines = sorted({r.get("engine", "inmemory") for r in runs})
+    engine = ENGINE_LABELS[engines[0]] if len(engines) == 1 else "; ".join(
+        f"{ENGINE_LABELS[e]}: " + ", ".join(r["name"] for r in runs if r.get("engine", "inmemory") == e)
+        for e in engines)
+    return (f"Engine: {engine}. Setting: {s.get('num_partitions')} clients, model {s.get('model')} with "
+            f"{s.get('num_params')} parameters; " + ", ".join(parts)
+            + ". Final accuracy = centralised test accuracy after the last round.")
 
 
 def write_report(out: Path, title: str | None = None, text: bool | None = None,
@@ -580,8 +615,8 @@ def _study_run(task: TaskSpec, beta: float, ratio: float, seed: int, rounds: int
 _IGNORED_KEYS = ("output-dir", "run-name", "data-dir", "checkpoint-dir", "state-dir", "resume")
 
 
-def find_equivalent(run: Run, dirs: Sequence[Path]) -> Path | None:
-    """A finished run folder under ``dirs`` whose run config equals ``run``'s (but for its name/folder)."""
+def find_equivalent(run: Run, dirs: Sequence[Path], engine: str = "inmemory") -> Path | None:
+    """A finished run folder under ``dirs`` whose run config and engine equal ``run``'s (but for its name/folder)."""
     want = {k: v for k, v in run.config.items() if k not in _IGNORED_KEYS}
     for d in dirs:
         for meta in sorted(Path(d).glob("*/experiment.json")):
@@ -589,7 +624,7 @@ def find_equivalent(run: Run, dirs: Sequence[Path]) -> Path | None:
                 continue
             info = json.loads(meta.read_text())
             have = {k: v for k, v in info.get("run_config", {}).items() if k not in _IGNORED_KEYS}
-            if have == want and info.get("num_nodes") == run.num_nodes:
+            if have == want and info.get("num_nodes") == run.num_nodes and info.get("engine", "inmemory") == engine:
                 return meta.parent
     return None
 
@@ -754,6 +789,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", type=Path, action="append", default=[],
                    help="folder(s) of finished runs to reuse (copy in for a grid) when the run config is the same")
     p.add_argument("--quiet", action="store_true", help="warnings only")
+    p.add_argument("--engine", choices=ENGINES, default="inmemory",
+                   help="inmemory: the in-process grid (default); flower: Flower's simulation engine (flwr run, Ray)")
     return p
 
 
@@ -773,6 +810,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rounds = args.rounds or task.rounds
     seeds = _csv(args.seeds, int) if args.seeds else list(task.seeds)
     if args.study == "beta":
+        if args.engine != "inmemory":
+            raise SystemExit(f"--study beta runs on the in-process grid only; drop --engine {args.engine}")
         betas = _csv(args.betas, float) if args.betas else list(BETAS)
         ladder = sorted(_csv(args.ladder, float)) if args.ladder else list(LADDER)
         table = beta_study(task, out, betas=betas, ladder=ladder, seed=seeds[0], rounds=rounds,
@@ -786,7 +825,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"unknown method id(s) {unknown}; valid: {', '.join(METHODS)}")
     if not args.report_only:
         runs = plan_grid(task, methods, seeds, rounds, out, extra, all_seeds=args.all_seeds)
-        done = run_all(runs, out, jobs=args.jobs, force=args.force, reuse=args.reuse)
+        done = run_all(runs, out, jobs=args.jobs, force=args.force, reuse=args.reuse, engine=args.engine)
         failed = len([r for r in runs if not is_done(r, out)])
         if failed:
             log.error("%d run(s) did not finish", failed)

@@ -307,7 +307,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {name} | {r['num_supernodes']:,} | {r.get('num_params', 0):,} | {r['clients_with_state']:,} | "
             f"{'%.0f KB' % (each / 1e3) if each else 'n/a'} | {'%.2f GB' % (total / 1e9) if total else 'n/a'} | "
-            f"{r['simulation_process_peak_rss_bytes'] / GIB:.2f} GiB | {r['all_processes_peak_rss_bytes'] / GIB:.2f} GiB | "
+            f"{r['simulation_process_peak_rss_bytes'] / GIB:.2f} GiB | "
+            f"{r['all_processes_peak_rss_bytes'] / GIB:.2f} GiB | "
             f"{r['wall_seconds'] / 60:.1f} min | {outcome} |"
         )
     return "\n".join(lines) + "\n"
