@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -25,16 +25,3 @@ def average_payloads(compressor: Compressor, payloads: Sequence[Payload], weight
     for wi, p in zip(w, payloads, strict=True):
         compressor.decompress_add_(p, acc, alpha=wi)
     return acc.view(first.shape)
-
-
-def average_models(
-    compressor: Compressor, replies: Sequence[Mapping[str, Payload]], weights: Sequence[float]
-) -> dict[str, torch.Tensor]:
-    """Per-tensor :func:`average_payloads` over replies that all carry the same tensor names."""
-    if not replies:
-        raise ValueError("replies must not be empty")
-    names = list(replies[0])
-    for i, r in enumerate(replies):
-        if list(r) != names:
-            raise ValueError(f"reply {i} has tensors {list(r)}, expected {names}")
-    return {k: average_payloads(compressor, [r[k] for r in replies], weights) for k in names}

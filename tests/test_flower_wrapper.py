@@ -25,7 +25,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from conef_fl.flower import ConEF
 from conef_fl.flower import protocol as P
 from conef_fl.flower.codec import encode_payloads
-from conef_fl.worker import CompressionWorker
+from conef_fl.worker import FLAT_KEY, CompressionWorker
 
 SHAPES = {"fc.weight": (12, 20), "fc.bias": (12,), "conv.weight": (4, 3, 3, 3)}
 NODES = [11, 22, 33]
@@ -94,6 +94,13 @@ def _round(strategy: ConEF, server_round: int, g: dict[str, np.ndarray], weights
 
 
 def _dense(strategy: ConEF, payloads) -> dict[str, np.ndarray]:
+    if FLAT_KEY in payloads:  # layerwise=False: one flat payload over the tensors in order
+        flat = strategy.compressor.decompress(payloads[FLAT_KEY]).numpy().astype(np.float64).reshape(-1)
+        out, off = {}, 0
+        for k, s in SHAPES.items():
+            out[k] = flat[off:off + math.prod(s)].reshape(s)
+            off += math.prod(s)
+        return out
     return {k: strategy.compressor.decompress(p).numpy().astype(np.float64).reshape(SHAPES[k])
             for k, p in payloads.items()}
 
@@ -102,7 +109,7 @@ METHODS = [
     ("sgd", {}), ("efsgd", {}), ("conef-cs", {}), ("conef-cs", {"compressor": "random-k"}),
     ("conef-cs", {"value_dtype": "float16"}), ("conef-cs", {"value_dtype": "bfloat16"}), ("ef-topk", {}),
     ("ef-sign", {}), ("ef-powersgd", {}), ("qsgd", {}), ("rbsgd", {}), ("atomo", {}), ("conef-q", {}),
-    ("iconef-v2", {}), ("hefsgd", {}),
+    ("iconef-v2", {}), ("hefsgd", {}), ("conef-cs", {"layerwise": False}),
 ]
 
 

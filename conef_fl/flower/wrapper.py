@@ -76,7 +76,7 @@ from conef_fl.flower.downlink import DownlinkCompressor
 from conef_fl.registry import method_config
 from conef_fl.seeding import derive_seed
 from conef_fl.validation import PayloadError, PayloadSpec, expected_spec
-from conef_fl.worker import FLAT_KEY
+from conef_fl.worker import FLAT_KEY, unflatten
 
 log = logging.getLogger(__name__)
 
@@ -654,11 +654,7 @@ class ConEF(Strategy):
         assert self._global is not None
         if self.method.layerwise:
             return {k: tensors[k].view(v.shape) for k, v in self._global.items()}
-        flat, out, off = tensors[FLAT_KEY].reshape(-1), {}, 0
-        for k, v in self._global.items():
-            out[k] = flat[off:off + v.numel()].view(v.shape)
-            off += v.numel()
-        return out
+        return unflatten(tensors[FLAT_KEY].reshape(-1), {k: tuple(v.shape) for k, v in self._global.items()})
 
     def _to_record(self, tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
         return ArrayRecord({k: Array(np.ascontiguousarray(v.numpy().astype(self._global_dtypes.get(k, np.float32),
