@@ -184,3 +184,22 @@ def test_a_bad_state_dir_value_is_named() -> None:
     ctxt = _context(**{"state-max-bytes": "lots"})
     out = conef_mod(_train_message(strategy, 1, _global()), ctxt, _train_fn(_step))
     assert out.has_error() and "state-max-bytes='lots'" in out.error.reason
+
+
+def test_the_peak_memory_of_the_round_is_reported_and_sees_what_the_train_function_allocates() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pytest.skip("the peak resident memory cannot be reset here (/proc/self/clear_refs)")
+    strategy = _strategy()
+    g = _global()
+    small = conef_mod(_train_message(strategy, 1, g), _context(), _train_fn(_step))
+    hold = []
+
+    def greedy(m, c):
+        hold.append(np.ones(64 * 1024 * 1024 // 8))  # 64 MiB, touched
+        return _train_fn(_step)(m, c)
+
+    big = conef_mod(_train_message(strategy, 1, g), _context(node=8), greedy)
+    assert big.content["metrics"][P.M_PEAK_RSS] >= small.content["metrics"][P.M_PEAK_RSS] + 48 * 1024 * 1024

@@ -15,7 +15,9 @@ train message from that wrapper the mod
    one error-feedback step with the round's shared seed; the error state stays
    compressed in ``context.state`` (and on disk with ``state-dir``);
 4. replies with the compressed payload in its wire dtypes instead of the model,
-   keeping the user's metrics and adding the ``conef.*`` byte and memory metrics.
+   keeping the user's metrics and adding the ``conef.*`` byte and memory metrics
+   (``conef.peak-rss-bytes``: the process's peak resident memory during this round's
+   training and compression; on Linux the peak is reset when the message arrives).
 
 Other messages, and train messages from a server that is not wrapped, pass
 through untouched. A train reply the mod cannot compress (arrays missing, keys
@@ -81,6 +83,7 @@ def conef_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Mess
         request = _read_request(msg, config, ctxt)
     except (ModRefusal, *DOWNLINK_ERRORS) as exc:
         return _error_reply(msg, f"conef_mod refused the train message: {exc}")
+    _reset_peak_rss()  # the reply reports the peak of this round's training + compression
     reply = call_next(msg, ctxt)
     if reply.has_error():
         return reply
@@ -89,6 +92,27 @@ def conef_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Mess
     except (ValueError, NonFiniteError) as exc:  # ModRefusal, a refused round number, NaN/Inf, ...
         log.warning("conef_mod: round %d: %s", request.server_round, exc)
         return _error_reply(msg, f"conef_mod could not compress the train reply: {exc}")
+
+
+def _reset_peak_rss() -> None:
+    """Reset this process's peak resident set size (Linux: ``5`` into ``/proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not allowed: the peak then covers the process's lifetime
+        pass
+
+
+def _peak_rss() -> int:
+    """Peak resident bytes since :func:`_reset_peak_rss` (``VmHWM``), else the lifetime peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def _error_reply(msg: Message, reason: str) -> Message:
@@ -201,7 +225,7 @@ def _compress_reply(msg: Message, reply: Message, req: TrainRequest, ctxt: Conte
         P.M_SERIALIZED_STATE_BYTES: int(saved.state_bytes),
         P.M_STATE_SOURCE: P.STATE_SOURCES[loaded.source],
         P.M_STATE_SAVED: int(saved.saved_to_disk or not state_dir),
-        P.M_PEAK_RSS: int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024,
+        P.M_PEAK_RSS: _peak_rss(),
         P.M_PARTITION: _partition_id(ctxt),
     })
     return Message(RecordDict(records), reply_to=msg)
