@@ -33,15 +33,21 @@ log = logging.getLogger(__name__)
 app = ClientApp(mods=[conef_mod])
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Train the global model on this node's partition; reply with the local model."""
+def _setup(msg: Message, context: Context):
+    """This node's settings, partition and data, and the message's model loaded into the task's network."""
     torch.set_num_threads(1)
     cfg = client_config(context)
     partition_id, num_partitions = partition_of(context, cfg)
-    task, x, y = load_partition(cfg, partition_id, num_partitions)
-    model = build_model(task, cfg.model)
+    data = load_partition(cfg, partition_id, num_partitions)
+    model = build_model(data[0], cfg.model)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+    return cfg, partition_id, num_partitions, data, model
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the global model on this node's partition; reply with the local model."""
+    cfg, partition_id, num_partitions, (task, x, y), model = _setup(msg, context)
     config = msg.content["config"]
     server_round = int(config.get("server-round", 1))
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "client", partition_id, server_round))
@@ -79,12 +85,7 @@ def ray_node() -> int | None:
 @app.evaluate()
 def evaluate_fn(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this node's share of the test set."""
-    torch.set_num_threads(1)
-    cfg = client_config(context)
-    partition_id, num_partitions = partition_of(context, cfg)
-    task, _, _ = load_partition(cfg, partition_id, num_partitions)
-    model = build_model(task, cfg.model)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+    _, partition_id, num_partitions, (task, _, _), model = _setup(msg, context)
     n_test = task.x_test.shape[0]
     lo, hi = n_test * partition_id // num_partitions, n_test * (partition_id + 1) // num_partitions
     if hi <= lo:

@@ -43,27 +43,12 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import flwr.serverapp.strategy as fs
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import (
-    Bulyan,
-    FedAdagrad,
-    FedAdam,
-    FedAvg,
-    FedAvgM,
-    FedMedian,
-    FedProx,
-    FedTrimmedAvg,
-    FedXgbBagging,
-    FedXgbCyclic,
-    FedYogi,
-    Krum,
-    MultiKrum,
-    Result,
-    Strategy,
-)
+from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from conef_fl.compressors.base import Compressor, Payload, SelectiveCompressor
@@ -81,13 +66,14 @@ from conef_fl.worker import FLAT_KEY, unflatten
 log = logging.getLogger(__name__)
 
 #: Strategies whose aggregate is the weighted mean of the replies' models.
-MEAN_STRATEGIES: tuple[type[Strategy], ...] = (FedAvg, FedAvgM, FedProx, FedOpt, FedAdam, FedYogi, FedAdagrad)
+MEAN_STRATEGIES: tuple[type[Strategy], ...] = (fs.FedAvg, fs.FedAvgM, fs.FedProx, FedOpt, fs.FedAdam, fs.FedYogi,
+                                               fs.FedAdagrad)
 #: Strategies that select or combine the individual replies' models.
-PER_REPLY_STRATEGIES: tuple[type[Strategy], ...] = (FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan)
+PER_REPLY_STRATEGIES: tuple[type[Strategy], ...] = (fs.FedMedian, fs.FedTrimmedAvg, fs.Krum, fs.MultiKrum, fs.Bulyan)
 #: Strategies that cannot carry compressed float updates.
 UNSUPPORTED: dict[type, str] = {
-    FedXgbBagging: "it aggregates serialized XGBoost trees (bytes), not float arrays",
-    FedXgbCyclic: "it aggregates serialized XGBoost trees (bytes), not float arrays",
+    fs.FedXgbBagging: "it aggregates serialized XGBoost trees (bytes), not float arrays",
+    fs.FedXgbCyclic: "it aggregates serialized XGBoost trees (bytes), not float arrays",
 }
 #: Compressors whose payload is values at distinct coordinates (the norm needs no decoding).
 _VALUE_SELECTING = (SelectiveCompressor, TopK)
@@ -155,8 +141,8 @@ def aggregation_mode(strategy: Strategy) -> str:
         raise ValueError("the strategy is already wrapped with ConEF")
     if type(strategy) in MEAN_STRATEGIES:
         return "mean"
-    if isinstance(strategy, PER_REPLY_STRATEGIES) or isinstance(strategy, FedAvg):
-        return "per-reply"  # unknown FedAvg subclasses: hand them the decoded models, the safe choice
+    # PER_REPLY_STRATEGIES, and any other strategy (e.g. a user's FedAvg subclass): hand it the decoded
+    # models, which every strategy that averages, selects or combines models understands
     return "per-reply"
 
 
