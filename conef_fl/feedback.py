@@ -31,9 +31,10 @@ Otherwise ``p`` is formed in the update's buffer when ``consume=True``, or in on
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -82,21 +83,26 @@ def make_error_store(
 ) -> ErrorStore:
     """The error store C of ``config`` for a tensor of ``numel`` elements (seeded per ``key``)."""
     kind = kind or config.error_compressor
-    seed = derive_seed(config.seed, "error-store", kind, key)
-    if kind == "count-sketch":
-        geometry = SketchGeometry.for_ratio(
-            numel, config.sketch_ratio, config.sketch_rows, unit=config.sketch_unit or None
-        )
-        return CountSketch(
-            geometry, seed=seed, dtype=config.sketch_dtype, device=device, estimate_scale=config.estimate_scale
-        )
-    if kind == "quantizer":
-        return QuantizedError(numel, levels=config.quant_levels, seed=seed, device=device)
-    if kind == "identity":
-        return DenseError(numel, device=device)
-    if kind == "top-k":
-        return TopKError(numel, ratio=config.error_topk_ratio, device=device)
-    raise ValueError(f"error_compressor={kind!r} is not valid; allowed: count-sketch, quantizer, identity, top-k")
+    try:
+        factory = ERROR_STORES[kind]
+    except KeyError:
+        raise ValueError(f"error_compressor={kind!r} is not valid; allowed: {', '.join(ERROR_STORES)}") from None
+    return factory(config, numel, derive_seed(config.seed, "error-store", kind, key), device)
+
+
+def _count_sketch(config: MethodConfig, numel: int, seed: int, device: torch.device | str) -> ErrorStore:
+    geometry = SketchGeometry.for_ratio(numel, config.sketch_ratio, config.sketch_rows, unit=config.sketch_unit or None)
+    return CountSketch(geometry, seed=seed, dtype=config.sketch_dtype, device=device,
+                       estimate_scale=config.estimate_scale)
+
+
+#: Error compressor C (``MethodConfig.error_compressor``) → ``factory(config, numel, seed, device)``.
+ERROR_STORES: dict[str, Callable[[MethodConfig, int, int, torch.device | str], ErrorStore]] = {
+    "count-sketch": _count_sketch,
+    "quantizer": lambda c, n, seed, dev: QuantizedError(n, levels=c.quant_levels, seed=seed, device=dev),
+    "identity": lambda c, n, seed, dev: DenseError(n, device=dev),
+    "top-k": lambda c, n, seed, dev: TopKError(n, ratio=c.error_topk_ratio, device=dev),
+}
 
 
 class ErrorFeedback(ABC):
@@ -513,19 +519,23 @@ def make_feedback(
     compressor: Compressor | None = None,
     device: torch.device | str = "cpu",
 ) -> ErrorFeedback:
-    """The :class:`ErrorFeedback` of ``config.feedback`` for one tensor."""
+    """The :class:`ErrorFeedback` of ``config.feedback`` for one tensor (see :data:`FEEDBACK_CLASSES`)."""
     q = compressor if compressor is not None else make_compressor_for(config)
-    fb = config.feedback
-    if fb == "none":
-        return NoFeedback(shape, q, config, key, device)
-    if fb == "efsgd":
-        return EFSGD(shape, q, config, key, device)
-    if fb == "conef":
-        return ConEF(shape, q, config, key, device)
-    if fb == "hefsgd":
-        return HEFSGD(shape, q, config, key, device)
-    if fb == "iconef-v1":
-        return IConEF(shape, q, config, key, device, version=1)
-    if fb == "iconef-v2":
-        return IConEF(shape, q, config, key, device, version=2)
-    raise ValueError(f"feedback={fb!r} is not valid; allowed: none, efsgd, conef, iconef-v1, iconef-v2, hefsgd")
+    try:
+        factory = FEEDBACK_CLASSES[config.feedback]
+    except KeyError:
+        raise ValueError(
+            f"feedback={config.feedback!r} is not valid; allowed: {', '.join(FEEDBACK_CLASSES)}"
+        ) from None
+    return factory(shape, q, config, key, device)
+
+
+#: Feedback family (``MethodConfig.feedback``) → the class (or partial) that runs it.
+FEEDBACK_CLASSES: dict[str, Callable[..., ErrorFeedback]] = {
+    "none": NoFeedback,
+    "efsgd": EFSGD,
+    "conef": ConEF,
+    "hefsgd": HEFSGD,
+    "iconef-v1": functools.partial(IConEF, version=1),
+    "iconef-v2": functools.partial(IConEF, version=2),
+}

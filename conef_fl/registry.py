@@ -1,8 +1,9 @@
-"""Method names → error-feedback classes and the settings each name fixes.
+"""Method names → the :class:`MethodConfig` settings each name fixes.
 
 ``method_config("conef-cs", k_ratio=0.1)`` gives a validated :class:`MethodConfig`;
-``make_feedback`` turns it into per-tensor workers. Settings a name *fixes*
-(e.g. ``sgd`` fixes the identity compressor) win over the caller's overrides.
+:func:`conef_fl.feedback.make_feedback` turns it into per-tensor workers through the
+feedback registry (``feedback`` names the class). Settings a name *fixes* (e.g. ``sgd``
+fixes the identity compressor) win over the caller's overrides.
 """
 
 from __future__ import annotations
@@ -13,17 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from conef_fl.config import MethodConfig
-from conef_fl.feedback import EFSGD, HEFSGD, ConEF, ErrorFeedback, IConEF, NoFeedback
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its feedback class and the config values it fixes."""
+    """A registered method: the config values it fixes (``feedback`` among them)."""
 
     name: str
-    cls: type[ErrorFeedback]
     fixed: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
 
@@ -31,10 +30,12 @@ class MethodSpec:
 _METHODS: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, cls: type[ErrorFeedback], description: str = "", **fixed: Any) -> None:
-    """Register ``name`` → ``cls`` with the config values it fixes (validated now)."""
+def register_method(name: str, description: str = "", **fixed: Any) -> None:
+    """Register ``name`` with the config values it fixes (validated now; ``feedback`` is required)."""
+    if "feedback" not in fixed:
+        raise ValueError(f"method {name!r} must fix feedback=...")
     MethodConfig().replace(**fixed)  # fail early on bad presets
-    _METHODS[name] = MethodSpec(name, cls, dict(fixed), description)
+    _METHODS[name] = MethodSpec(name, dict(fixed), description)
 
 
 def available_methods() -> list[str]:
@@ -60,29 +61,29 @@ def method_config(name: str, **overrides: Any) -> MethodConfig:
     return base.replace(**spec.fixed)
 
 
-register_method("sgd", NoFeedback, "dense FedAvg / SGD", feedback="none", compressor="identity")
-register_method("efsgd", EFSGD, "error feedback, dense fp32 error", feedback="efsgd")
+register_method("sgd", "dense FedAvg / SGD", feedback="none", compressor="identity")
+register_method("efsgd", "error feedback, dense fp32 error", feedback="efsgd")
 register_method(
-    "conef-cs", ConEF, "partial ConEF, error in a count sketch", feedback="conef", error_compressor="count-sketch"
+    "conef-cs", "partial ConEF, error in a count sketch", feedback="conef", error_compressor="count-sketch"
 )
 register_method(
-    "partial-efsgd", ConEF, "partial EFSGD (Abdi & Fekri 2020): p = u + (1-β)·e, dense fp32 error",
+    "partial-efsgd", "partial EFSGD (Abdi & Fekri 2020): p = u + (1-β)·e, dense fp32 error",
     feedback="conef", error_compressor="identity",
 )
 register_method(
-    "conef-q", ConEF, "ConEF, error stochastically quantized", feedback="conef", error_compressor="quantizer",
+    "conef-q", "ConEF, error stochastically quantized", feedback="conef", error_compressor="quantizer",
     beta=0.0,
 )
-register_method("iconef-v1", IConEF, "improved ConEF v1 (C twice)", feedback="iconef-v1", error_compressor="quantizer")
-register_method("iconef-v2", IConEF, "improved ConEF v2 (Q then C)", feedback="iconef-v2", error_compressor="quantizer")
-register_method("hefsgd", HEFSGD, "EFSGD keeping the top-k of its error", feedback="hefsgd")
-register_method("qsgd", NoFeedback, "QSGD, unbiased, no memory", feedback="none", compressor="qsgd")
-register_method("rbsgd", NoFeedback, "random block scaled by d/k, no memory", feedback="none", compressor="rbsgd")
-register_method("atomo", NoFeedback, "ATOMO SVD atoms, no memory", feedback="none", compressor="atomo")
-register_method("ef-topk", EFSGD, "error feedback with top-k", feedback="efsgd", compressor="top-k")
-register_method("ef-sign", EFSGD, "error feedback with scaled sign", feedback="efsgd", compressor="scaled-sign")
-register_method("ef-powersgd", EFSGD, "error feedback with PowerSGD", feedback="efsgd", compressor="powersgd")
+register_method("iconef-v1", "improved ConEF v1 (C twice)", feedback="iconef-v1", error_compressor="quantizer")
+register_method("iconef-v2", "improved ConEF v2 (Q then C)", feedback="iconef-v2", error_compressor="quantizer")
+register_method("hefsgd", "EFSGD keeping the top-k of its error", feedback="hefsgd")
+register_method("qsgd", "QSGD, unbiased, no memory", feedback="none", compressor="qsgd")
+register_method("rbsgd", "random block scaled by d/k, no memory", feedback="none", compressor="rbsgd")
+register_method("atomo", "ATOMO SVD atoms, no memory", feedback="none", compressor="atomo")
+register_method("ef-topk", "error feedback with top-k", feedback="efsgd", compressor="top-k")
+register_method("ef-sign", "error feedback with scaled sign", feedback="efsgd", compressor="scaled-sign")
+register_method("ef-powersgd", "error feedback with PowerSGD", feedback="efsgd", compressor="powersgd")
 register_method(
-    "conef-powersgd", ConEF, "ConEF (count sketch) with PowerSGD", feedback="conef", compressor="powersgd",
+    "conef-powersgd", "ConEF (count sketch) with PowerSGD", feedback="conef", compressor="powersgd",
     error_compressor="count-sketch",
 )

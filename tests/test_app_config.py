@@ -37,11 +37,14 @@ def test_every_key_is_read_by_the_code() -> None:
 
 
 def test_name_lists_agree_with_the_modules_that_own_them() -> None:
+    from conef_fl.config import ERROR_COMPRESSORS, FEEDBACKS
+    from conef_fl.feedback import ERROR_STORES, FEEDBACK_CLASSES
     from conef_fl.registry import available_methods
     from conef_fl.tasks import MODEL_NAMES, PARTITION_SCHEMES, TASK_NAMES
     from server.strategies import build_inner_strategy
 
     assert sorted(ac.METHODS) == available_methods()
+    assert set(FEEDBACK_CLASSES) == set(FEEDBACKS) and set(ERROR_STORES) == set(ERROR_COMPRESSORS)
     assert ac.MODELS == MODEL_NAMES and ac.DATASETS == TASK_NAMES and ac.PARTITIONINGS == PARTITION_SCHEMES
     for name in ac.INNER_STRATEGIES:
         cfg = ac.read_app_config({"inner-strategy": name})
