@@ -373,6 +373,9 @@ def test_sampling_waits_with_a_deadline_and_runs_with_the_nodes_there(caplog) ->
     assert [m.metadata.dst_node_id for m in msgs] == [7]
     assert "only 1 of 5 expected nodes" in caplog.text
     assert inner.min_available_nodes == 5 and inner.fraction_train == 1.0  # restored
+    strategy.node_wait_seconds = 3600.0  # the next round does not wait again for the missing nodes
+    msgs = list(strategy.configure_train(2, _record(_global()), ConfigRecord(), _grid([7])))
+    assert [m.metadata.dst_node_id for m in msgs] == [7]
 
 
 def test_too_few_nodes_stops_with_what_to_pass() -> None:

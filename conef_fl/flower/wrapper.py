@@ -250,6 +250,7 @@ class ConEF(Strategy):
         self._sent_version: dict[int, int] = {}
         self._downlink_bytes = (0, 0)
         self._norm_reference: float | None = None
+        self._nodes_expected: int | None = None
 
     # ------------------------------------------------------------------ keys of the inner strategy
     @property
@@ -278,7 +279,13 @@ class ConEF(Strategy):
 
     # ------------------------------------------------------------------ sampling
     def _wait_for_nodes(self, grid: Grid, need: int, at_least: int) -> list[int]:
-        """Connected nodes once ``need`` are there, or after the deadline if ``at_least`` are."""
+        """Connected nodes once ``need`` are there, or after the deadline if ``at_least`` are.
+
+        After a deadline passed with ``n < need`` nodes, later rounds expect only ``n`` (a node
+        that died does not cost every following round the whole wait).
+        """
+        if self._nodes_expected is not None:
+            need = max(at_least, min(need, self._nodes_expected))
         deadline = time.monotonic() + self.node_wait_seconds
         next_log = 0.0
         while True:
@@ -290,6 +297,7 @@ class ConEF(Strategy):
                 if len(nodes) >= at_least:
                     log.warning("only %d of %d expected nodes connected after %.0f s; running with them",
                                 len(nodes), need, self.node_wait_seconds)
+                    self._nodes_expected = len(nodes)
                     return nodes
                 raise RuntimeError(
                     f"only {len(nodes)} node(s) connected after {self.node_wait_seconds:.0f} s, but at least "
