@@ -68,6 +68,8 @@ log = logging.getLogger(__name__)
 #: Strategies whose aggregate is the weighted mean of the replies' models.
 MEAN_STRATEGIES: tuple[type[Strategy], ...] = (fs.FedAvg, fs.FedAvgM, fs.FedProx, FedOpt, fs.FedAdam, fs.FedYogi,
                                                fs.FedAdagrad)
+#: Mean strategies whose aggregate of one reply is that reply (no server step of their own).
+_NO_SERVER_STEP: tuple[type[Strategy], ...] = (fs.FedAvg, fs.FedProx)
 #: Strategies that select or combine the individual replies' models.
 PER_REPLY_STRATEGIES: tuple[type[Strategy], ...] = (fs.FedMedian, fs.FedTrimmedAvg, fs.Krum, fs.MultiKrum, fs.Bulyan)
 #: Strategies that cannot carry compressed float updates.
@@ -127,6 +129,35 @@ class _Candidate:
     weight: float
     norm: float
     info: dict[str, float]
+
+
+class _WeightedMean:
+    """``Σ w_i Δ_i / Σ w_i`` over payloads added one at a time; in compressed space when Q is all-reducible.
+
+    Memory: the running compressed mean (all-reducible Q) or one dense float32 accumulator.
+    """
+
+    def __init__(self, compressor: Compressor, specs: Mapping[str, PayloadSpec]) -> None:
+        self.q = compressor
+        self.total = 0.0
+        self.running: dict[str, Payload] = {}
+        self.acc = None if compressor.all_reducible else {
+            k: torch.zeros(s.shape, dtype=torch.float32) for k, s in specs.items()}
+
+    def add(self, payloads: Mapping[str, Payload], weight: float) -> None:
+        if self.acc is None:
+            for k, p in payloads.items():
+                self.running[k] = p if not self.total else self.q.aggregate([self.running[k], p], [self.total, weight])
+        else:
+            for k, p in payloads.items():
+                self.q.decompress_add_(p, self.acc[k], alpha=weight)
+        self.total += weight
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        """Dense float32 mean per payload key."""
+        if self.acc is None:
+            return {k: self.q.decompress(p) for k, p in self.running.items()}
+        return {k: a.div_(self.total) for k, a in self.acc.items()}
 
 
 def aggregation_mode(strategy: Strategy) -> str:
@@ -513,7 +544,8 @@ class ConEF(Strategy):
         return math.sqrt(sq)
 
     def _validate(self, server_round: int, replies: list[Message], specs: Mapping[str, PayloadSpec],
-                  stats: RoundStats) -> list[_Candidate]:
+                  stats: RoundStats, sink: _WeightedMean | None = None) -> list[_Candidate]:
+        """Replies that pass every check, in order; each one's payload also goes into ``sink``."""
         out = []
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -532,6 +564,8 @@ class ConEF(Strategy):
                 self._reject(stats, server_round, node, str(exc))
                 continue
             out.append(_Candidate(node, msg, weight, norm, info))
+            if sink is not None:
+                sink.add(payloads, weight)
         return out
 
     def _norm_guard(self, server_round: int, candidates: list[_Candidate], stats: RoundStats) -> list[_Candidate]:
@@ -565,8 +599,15 @@ class ConEF(Strategy):
         specs = self.payload_specs(server_round)
         assert self._global is not None
         stats.dense_bytes_per_client = 4 * sum(v.numel() for v in self._global.values())
-        candidates = self._validate(server_round, self._screen(server_round, replies, stats), specs, stats)
+        # weighted-mean strategies: the mean is accumulated while validating (one decode per reply); it is
+        # recomputed without them only when the norm guard refuses replies
+        sink = _WeightedMean(self.compressor, specs) if self.mode == "mean" else None
+        candidates = self._validate(server_round, self._screen(server_round, replies, stats), specs, stats, sink)
         accepted = self._norm_guard(server_round, candidates, stats)
+        if sink is not None and len(accepted) != len(candidates):
+            sink = _WeightedMean(self.compressor, specs)
+            for c in accepted:
+                sink.add(self._decode(c.message, specs), c.weight)
         for c in accepted:
             if self.downlink is not None and c.node in self._sent_version:
                 self.downlink.mark_synced(c.node, self._sent_version[c.node])
@@ -575,7 +616,7 @@ class ConEF(Strategy):
         inner_metrics: MetricRecord | None = None
         if accepted:
             try:
-                new_arrays, inner_metrics = self._aggregate(server_round, accepted, specs, stats)
+                new_arrays, inner_metrics = self._aggregate(server_round, accepted, specs, stats, sink)
             except Exception as exc:  # the inner strategy failed: keep the model, keep the run going
                 log.error("round %d: aggregation failed (%s: %s); the global model is unchanged",
                           server_round, type(exc).__name__, exc)
@@ -596,12 +637,16 @@ class ConEF(Strategy):
         return new_arrays, metrics
 
     def _aggregate(self, server_round: int, accepted: list[_Candidate], specs: Mapping[str, PayloadSpec],
-                   stats: RoundStats) -> tuple[ArrayRecord | None, MetricRecord | None]:
+                   stats: RoundStats, sink: _WeightedMean | None) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self._global is not None
-        if self.mode == "mean":
-            total = math.fsum(c.weight for c in accepted)
-            mean = self._mean_update(accepted, specs, total)
-            stats.update_norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in mean.values())))
+        if sink is not None:
+            total = sink.total
+            mean = self._unflatten(sink.mean())
+            stats.update_norm = math.sqrt(math.fsum(float(torch.linalg.vector_norm(d)) ** 2 for d in mean.values()))
+            if type(self.inner) in _NO_SERVER_STEP:
+                # FedAvg of the one reply x − mean is x − mean: computed in place, no copies of the model
+                new = {k: d.neg_().add_(self._global[k]) for k, d in mean.items()}
+                return self._finish(server_round, new, None)
             synthetic = [self._model_reply(accepted[0].message, mean, MetricRecord({self.weighted_by_key: total}))]
         else:
             synthetic = []
@@ -614,7 +659,13 @@ class ConEF(Strategy):
         if arrays is None:
             return None, metrics
         new = {k: torch.from_numpy(np.asarray(v.numpy(), dtype=np.float32)) for k, v in arrays.items()}
-        if set(new) != set(self._global) or not all(bool(torch.isfinite(v).all()) for v in new.values()):
+        return self._finish(server_round, new, metrics)
+
+    def _finish(self, server_round: int, new: dict[str, torch.Tensor],
+                metrics: MetricRecord | None) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Check the new model, send it through the compressed downlink if there is one, encode it."""
+        assert self._global is not None
+        if set(new) != set(self._global) or not all(_finite(v) for v in new.values()):
             log.error("round %d: the aggregated model is not finite (or lost arrays); keeping the previous one",
                       server_round)
             return None, metrics
@@ -622,24 +673,6 @@ class ConEF(Strategy):
             self.downlink.step({k: self._global[k] - new[k] for k in self._global}, seed=self.round_seed(server_round))
             new = {k: v.clone() for k, v in self.downlink.model.items()}
         return self._to_record(new), metrics
-
-    def _mean_update(self, accepted: list[_Candidate], specs: Mapping[str, PayloadSpec],
-                     total: float) -> dict[str, torch.Tensor]:
-        """``Σ w_i Δ_i / Σ w_i``, one reply at a time, in node order; compressed-space when Q allows."""
-        q = self.compressor
-        if q.all_reducible:
-            running: dict[str, Payload] = {}
-            seen = 0.0
-            for c in accepted:
-                for k, p in self._decode(c.message, specs).items():
-                    running[k] = p if not seen else q.aggregate([running[k], p], [seen, c.weight])
-                seen += c.weight
-            return self._unflatten({k: q.decompress(p) for k, p in running.items()})
-        acc = {k: torch.zeros(s.shape, dtype=torch.float32) for k, s in specs.items()}
-        for c in accepted:
-            for k, p in self._decode(c.message, specs).items():
-                q.decompress_add_(p, acc[k], alpha=c.weight / total)
-        return self._unflatten(acc)
 
     def _dense_update(self, payloads: Mapping[str, Payload]) -> dict[str, torch.Tensor]:
         return self._unflatten({k: self.compressor.decompress(p) for k, p in payloads.items()})
@@ -811,6 +844,11 @@ class ConEF(Strategy):
             self.downlink = DownlinkCompressor(self.downlink_config, model, max_log_rounds=self.downlink_log_rounds,
                                                seed=self.seed)
             self.downlink.load_state_dict(down)
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in ``t`` (max-abs reduction: no tensor-sized temporary)."""
+    return t.numel() == 0 or bool(torch.isfinite(torch.linalg.vector_norm(t, ord=float("inf"))))
 
 
 def _partition_of(msg: Message) -> int:
