@@ -7,7 +7,9 @@ its own ``state-dir``, as on separate devices. The resumed run stops after round
 2 (``num-server-rounds=2``), everything is shut down, and a new deployment
 continues it with ``resume=true``, the same run-name and the same state folders.
 Every process started is stopped by PID, also on failure, and nothing is left
-under this test process.
+under this test process. A fast in-process test checks the cause of the
+differences between deployment runs directly: node IDs (random in deployment)
+must not change the order in which replies are summed.
 """
 
 from __future__ import annotations
@@ -21,10 +23,9 @@ from typing import Any
 import pytest
 import torch
 
+from sim import inmemory
 from sim.deploy import DeploymentResult, run_deployment
 from sim.flower_runtime import descendants, pid_alive
-
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 ROUNDS = 3
 CONFIG = {
@@ -87,6 +88,8 @@ def _assert_all_trained(rows: list[dict[str, Any]]) -> None:
     assert all(r["accepted"] == NODES and r["rejected"] == 0 and r["failed"] == 0 for r in rows), rows
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_two_runs_with_the_same_seed_end_bit_identical(runs: Mapping[str, Finished]) -> None:
     first, second = runs["first"], runs["second"]
     _assert_all_trained(first.rounds)
@@ -97,9 +100,27 @@ def test_two_runs_with_the_same_seed_end_bit_identical(runs: Mapping[str, Finish
     assert [{k: r[k] for k in keys} for r in first.rounds] == [{k: r[k] for k in keys} for r in second.rounds]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(runs: Mapping[str, Finished]) -> None:
     resumed = runs["resumed"]
     _assert_all_trained(resumed.rounds)
     # round 3 ran in a new deployment: both clients restored their round-2 error state from their disks
     assert resumed.rounds[2]["clients_state_from_disk"] == NODES, resumed.rounds
     _assert_bit_identical(runs["first"].model, resumed.model)
+
+
+def test_in_process_model_does_not_depend_on_node_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = {**CONFIG, "num-server-rounds": ROUNDS, "output-dir": str(tmp_path)}
+    inmemory.run_inmemory({**cfg, "run-name": "ascending"}, NODES)  # partition i on node 1001 + i
+
+    class Descending(inmemory.InMemoryGrid):
+        """Partition 0 on the largest node ID: node order is the reverse of partition order."""
+
+        def __init__(self, client_app: Any, num_nodes: int, run_config: Mapping[str, Any], **_: Any) -> None:
+            super().__init__(client_app, num_nodes, run_config, node_ids=[9000 - i for i in range(num_nodes)])
+
+    monkeypatch.setattr(inmemory, "InMemoryGrid", Descending)
+    inmemory.run_inmemory({**cfg, "run-name": "descending"}, NODES)
+    _assert_bit_identical(torch.load(tmp_path / "ascending" / "model.pt", weights_only=True),
+                          torch.load(tmp_path / "descending" / "model.pt", weights_only=True))
