@@ -1,7 +1,7 @@
 """Many virtual clients on Flower's simulation engine, the host memory their error states take, and a memory guard.
 
     # 10,000 clients of a 1.07M-parameter MLP, 100 per round (cyclic), each trains once:
-    python -m sim.scale --num-supernodes 10000 --clients-per-round 100 \\
+    python -m sim.scale --num-supernodes 10000 --clients-per-round 100 --model wide \\
         --methods conef-cs,efsgd,conef-cs+disk --disk-supernodes 2000 --save
 
 Per method, one simulation of the project's ServerApp and ClientApp (with the
@@ -40,6 +40,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -54,6 +55,7 @@ GIB = 1024**3
 #: The simulation process (holds every node's Context) is recognised by this in its command line.
 SIM_NEEDLE = "flwr-simulation"
 _ROUND_RE = re.compile(r"round (\d+): accepted (\d+)/(\d+) replies")
+_STATE_RE = re.compile(r"client error state ([\d.]+) KB")
 
 
 def _rss(pid: int) -> int:
@@ -242,11 +244,15 @@ def measure(
     t0 = time.time()
     summary: dict[str, Any] | None = None
     error = ""
+    timed_out = False
     try:
         summary = run_simulation(overrides, num_supernodes=num_supernodes, log_file=log_file, app_dir=app_dir,
                                  timeout=timeout)
     except (RuntimeError, TimeoutError) as exc:
         error = str(exc)[:2000]
+    except subprocess.TimeoutExpired:
+        error = f"timed out after {timeout:.0f} s (--timeout)"
+        timed_out = True
     finally:
         guard.stop()
     wall = time.time() - t0
@@ -258,11 +264,14 @@ def measure(
         "batch_size": batch_size, "rounds_completed": rounds_done, "clients_with_state": clients,
         "simulation_process_peak_rss_bytes": guard.peak_rss, "all_processes_peak_rss_bytes": guard.peak_total_rss,
         "min_mem_available_bytes": guard.min_mem_available, "wall_seconds": round(wall, 1),
-        "stopped_by_guard": guard.stopped is not None,
+        "stopped_by_guard": guard.stopped is not None, "timed_out": timed_out,
         "guard": asdict(guard.stopped) if guard.stopped else None,
         "guard_limits": {"max_rss_bytes": max_rss, "min_available_bytes": min_available},
         "rss_vs_clients": guard.samples,
     }
+    states = _STATE_RE.findall(log_file.read_text(errors="replace")) if log_file.exists() else []
+    if states:  # the wrapper's round log: mean error state of the round's clients (also for stopped runs)
+        result["client_error_state_bytes_each_from_log"] = round(float(states[-1]) * 1e3)
     if summary is not None:
         rows = json.loads((work / run_name / "rounds.json").read_text())
         total = sum(r["client_serialized_state_bytes_total"] for r in rows)
@@ -298,6 +307,9 @@ def markdown(results: list[dict[str, Any]]) -> str:
             g = r["guard"]
             outcome = (f"stopped by the memory guard after {g['clients_with_state']:,} clients "
                        f"(round {g['rounds_completed']}): {g['reason']}")
+        elif r.get("timed_out"):
+            outcome = (f"stopped by --timeout after {r['clients_with_state']:,} clients "
+                       f"(round {r['rounds_completed']} of {r['rounds_planned']})")
         elif "error" in r:
             outcome = "failed: " + r["error"].splitlines()[0][:120]
         else:
@@ -330,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default="conef-cs,efsgd", help="comma-separated; '<method>+disk' adds state-dir")
     ap.add_argument("--disk-supernodes", type=int, default=0,
                     help="virtual clients for the '+disk' runs (default: --num-supernodes)")
-    ap.add_argument("--model", choices=("wide", "project"), default="wide",
+    ap.add_argument("--model", choices=("wide", "project"), default="project",
                     help="wide: the 1.07M-parameter MLP of sim.scale_app; project: the app's own model")
     ap.add_argument("--dataset", default="")
     ap.add_argument("--batch-size", type=int, default=4)

@@ -14,10 +14,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
 from torch import nn
 
 import clients.client_app as _client
 import server.server_app as _server
+from conef_fl.flower import conef_mod
 from conef_fl.tasks import build_model as _project_build_model
 from conef_fl.tasks.models import MLP
 
@@ -44,4 +47,21 @@ def build_wide_model(task: Any, model: str = "auto", *, seed: int | None = None)
 _server.build_model = build_wide_model
 _client.build_model = build_wide_model
 server_app = _server.app
-client_app = _client.app
+
+#: The project's ClientApp functions behind a ClientApp of this module. Flower's simulation
+#: pickles the loaded ClientApp to its Ray actors, and functions travel by reference: with
+#: the functions defined here, an actor imports this module (and so applies the substitution)
+#: before it calls the project's train/evaluate.
+client_app = ClientApp(mods=[conef_mod])
+
+
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    """The project's train function (with the wide model)."""
+    return _client.train(msg, context)
+
+
+@client_app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """The project's evaluate function (with the wide model)."""
+    return _client.evaluate_fn(msg, context)

@@ -129,7 +129,8 @@ def test_worker_node_dies_mid_run(cluster: LocalRayCluster, tmp_path: Path) -> N
     assert rows[0]["accepted"] == 4
     assert summary["failed_replies"] >= 1
     # every round after the failure still aggregated the replies that arrived
-    assert all(r["accepted"] >= 1 and r["accepted"] + r["failed"] + r["rejected"] == r["sampled"] for r in rows)
+    assert all(r["accepted"] >= 1 and r["accepted"] + r["failed"] + r["rejected"] <= r["sampled"] for r in rows)
     assert all(r["clients_state_refused"] == 0 for r in rows)
+    # the wrapper logs each failed reply with its Flower node and Ray's reason (the actor/node that died)
     log_text = (tmp_path / "flwr.log").read_text(errors="replace")
-    assert "RayActorError" in log_text or "ActorDiedError" in log_text or "node" in log_text.lower()
+    assert "replied with an error" in log_text
