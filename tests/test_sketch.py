@@ -283,13 +283,16 @@ def test_state_of_another_hash_scheme_is_refused() -> None:
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_sketch_operations_allocate_little(dtype: str) -> None:
-    """Update, decompress and the feedback scaling stay far below the vector's size (measured)."""
-    d = 4_000_000
+    """Update, decompress and the feedback scaling stay below 2 % of 4·d at the benchmark's d (measured).
+
+    (The hash structures are O(n) = O(10^4) integers whatever d: relatively larger at small d.)
+    """
+    d = 10_000_000
     sk = CountSketch(SketchGeometry.for_ratio(d, 0.1), seed=1, dtype=dtype)
     x, target = torch.randn(d), torch.zeros(d)
     sk.accumulate_(x)
     for fn in (lambda: sk.accumulate_(x), lambda: sk.estimate_add_(target),
-               lambda: sk.subtract_estimate_feedback_(0.1), lambda: sk.estimate_block_add_(target[:400_000], 123)):
+               lambda: sk.subtract_estimate_feedback_(0.1), lambda: sk.estimate_block_add_(target[:1_000_000], 123)):
         _, m = measure_transient(fn)
         assert m.peak_bytes <= 0.02 * 4 * d, m
 

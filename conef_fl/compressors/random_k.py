@@ -45,9 +45,10 @@ def _sample_small(numel: int, k: int, generator: torch.Generator) -> torch.Tenso
         m = int(math.ceil(-math.log1p(-frac) * numel * 1.02)) + 32
         draws = torch.randint(numel, (m,), generator=generator, dtype=torch.int64)
         have = torch.unique(torch.cat([have, draws]) if h else draws, sorted=True)
-    if have.numel() > k:
-        keep = torch.randperm(have.numel(), generator=generator)[:k]
-        have = have[keep].sort().values
+    if have.numel() > k:  # drop a uniformly random surplus (keeps the order: no sort)
+        keep = torch.ones(have.numel(), dtype=torch.bool)
+        keep[torch.randperm(have.numel(), generator=generator)[: have.numel() - k]] = False
+        have = have[keep]
     return have
 
 

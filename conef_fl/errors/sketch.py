@@ -463,17 +463,24 @@ class CountSketch(ErrorStore):
             p = _csr(crow, col, h.unit_signs(u0, u0 + n), (n, g.buckets))
             x_units.addmm_(p, self.table[0], alpha=alpha)
             return
+        if g.rows == 1:  # gather bucket rows in the table's dtype into one buffer; signs, scale in float32
+            h = hashes[0]
+            buckets = h.unit_buckets(u0, u0 + n)
+            signs = h.unit_signs(u0, u0 + n).to(torch.float32, copy=True).mul_(alpha).unsqueeze(1)
+            # a 16-bit chunk is half the bytes: twice the units for the same scratch
+            step = self._scratch_units() * (4 // self.table.element_size() if self.table.element_size() < 4 else 1)
+            est = torch.empty((min(step, n), g.unit), dtype=self.table.dtype, device=self.table.device)
+            for lo in range(0, n, step):
+                hi = min(n, lo + step)
+                torch.index_select(self.table[0], 0, buckets[lo:hi], out=est[: hi - lo])
+                x_units[lo:hi].addcmul_(est[: hi - lo], signs[lo:hi])
+            return
         step = self._scratch_units()
         for lo in range(0, n, step):
             hi = min(n, lo + step)
-            if g.rows == 1:  # one gather in the table's dtype, signs and scale applied in float32
-                h = hashes[0]
-                est = self.table[0].index_select(0, h.unit_buckets(u0 + lo, u0 + hi))
-                sg = h.unit_signs(u0 + lo, u0 + hi).to(torch.float32).mul_(alpha)
-                x_units[lo:hi].addcmul_(est, sg.unsqueeze(1))
-            else:
-                est = self._combine([self._gather(h, r, u0 + lo, u0 + hi) for r, h in enumerate(hashes)])
-                x_units[lo:hi].add_(est, alpha=alpha)
+            est = self._combine([self._gather(h, r, u0 + lo, u0 + hi) for r, h in enumerate(hashes)])
+            x_units[lo:hi].add_(est, alpha=alpha)
+            del est
 
     def _estimate_piece(self, unit: int, c0: int, c1: int) -> torch.Tensor:
         """Unscaled estimate of columns ``c0..c1-1`` of one unit (float32), rows combined."""
