@@ -1,6 +1,6 @@
 """Compressor-core benchmark (issues #2 §6 and #13): one run reports the whole compressor core.
 
-For each size ``d`` (default 1M, 10M, 50M float32 values):
+For each size ``d`` (default 1M and 10M float32 values; ``--sizes 1e6,1e7,5e7`` adds 50M):
 
 * one ``x.add_(y)`` over ``d`` values: the memory-bandwidth yardstick (on ``--device``);
 * count-sketch update (``CountSketch.accumulate_``) and decompress
@@ -29,7 +29,7 @@ timing: it is a benchmark, not a test.
 
 Usage::
 
-    python -m sim.bench_core [--sizes 1e6,1e7,5e7] [--repeats 7] [--threads 2] [--device cpu]
+    python -m sim.bench_core [--sizes 1e6,1e7] [--repeats 7] [--threads 2] [--device cpu]
                              [--out outputs/bench_core.json] [--save] [--quick] [--parts ...]
 
 Writes the JSON to ``--out`` and a markdown summary next to it (same name, ``.md``);
@@ -62,7 +62,7 @@ from conef_fl.memory import measure_transient, persistent_bytes
 from conef_fl.registry import method_config
 
 SCHEMA = "conef-fl/bench_core/2"
-DEFAULT_SIZES = (1_000_000, 10_000_000, 50_000_000)
+DEFAULT_SIZES = (1_000_000, 10_000_000)
 DEFAULT_OUT = "outputs/bench_core.json"
 SAVED_OUT = "docs/results/bench_core.json"
 #: The size at which the targets are checked.
