@@ -470,10 +470,13 @@ class CountSketch(ErrorStore):
             # a 16-bit chunk is half the bytes: twice the units for the same scratch
             step = self._scratch_units() * (4 // self.table.element_size() if self.table.element_size() < 4 else 1)
             est = torch.empty((min(step, n), g.unit), dtype=self.table.dtype, device=self.table.device)
+            wide = est if est.dtype == torch.float32 else torch.empty(est.shape, device=est.device)
             for lo in range(0, n, step):
                 hi = min(n, lo + step)
                 torch.index_select(self.table[0], 0, buckets[lo:hi], out=est[: hi - lo])
-                x_units[lo:hi].addcmul_(est[: hi - lo], signs[lo:hi])
+                if wide is not est:  # widen first: a mixed-dtype addcmul_ is slower than copy + addcmul_
+                    wide[: hi - lo].copy_(est[: hi - lo])
+                x_units[lo:hi].addcmul_(wide[: hi - lo], signs[lo:hi])
             return
         step = self._scratch_units()
         for lo in range(0, n, step):
