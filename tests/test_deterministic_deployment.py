@@ -34,6 +34,7 @@ CONFIG = {
     "fraction-train": 1.0,
     "local-epochs": 1,
     "seed": 7,
+    "node-wait-seconds": 600.0,  # only a bound on waiting for both SuperNodes, never reached on a healthy run
 }
 NODES = 2
 

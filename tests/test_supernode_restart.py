@@ -60,6 +60,7 @@ CONFIG = {
     "fraction-train": 1.0,
     "local-epochs": 1,
     "min-available-nodes": 2,
+    "node-wait-seconds": 600.0,  # only a bound: the gate opens once the new node is active
     "seed": 3,
     "run-name": "restart",
 }
@@ -128,10 +129,13 @@ def test_supernode_restart_restores_error_state(tmp_path: Path, monkeypatch: pyt
         # the server waits after round 1: the device "reboots", losing its memory (context.state)
         _stop_tree(first)
         superlink_log = fp.home / "superlink.log"
-        _wait_for("the SuperLink deactivated SuperNode 0",
-                  lambda: "/v1/fleet/deactivate-node HTTP/1.1\" 200" in superlink_log.read_text(errors="replace"),
-                  runner, fp)
+
+        def fleet_calls(call: str) -> int:
+            return superlink_log.read_text(errors="replace").count(f'/v1/fleet/{call} HTTP/1.1" 200')
+
+        _wait_for("the SuperLink deactivated SuperNode 0", lambda: fleet_calls("deactivate-node") >= 1, runner, fp)
         node(0, "supernode-0-restarted")
+        _wait_for("the new SuperNode 0 is active", lambda: fleet_calls("activate-node") >= 3, runner, fp)
         (gate / "round-1.go").write_text("")
         runner.join()
         assert codes == [0], fp.tail()
