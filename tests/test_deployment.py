@@ -27,6 +27,7 @@ SMALL = {
     "fraction-train": 1.0,
     "local-epochs": 1,
     "method": "conef-cs",
+    "node-wait-seconds": 600.0,  # only a bound on waiting for the SuperNodes, never reached on a healthy run
 }
 
 
