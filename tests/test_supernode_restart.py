@@ -5,8 +5,9 @@ the project's ServerApp with one hook, a pause after round 1's checkpoint until
 the test opens a gate. While the server waits there, round 1 is complete (both
 replies counted) and no message is in flight, so the test stops SuperNode 0
 (and everything below it), waits until the SuperLink has deactivated it, starts
-a new SuperNode 0 on the same device folder and opens the gate. Round 2 then
-waits for two nodes (``min-available-nodes=2``) and samples the new one.
+a new SuperNode 0 on the same device folder, waits until the SuperLink has
+activated it, and opens the gate. Round 2 then samples both connected nodes
+(``min-available-nodes=2``), the new one included.
 """
 
 from __future__ import annotations
