@@ -121,7 +121,7 @@ def run_inmemory(run_config: Mapping[str, Any], num_nodes: int) -> InMemoryGrid:
     from server.server_app import app as server_app
     from sim.run import app_defaults
 
-    cfg = {"min-available-nodes": num_nodes, **app_defaults(), **dict(run_config)}
+    cfg = {**app_defaults(), "min-available-nodes": num_nodes, **dict(run_config)}
     cfg["min-available-nodes"] = min(int(cfg["min-available-nodes"]), num_nodes)
     grid = InMemoryGrid(client_app, num_nodes, cfg)
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg)
