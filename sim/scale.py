@@ -200,6 +200,40 @@ class MemoryGuard(threading.Thread):
         self.join(timeout=10)
 
 
+def round_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-round rows of a run: ``rounds.json`` when it finished, else its last checkpoint's history.
+
+    The ServerApp checkpoints after every round, so a run stopped by the guard or
+    ``--timeout`` still tells exactly what its completed rounds did.
+    """
+    if (run_dir / "rounds.json").exists():
+        return json.loads((run_dir / "rounds.json").read_text())
+    ckpt = run_dir / "checkpoint.pt"
+    if not ckpt.exists():
+        return []
+    import torch
+
+    history = torch.load(ckpt, weights_only=True)["strategy"].get("history", [])
+    return [dict(h) for h in history]
+
+
+def state_numbers(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Clients trained, serialized state bytes (total and per client) and round times from round rows."""
+    if not rows:
+        return {}
+    accepted = sum(int(r["accepted"]) for r in rows)
+    total = sum(int(r["client_serialized_state_bytes_total"]) for r in rows)
+    secs = [float(r.get("round_seconds", 0.0)) for r in rows]
+    return {
+        "clients_trained": accepted,
+        "client_error_state_bytes_each": max(float(r["client_error_state_bytes_mean"]) for r in rows),
+        "client_serialized_state_bytes_each": round(total / accepted) if accepted else 0,
+        "client_serialized_state_bytes_total": total,
+        "first_round_seconds": round(secs[0], 1),
+        "later_rounds_mean_seconds": round(sum(secs[1:]) / len(secs[1:]), 1) if len(secs) > 1 else None,
+    }
+
+
 def plan(num_supernodes: int, clients_per_round: int) -> tuple[float, int]:
     """(fraction-train, rounds) so that cyclic sampling trains every client exactly once."""
     if num_supernodes < 1 or not 1 <= clients_per_round <= num_supernodes:
@@ -239,6 +273,7 @@ def measure(
         app_dir = write_app_dir(work / "scale-app", REPO, serverapp=SERVERAPP, clientapp=CLIENTAPP)
     log_file = work / f"{run_name}.log"
     log_file.unlink(missing_ok=True)
+    shutil.rmtree(work / run_name, ignore_errors=True)  # no rounds or checkpoint of an earlier run
     guard = MemoryGuard(max_rss, min_available, log_file=log_file)
     guard.start()
     t0 = time.time()
@@ -272,26 +307,33 @@ def measure(
     states = _STATE_RE.findall(log_file.read_text(errors="replace")) if log_file.exists() else []
     if states:  # the wrapper's round log: mean error state of the round's clients (also for stopped runs)
         result["client_error_state_bytes_each_from_log"] = round(float(states[-1]) * 1e3)
+    result.update(state_numbers(round_rows(work / run_name)))
     if summary is not None:
-        rows = json.loads((work / run_name / "rounds.json").read_text())
-        total = sum(r["client_serialized_state_bytes_total"] for r in rows)
-        accepted = sum(r["accepted"] for r in rows)
         result.update({
             "num_params": summary["num_params"],
-            "clients_trained": accepted,
             "failed_or_rejected": summary["failed_replies"] + summary["rejected_replies"],
-            "client_error_state_bytes_each": summary["client_error_state_bytes"],
-            "client_serialized_state_bytes_each": round(total / accepted) if accepted else 0,
-            "client_serialized_state_bytes_total": total,
             "final_accuracy": summary["final_accuracy"],
         })
-    elif error and guard.stopped is None:
+    else:
+        result["num_params"] = _num_params(model, dataset)
+    if error and guard.stopped is None and not timed_out:
         result["error"] = error
     if variant == "disk":
         result["state_dir_bytes"] = sum(f.stat().st_size for f in state_dir.rglob("*") if f.is_file()) \
             if state_dir.exists() else 0
         shutil.rmtree(state_dir, ignore_errors=True)
     return result
+
+
+def _num_params(model: str, dataset: str) -> int:
+    from conef_fl.tasks import build_model
+    from conef_fl.tasks.models import count_parameters
+
+    if model == "wide":
+        from sim.scale_app import build_wide_model
+
+        return count_parameters(build_wide_model(dataset))
+    return count_parameters(build_model(dataset))
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
@@ -354,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="", help="results JSON (default: outputs/scale/scale_<N>.json)")
     ap.add_argument("--save", action="store_true", help="write docs/results/scale_<N>.json and .md")
     ap.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: refill the state numbers of the results file from the runs' folders "
+                         "(rounds.json, or the last checkpoint of a stopped run) and rewrite its table")
     args = ap.parse_args(argv)
     if args.max_rss_gb < 0 or args.min_available_gb < 0:
         raise SystemExit(f"--max-rss-gb={args.max_rss_gb}, --min-available-gb={args.min_available_gb}: "
@@ -370,10 +415,19 @@ def main(argv: list[str] | None = None) -> int:
         out = REPO / "docs" / "results" / f"scale_{n}.json"
     else:
         out = Path(args.out or f"outputs/scale/scale_{n}.json")
-    if out.exists() and not (args.save or args.force):
+    if out.exists() and not (args.save or args.force or args.report_only):
         raise SystemExit(f"{out} exists; pass --force to overwrite it")
     work = (Path("outputs") / "scale").resolve()
     work.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        results = json.loads(out.read_text())
+        for r in results:
+            name = f"scale-{r['method']}{'-disk' if r['state_dir'] else ''}-{r['num_supernodes']}"
+            r.update(state_numbers(round_rows(work / name)))
+        _write(out, json.dumps(results, indent=1), allowed=True)
+        _write(out.with_suffix(".md"), markdown(results), allowed=True)
+        print(markdown(results))
+        return 0
     results = []
     for spec in [m.strip() for m in args.methods.split(",") if m.strip()]:
         size = args.disk_supernodes if spec.endswith("+disk") and args.disk_supernodes else n
