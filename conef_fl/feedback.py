@@ -177,8 +177,12 @@ class ErrorFeedback(ABC):
         ValueError
             If ``update`` has the wrong number of elements or is not floating point.
         """
-        self._check_update(update)
         check_finite(update, f"update for {self.key!r}")
+        return self.step_checked(update, seed=seed, consume=consume)
+
+    def step_checked(self, update: torch.Tensor, *, seed: int = 0, consume: bool = False) -> Payload:
+        """:meth:`step` for a caller that has already refused NaN/Inf in ``update`` (one finite check a step)."""
+        self._check_update(update)
         payload = self._step(update.reshape(-1), seed, consume)
         self.steps += 1
         return payload

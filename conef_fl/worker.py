@@ -9,6 +9,7 @@ import torch
 
 from conef_fl.compressors.base import Payload
 from conef_fl.config import MethodConfig
+from conef_fl.errors.base import check_finite
 from conef_fl.feedback import ErrorFeedback, make_compressor_for, make_feedback
 
 FLAT_KEY = "__flat__"
@@ -67,7 +68,7 @@ class CompressionWorker:
     def step(self, updates: Mapping[str, torch.Tensor], *, seed: int, consume: bool = False) -> dict[str, Payload]:
         """Compress ``updates`` (name → tensor); returns name → payload (or {FLAT_KEY: payload}).
 
-        All tensors are checked (names, shapes, finiteness) before any state changes.
+        All tensors are checked (names, shapes, finiteness: once, here) before any state changes.
         """
         if set(updates) != set(self.shapes):
             missing = sorted(set(self.shapes) - set(updates))
@@ -76,14 +77,11 @@ class CompressionWorker:
         for k, shape in self.shapes.items():
             if tuple(updates[k].shape) != shape:
                 raise ValueError(f"update {k!r} has shape {tuple(updates[k].shape)}, expected {shape}")
-            if not bool(torch.isfinite(torch.linalg.vector_norm(updates[k].detach().float(), ord=float("inf")))):
-                from conef_fl.errors.base import NonFiniteError
-
-                raise NonFiniteError(f"update {k!r} contains NaN or Inf; refused (error state left untouched)")
+            check_finite(updates[k], f"update {k!r}")  # every tensor before any state changes
         if self.config.layerwise:
-            return {k: self.feedback[k].step(updates[k], seed=seed, consume=consume) for k in self.shapes}
+            return {k: self.feedback[k].step_checked(updates[k], seed=seed, consume=consume) for k in self.shapes}
         flat = torch.cat([updates[k].reshape(-1).to(torch.float32) for k in self.shapes])
-        return {FLAT_KEY: self.feedback[FLAT_KEY].step(flat, seed=seed, consume=True)}
+        return {FLAT_KEY: self.feedback[FLAT_KEY].step_checked(flat, seed=seed, consume=True)}
 
     def reset(self) -> None:
         """Forget all errors."""
