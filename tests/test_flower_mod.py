@@ -203,3 +203,12 @@ def test_the_peak_memory_of_the_round_is_reported_and_sees_what_the_train_functi
 
     big = conef_mod(_train_message(strategy, 1, g), _context(node=8), greedy)
     assert big.content["metrics"][P.M_PEAK_RSS] >= small.content["metrics"][P.M_PEAK_RSS] + 48 * 1024 * 1024
+
+
+@pytest.mark.parametrize("kw,reason", [({"sketch_unit": 4096}, "sketch_unit=4096"),
+                                       ({"compressor": "powersgd", "rank": 64}, "rank=64")])
+def test_server_sent_sizes_beyond_the_model_are_refused_before_training(kw: dict, reason: str) -> None:
+    strategy = _strategy("efsgd" if "compressor" in kw else "conef-cs", **kw)
+    called = []
+    out = conef_mod(_train_message(strategy, 1, _global()), _context(), lambda m, c: called.append(1))
+    assert out.has_error() and reason in out.error.reason and not called

@@ -28,6 +28,7 @@ an error reply naming the problem, and the stored error state is left as it was.
 from __future__ import annotations
 
 import logging
+import math
 import resource
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -143,7 +144,24 @@ def _read_request(msg: Message, config: ConfigRecord, ctxt: Context) -> TrainReq
     arrays = msg.content.array_records.get(key)
     if arrays is None:
         raise ModRefusal(f"the train message has no ArrayRecord {key!r} (has {sorted(msg.content.keys())})")
+    _check_against_model(method, arrays)
     return TrainRequest(method, server_round, seed, key, arrays, bool(config.get(P.ALLOW_STATE_RESET_KEY, False)))
+
+
+def _check_against_model(method: MethodConfig, arrays: ArrayRecord) -> None:
+    """Refuse server-sent sizes that make no sense for this model (they would only cost memory)."""
+    shapes = [tuple(int(d) for d in a.shape) for a in arrays.values()]
+    numels = [math.prod(s) for s in shapes] or [0]
+    total = sum(numels)
+    if method.sketch_unit > (max(numels) if method.layerwise else total):
+        raise ModRefusal(f"sketch_unit={method.sketch_unit} exceeds the largest tensor to sketch "
+                         f"({max(numels) if method.layerwise else total} elements)")
+    if method.compressor in ("powersgd", "atomo"):
+        widest = max((min(s[0], math.prod(s[1:])) for s in shapes if len(s) >= 2), default=1)
+        widest = max(widest, math.isqrt(max(total, 1)))  # flat vectors are compressed as a square-ish matrix
+        if method.rank > widest:
+            raise ModRefusal(f"rank={method.rank} exceeds every tensor's matrix rank (at most {widest}) for "
+                             f"{method.compressor}")
 
 
 def _local_arrays(reply: Message, key: str) -> tuple[str, ArrayRecord]:
