@@ -424,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             name = f"scale-{r['method']}{'-disk' if r['state_dir'] else ''}-{r['num_supernodes']}"
             r.update(state_numbers(round_rows(work / name)))
+            if not r.get("num_params"):
+                r["num_params"] = _num_params("wide" if r["model"].startswith("mlp-") else "project", r["dataset"])
         _write(out, json.dumps(results, indent=1), allowed=True)
         _write(out.with_suffix(".md"), markdown(results), allowed=True)
         print(markdown(results))
