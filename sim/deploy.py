@@ -250,6 +250,9 @@ def signals_raise() -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Ctrl-C must stop the deployment even when we were started with SIGINT ignored (e.g. as a background
+    # job of a non-interactive shell, where Python does not install its KeyboardInterrupt handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--supernodes", type=int, default=2, help="SuperNodes to start (default: %(default)s)")
     ap.add_argument("--tls", action="store_true", help="HTTPS with a CA and server certificate made now")
