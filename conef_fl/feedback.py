@@ -41,10 +41,10 @@ import torch
 from conef_fl.compressors import make_compressor
 from conef_fl.compressors.base import Compressor, Payload, SelectiveCompressor
 from conef_fl.config import MethodConfig
-from conef_fl.errors.base import DenseError, ErrorStore, NonFiniteError, check_finite
-from conef_fl.errors.quantizer import QuantizedError
-from conef_fl.errors.sketch import CountSketch, SketchGeometry
-from conef_fl.errors.topk import TopKError
+from conef_fl.error_stores.base import DenseError, ErrorStore, NonFiniteError, check_finite
+from conef_fl.error_stores.quantizer import QuantizedError
+from conef_fl.error_stores.sketch import CountSketch, SketchGeometry
+from conef_fl.error_stores.topk import TopKError
 from conef_fl.seeding import derive_seed
 
 __all__ = [

@@ -9,7 +9,7 @@ import torch
 
 from conef_fl.compressors.base import Payload
 from conef_fl.config import MethodConfig
-from conef_fl.errors.base import check_finite
+from conef_fl.error_stores.base import check_finite
 from conef_fl.feedback import ErrorFeedback, make_compressor_for, make_feedback
 
 FLAT_KEY = "__flat__"

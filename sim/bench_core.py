@@ -21,8 +21,8 @@ Once per run, the fixed cost per tensor: single tensors of ``d`` = 100K and 1M,
 and a layer-wise model with ResNet-18's 62 tensor shapes (11.7M values), EFSGD
 vs ConEF with every ``Q``.
 
-Memory is **measured** (:func:`conef_fl.memory.persistent_bytes`,
-:func:`conef_fl.memory.measure_transient`), never computed from shapes. Timing: one
+Memory is **measured** (:func:`conef_fl.measure.persistent_bytes`,
+:func:`conef_fl.measure.measure_transient`), never computed from shapes. Timing: one
 warm-up call, then ``repeats`` timed calls; min and median are recorded; operations
 compared by a ratio are timed round-robin in the same loop. Nothing here asserts on
 timing: it is a benchmark, not a test.
@@ -55,10 +55,10 @@ from typing import Any
 import torch
 
 from conef_fl.compressors import make_compressor
-from conef_fl.errors.base import check_finite
-from conef_fl.errors.sketch import CountSketch, SketchGeometry
+from conef_fl.error_stores.base import check_finite
+from conef_fl.error_stores.sketch import CountSketch, SketchGeometry
 from conef_fl.feedback import make_feedback
-from conef_fl.memory import measure_transient, persistent_bytes
+from conef_fl.measure import measure_transient, persistent_bytes
 from conef_fl.registry import method_config
 
 SCHEMA = "conef-fl/bench_core/2"

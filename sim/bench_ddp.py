@@ -21,7 +21,7 @@ Measured per configuration:
   compressed step (ours: :attr:`ConEFHookState.last_bytes_sent`; torch's hook: the
   growth of its ``total_numel_after_compression`` x 4 over one step; plain DDP: 4·d);
 * ``error_state_bytes``: bytes of error memory kept between steps, measured with
-  :func:`conef_fl.memory.persistent_bytes` (ours: the hook's error stores; torch's
+  :func:`conef_fl.measure.persistent_bytes` (ours: the hook's error stores; torch's
   hook: its ``error_dict`` tensors), and ``compressor_state_bytes`` (ours: the
   warm-start ``Q``; torch: its ``p_memory_dict`` + ``q_memory_dict``).
 
@@ -61,7 +61,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_p
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from conef_fl.ddp import ConEFHookState, register_conef_hook
-from conef_fl.memory import persistent_bytes
+from conef_fl.measure import persistent_bytes
 from sim.flower_runtime import free_port
 
 SCHEMA = "conef-fl/bench_ddp/1"

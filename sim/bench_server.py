@@ -33,7 +33,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from conef_fl.flower import ConEF
 from conef_fl.flower import protocol as P
 from conef_fl.flower.codec import encode_payloads
-from conef_fl.memory import measure_transient
+from conef_fl.measure import measure_transient
 from conef_fl.tasks.models import MnistCNN
 from conef_fl.worker import CompressionWorker
 

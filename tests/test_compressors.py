@@ -31,7 +31,7 @@ from conef_fl.compressors.atomo import atomo_probabilities
 from conef_fl.compressors.powersgd import matrix_view_shape
 from conef_fl.compressors.random_k import sample_without_replacement
 from conef_fl.compressors.topk import FAST_MIN_NUMEL, topk_indices, topk_select
-from conef_fl.memory import measure_transient
+from conef_fl.measure import measure_transient
 
 NAMES = [
     "identity",

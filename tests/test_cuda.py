@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from conef_fl.ddp import expected_bytes_per_step, register_conef_hook
-from conef_fl.errors.sketch import CountSketch, SketchGeometry
+from conef_fl.error_stores.sketch import CountSketch, SketchGeometry
 from conef_fl.feedback import make_compressor_for, make_feedback
 from conef_fl.registry import method_config
 

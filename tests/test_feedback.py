@@ -9,12 +9,12 @@ import torch
 
 from conef_fl.compressors import make_compressor
 from conef_fl.config import MethodConfig
-from conef_fl.errors.base import DenseError, NonFiniteError
-from conef_fl.errors.quantizer import QuantizedError, code_bits
-from conef_fl.errors.sketch import CountSketch
-from conef_fl.errors.topk import TopKError
+from conef_fl.error_stores.base import DenseError, NonFiniteError
+from conef_fl.error_stores.quantizer import QuantizedError, code_bits
+from conef_fl.error_stores.sketch import CountSketch
+from conef_fl.error_stores.topk import TopKError
 from conef_fl.feedback import EFSGD, ConEF, make_feedback
-from conef_fl.memory import measure_transient, persistent_bytes
+from conef_fl.measure import measure_transient, persistent_bytes
 from conef_fl.registry import available_methods, method_config
 from conef_fl.worker import CompressionWorker
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conef_fl.errors.sketch import CountSketch, SketchGeometry, unit_hashes
-from conef_fl.memory import measure_transient
+from conef_fl.error_stores.sketch import CountSketch, SketchGeometry, unit_hashes
+from conef_fl.measure import measure_transient
 
 
 def _sketch(numel: int, ratio: float = 0.1, rows: int = 1, seed: int = 0, dtype: str = "float32", unit=None):

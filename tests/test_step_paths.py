@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conef_fl.errors.base import NonFiniteError
-from conef_fl.errors.sketch import CountSketch
+from conef_fl.error_stores.base import NonFiniteError
+from conef_fl.error_stores.sketch import CountSketch
 from conef_fl.feedback import make_feedback
-from conef_fl.memory import measure_transient
+from conef_fl.measure import measure_transient
 from conef_fl.registry import method_config
 
 SELECTIVE = [("random-block-k", 0.1), ("random-k", 0.05), ("rbsgd", 0.1)]

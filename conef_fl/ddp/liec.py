@@ -19,9 +19,9 @@ from conef_fl.config import MethodConfig
 from conef_fl.ddp import comm
 from conef_fl.ddp.segments import Segment, Work, plan
 from conef_fl.ddp.state import HookState, check_count, raise_first, ratio, register
-from conef_fl.errors.base import NonFiniteError
+from conef_fl.error_stores.base import NonFiniteError
 from conef_fl.feedback import make_compressor_for, make_feedback
-from conef_fl.memory import persistent_bytes
+from conef_fl.measure import persistent_bytes
 from conef_fl.registry import method_config
 from conef_fl.seeding import derive_seed
 

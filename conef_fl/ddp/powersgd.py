@@ -18,7 +18,7 @@ from conef_fl.compressors import powersgd as core
 from conef_fl.compressors.base import wire_value_dtype
 from conef_fl.ddp import comm
 from conef_fl.ddp.segments import Work
-from conef_fl.errors.base import NonFiniteError, check_finite
+from conef_fl.error_stores.base import NonFiniteError, check_finite
 from conef_fl.seeding import derive_seed
 
 if TYPE_CHECKING:

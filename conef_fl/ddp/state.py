@@ -16,8 +16,8 @@ from torch import nn
 from conef_fl.compressors.base import Payload
 from conef_fl.ddp import comm
 from conef_fl.ddp.segments import Segment, Work
-from conef_fl.errors.base import NonFiniteError
-from conef_fl.memory import persistent_bytes
+from conef_fl.error_stores.base import NonFiniteError
+from conef_fl.measure import persistent_bytes
 from conef_fl.seeding import derive_seed, make_generator
 
 __all__ = ["HookState", "check_count", "register"]

@@ -40,7 +40,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, Message
 
 from conef_fl.app_config import check_key
 from conef_fl.config import MethodConfig
-from conef_fl.errors.base import NonFiniteError
+from conef_fl.error_stores.base import NonFiniteError
 from conef_fl.flower import protocol as P
 from conef_fl.flower.client_state import check_server_round, load_worker, save_worker
 from conef_fl.flower.codec import encode_payloads

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from conef_fl.errors.base import ErrorStore
+from conef_fl.error_stores.base import ErrorStore
 from conef_fl.seeding import derive_seed, make_generator
 
 #: Name of the hash scheme; stored in ``state_dict`` (a table is meaningless under another scheme).

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 
 from conef_fl.bitpack import pack_bits, packed_nbytes, unpack_bits
-from conef_fl.errors.base import ErrorStore, _check_same, check_finite, validate_tensor
+from conef_fl.error_stores.base import ErrorStore, _check_same, check_finite, validate_tensor
 from conef_fl.seeding import make_generator
 
 #: Values quantized per chunk (a multiple of 8 so that chunks map to whole bytes).

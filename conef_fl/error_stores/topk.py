@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-from conef_fl.errors.base import ErrorStore, _check_same, check_finite, validate_tensor
+from conef_fl.error_stores.base import ErrorStore, _check_same, check_finite, validate_tensor
 
 
 class TopKError(ErrorStore):
