@@ -1,12 +1,12 @@
 """Many virtual clients on Flower's simulation engine, the host memory their error states take, and a memory guard.
 
     # 10,000 clients of a 1.07M-parameter MLP, 100 per round (cyclic), each trains once:
-    python -m sim.scale --num-supernodes 10000 --clients-per-round 100 --model wide \\
+    python -m sim.scale --num-supernodes 10000 --clients-per-round 100 --model mlp-wide \\
         --methods conef-cs,efsgd,conef-cs+disk --disk-supernodes 2000 --save
 
-Per method, one simulation of the project's ServerApp and ClientApp (with the
-1.07M-parameter MLP of :mod:`sim.scale_app`; ``--model project`` keeps the app's
-own model) on MNIST (digits when MNIST is absent) in which every client trains
+Per method, one simulation of the project's ServerApp and ClientApp (``--model``
+is the app's ``model`` key: ``mlp-wide`` is the 1.07M-parameter MLP for MNIST;
+default ``auto``) on MNIST (digits when MNIST is absent) in which every client trains
 once: ``sampling=cyclic`` with ``fraction-train = clients-per-round / N`` for
 ``ceil(N / clients-per-round)`` rounds, one local step of a small batch, central
 evaluation only after the last round. Every client's error state is real: it is
@@ -47,11 +47,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from conef_fl.app_config import MODELS, check_key
 from sim.flower_runtime import REPO, descendants, pid_alive
 
 log = logging.getLogger("sim.scale")
 
 GIB = 1024**3
+#: ``model`` values of results written before ``mlp-wide`` was an app model.
+_LEGACY_MODELS = {"mlp-784-1024-256-10": "mlp-wide", "project": "auto"}
 #: The simulation process (holds every node's Context) is recognised by this in its command line.
 SIM_NEEDLE = "flwr-simulation"
 _ROUND_RE = re.compile(r"round (\d+): accepted (\d+)/(\d+) replies")
@@ -245,32 +248,27 @@ def plan(num_supernodes: int, clients_per_round: int) -> tuple[float, int]:
 
 
 def measure(
-    spec: str, num_supernodes: int, *, clients_per_round: int, dataset: str, work: Path, model: str = "wide",
+    spec: str, num_supernodes: int, *, clients_per_round: int, dataset: str, work: Path, model: str = "auto",
     max_rss: int = 0, min_available: int = 0, batch_size: int = 4, timeout: float | None = None,
 ) -> dict[str, Any]:
     """One run of method ``spec`` (``"conef-cs"``, ``"efsgd"``, ``"conef-cs+disk"``); its measurements."""
-    from sim.metrics_probe import write_app_dir
     from sim.run import run_simulation
 
     method, _, variant = spec.partition("+")
     if variant not in ("", "disk"):
         raise ValueError(f"method {spec!r}: the only variant is '+disk' (state-dir), e.g. 'conef-cs+disk'")
+    check_key("model", model, where="--model")
     fraction, rounds = plan(num_supernodes, clients_per_round)
     run_name = f"scale-{method}{'-disk' if variant else ''}-{num_supernodes}"
     state_dir = work / f"{run_name}-state"
     overrides: dict[str, Any] = {
         "method": method, "num-server-rounds": rounds, "fraction-train": fraction, "sampling": "cyclic",
         "dataset": dataset, "local-steps": 1, "local-epochs": 0, "batch-size": batch_size,
-        "output-dir": str(work), "run-name": run_name, "eval-every": rounds, "norm-guard": 0.0,
+        "output-dir": str(work), "run-name": run_name, "eval-every": rounds, "norm-guard": 0.0, "model": model,
     }
     if variant == "disk":
         shutil.rmtree(state_dir, ignore_errors=True)
         overrides["state-dir"] = str(state_dir)
-    app_dir = REPO
-    if model == "wide":
-        from sim.scale_app import CLIENTAPP, SERVERAPP
-
-        app_dir = write_app_dir(work / "scale-app", REPO, serverapp=SERVERAPP, clientapp=CLIENTAPP)
     log_file = work / f"{run_name}.log"
     log_file.unlink(missing_ok=True)
     shutil.rmtree(work / run_name, ignore_errors=True)  # no rounds or checkpoint of an earlier run
@@ -281,7 +279,7 @@ def measure(
     error = ""
     timed_out = False
     try:
-        summary = run_simulation(overrides, num_supernodes=num_supernodes, log_file=log_file, app_dir=app_dir,
+        summary = run_simulation(overrides, num_supernodes=num_supernodes, log_file=log_file, app_dir=REPO,
                                  timeout=timeout)
     except (RuntimeError, TimeoutError) as exc:
         error = str(exc)[:2000]
@@ -295,7 +293,7 @@ def measure(
     result: dict[str, Any] = {
         "method": method, "state_dir": variant == "disk", "num_supernodes": num_supernodes,
         "clients_per_round": clients_per_round, "rounds_planned": rounds, "dataset": dataset,
-        "model": "mlp-784-1024-256-10" if model == "wide" else "project", "local_steps": 1,
+        "model": model, "local_steps": 1,
         "batch_size": batch_size, "rounds_completed": rounds_done, "clients_with_state": clients,
         "simulation_process_peak_rss_bytes": guard.peak_rss, "all_processes_peak_rss_bytes": guard.peak_total_rss,
         "min_mem_available_bytes": guard.min_mem_available, "wall_seconds": round(wall, 1),
@@ -329,11 +327,7 @@ def _num_params(model: str, dataset: str) -> int:
     from conef_fl.tasks import build_model
     from conef_fl.tasks.models import count_parameters
 
-    if model == "wide":
-        from sim.scale_app import build_wide_model
-
-        return count_parameters(build_wide_model(dataset))
-    return count_parameters(build_model(dataset))
+    return count_parameters(build_model(dataset, _LEGACY_MODELS.get(model, model)))
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
@@ -384,8 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default="conef-cs,efsgd", help="comma-separated; '<method>+disk' adds state-dir")
     ap.add_argument("--disk-supernodes", type=int, default=0,
                     help="virtual clients for the '+disk' runs (default: --num-supernodes)")
-    ap.add_argument("--model", choices=("wide", "project"), default="project",
-                    help="wide: the 1.07M-parameter MLP of sim.scale_app; project: the app's own model")
+    ap.add_argument("--model", choices=MODELS, default="auto",
+                    help="the app's model key (mlp-wide: 1,068,810 parameters on MNIST; default %(default)s)")
     ap.add_argument("--dataset", default="")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-rss-gb", type=float, default=12.0,
@@ -409,8 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     dataset = args.dataset or ("mnist" if (REPO / ".." / "shared" / "data" / "mnist").is_dir() else "digits")
-    if args.model == "wide" and dataset != "mnist":
-        raise SystemExit(f"--model wide needs MNIST (dataset={dataset!r}); use --model project")
+    if args.model == "mlp-wide" and dataset != "mnist":
+        raise SystemExit(f"--model mlp-wide has 1M parameters only on MNIST (dataset={dataset!r})")
     if args.save:
         out = REPO / "docs" / "results" / f"scale_{n}.json"
     else:
@@ -425,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             name = f"scale-{r['method']}{'-disk' if r['state_dir'] else ''}-{r['num_supernodes']}"
             r.update(state_numbers(round_rows(work / name)))
             if not r.get("num_params"):
-                r["num_params"] = _num_params("wide" if r["model"].startswith("mlp-") else "project", r["dataset"])
+                r["num_params"] = _num_params(r["model"], r["dataset"])
         _write(out, json.dumps(results, indent=1), allowed=True)
         _write(out.with_suffix(".md"), markdown(results), allowed=True)
         print(markdown(results))

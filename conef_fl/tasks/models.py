@@ -10,6 +10,8 @@ digits         ``cnn``      conv3x3(1->8), conv3x3(8->16), maxpool2, fc(256->32-
 digits         ``mlp``      fc(64->64->10)                                                  4,810
 mnist          ``cnn``      conv5x5(1->32), pool, conv5x5(32->64), pool, fc(1024->128->10)  184,586
 mnist          ``mlp``      fc(784->200->200->10) (FedAvg "2NN")                          199,210
+mnist          ``mlp-wide`` fc(784->1024->256->10) (the scale run's >= 1M-parameter model) 1,068,810
+digits         ``mlp-wide`` fc(64->1024->256->10)                                          331,530
 shakespeare    char-lstm    embedding(65, 8), 2-layer LSTM(256), fc(256->65) (LEAF)       815,945
 =============  ===========  ==========================================================  ==========
 
@@ -25,7 +27,9 @@ from conef_fl.tasks.data import TaskData
 
 __all__ = ["MODEL_NAMES", "CharLSTM", "DigitsCNN", "MLP", "MnistCNN", "build_model", "count_parameters"]
 
-MODEL_NAMES: tuple[str, ...] = ("auto", "mlp", "cnn", "char-lstm")
+MODEL_NAMES: tuple[str, ...] = ("auto", "mlp", "cnn", "char-lstm", "mlp-wide")
+#: Hidden widths of ``mlp-wide``.
+WIDE_HIDDEN = (1024, 256)
 # Static shapes so a model can be built from a task name without its data.
 # Tiny Shakespeare's character vocabulary has 65 symbols; pass a TaskData for another corpus.
 _TASK_SPECS: dict[str, dict[str, object]] = {
@@ -125,10 +129,11 @@ def _construct(name: str, kind: str, spec: dict[str, object]) -> nn.Module:
             raise ValueError(f"model {kind!r} does not fit text task {name!r}; use 'char-lstm' or 'auto'")
         return CharLSTM(num_classes)
     if kind == "char-lstm":
-        raise ValueError(f"model 'char-lstm' does not fit image task {name!r}; use 'cnn', 'mlp' or 'auto'")
+        raise ValueError(f"model 'char-lstm' does not fit image task {name!r}; use 'cnn', 'mlp', 'mlp-wide' or "
+                         "'auto'")
     shape = tuple(spec["input_shape"])  # type: ignore[arg-type]
-    if kind == "mlp":
-        hidden = (64,) if shape[1:] == (8, 8) else (200, 200)
+    if kind in ("mlp", "mlp-wide"):
+        hidden = WIDE_HIDDEN if kind == "mlp-wide" else (64,) if shape[1:] == (8, 8) else (200, 200)
         return MLP(int(torch.Size(shape).numel()), hidden, num_classes)
     if shape == (1, 8, 8):
         return DigitsCNN(num_classes)
@@ -146,7 +151,7 @@ def build_model(task: TaskData | str, model: str = "auto", *, seed: int | None =
         The task (its ``num_classes`` and input shape are used) or a task name
         (``"digits"``, ``"mnist"``, ``"shakespeare"``; the latter assumes Tiny
         Shakespeare's 65-character vocabulary).
-    model : {"auto", "mlp", "cnn", "char-lstm"}
+    model : {"auto", "mlp", "cnn", "char-lstm", "mlp-wide"}
         ``"auto"`` is ``"cnn"`` for images and ``"char-lstm"`` for text.
     seed : int, optional
         If given, the weights are initialised under
