@@ -30,7 +30,7 @@ from conef_fl.config import FIELD_HELP, FIELD_SPECS, MethodConfig, ValueSpec
 #: Method names (``conef_fl.registry``); repeated here as a literal so the schema has no heavy imports.
 METHODS = (
     "sgd", "efsgd", "conef-cs", "partial-efsgd", "conef-q", "iconef-v1", "iconef-v2", "hefsgd", "qsgd",
-    "rbsgd", "atomo", "ef-topk", "ef-sign", "ef-powersgd", "conef-powersgd",
+    "rbsgd", "atomo", "ef-topk", "ef-sign", "ef-powersgd", "conef-powersgd", "decayed-efsgd",
 )
 #: Inner Flower strategies the ServerApp can wrap (``server.strategies``).
 INNER_STRATEGIES = (

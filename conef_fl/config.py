@@ -36,7 +36,7 @@ GRADIENT_COMPRESSORS = (
     "atomo",
 )
 #: Error compressors C.
-ERROR_COMPRESSORS = ("count-sketch", "quantizer", "identity", "top-k")
+ERROR_COMPRESSORS = ("count-sketch", "quantizer", "identity", "top-k", "decayed")
 VALUE_DTYPES = ("float32", "float16", "bfloat16")
 SKETCH_DTYPES = ("float32", "float16", "bfloat16")
 

@@ -42,6 +42,7 @@ from conef_fl.compressors import make_compressor
 from conef_fl.compressors.base import Compressor, Payload, SelectiveCompressor
 from conef_fl.config import MethodConfig
 from conef_fl.error_stores.base import DenseError, ErrorStore, NonFiniteError, check_finite
+from conef_fl.error_stores.decayed import make_decayed
 from conef_fl.error_stores.quantizer import QuantizedError
 from conef_fl.error_stores.sketch import CountSketch, SketchGeometry
 from conef_fl.error_stores.topk import TopKError
@@ -102,6 +103,7 @@ ERROR_STORES: dict[str, Callable[[MethodConfig, int, int, torch.device | str], E
     "quantizer": lambda c, n, seed, dev: QuantizedError(n, levels=c.quant_levels, seed=seed, device=dev),
     "identity": lambda c, n, seed, dev: DenseError(n, device=dev),
     "top-k": lambda c, n, seed, dev: TopKError(n, ratio=c.error_topk_ratio, device=dev),
+    "decayed": make_decayed,  # dense error ageing like the count sketch (stale-error control)
 }
 
 

@@ -74,6 +74,10 @@ register_method(
     "conef-q", "ConEF, error stochastically quantized", feedback="conef", error_compressor="quantizer",
     beta=0.0,
 )
+register_method(
+    "decayed-efsgd", "partial EFSGD whose dense error ages like ConEF-CS's sketch (stale-error control)",
+    feedback="conef", error_compressor="decayed",
+)
 register_method("iconef-v1", "improved ConEF v1 (C twice)", feedback="iconef-v1", error_compressor="quantizer")
 register_method("iconef-v2", "improved ConEF v2 (Q then C)", feedback="iconef-v2", error_compressor="quantizer")
 register_method("hefsgd", "EFSGD keeping the top-k of its error", feedback="hefsgd")

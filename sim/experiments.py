@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import dataclasses
 import json
 import logging
 import math
@@ -83,6 +84,14 @@ METHODS: dict[str, MethodRun] = {
                   {"method": "partial-efsgd", **_BLOCK, "beta": 0.5},
                   "EFSGD feeding back (1 − β) of a dense error (the paper's Alg. 4 with C = identity): "
                   "ConEF-CS 90 %'s control"),
+        MethodRun("decayed-efsgd-90", "stale-error control for ConEF-CS 90 %",
+                  {"method": "decayed-efsgd", **_BLOCK, "sketch-ratio": 0.1, "beta": 0.5},
+                  "partial EFSGD β 0.5, dense fp32 error aged ×0.55 per step = the expected ageing of ConEF-CS "
+                  "90 %'s sketch (conef_fl/error_stores/decayed.py); no memory saving"),
+        MethodRun("decayed-efsgd-60", "stale-error control for ConEF-CS 60 %",
+                  {"method": "decayed-efsgd", **_BLOCK, "sketch-ratio": 0.4, "beta": 0.5},
+                  "partial EFSGD β 0.5, dense fp32 error aged ×0.925 per step = the expected ageing of ConEF-CS "
+                  "60 %'s sketch; no memory saving"),
         MethodRun("conef-cs-60-b0.9", "ConEF-CS 60 % (paper's β 0.9)",
                   {"method": "conef-cs", **_BLOCK, "sketch-ratio": 0.4, "beta": 0.9},
                   "count sketch w = 0.4 d, v = 1, β = 0.9 (the paper's choice for ResNet-18)"),
@@ -95,6 +104,9 @@ METHODS: dict[str, MethodRun] = {
         MethodRun("conef-cs-sign-90-b0.9", "ConEF-CS 90 % + scaled sign (β 0.9)",
                   {"method": "conef-cs", "compressor": "scaled-sign", "sketch-ratio": 0.1, "beta": 0.9},
                   "Q = scaled sign, count sketch w = 0.1 d, v = 1, β = 0.9 (paper's Table 1 setting)"),
+        MethodRun("conef-cs-sign-60-b0.9", "ConEF-CS 60 % + scaled sign (β 0.9)",
+                  {"method": "conef-cs", "compressor": "scaled-sign", "sketch-ratio": 0.4, "beta": 0.9},
+                  "Q = scaled sign, count sketch w = 0.4 d, v = 1, β = 0.9 (β 0.5 diverged with sign at 90 %)"),
         MethodRun("conef-cs-90-bidir", "ConEF-CS 90 % + compressed downlink",
                   {"method": "conef-cs", **_BLOCK, "sketch-ratio": 0.1, "beta": 0.5, "downlink": "random-block-k",
                    "downlink-k-ratio": 0.1},
@@ -428,7 +440,8 @@ def load_runs(out: Path) -> list[dict[str, Any]]:
         mid, _, seed = name.rpartition("-s")
         runs.append({"name": name, "method_id": mid, "seed": int(seed) if seed.isdigit() else 0,
                      "summary": json.loads((folder / "summary.json").read_text()), "rounds": rounds,
-                     "run_config": info.get("run_config", {}), "engine": info.get("engine", "inmemory")})
+                     "run_config": info.get("run_config", {}), "engine": info.get("engine", "inmemory"),
+                     "num_nodes": info.get("num_nodes")})
     return runs
 
 
@@ -567,7 +580,8 @@ def _setting_line(runs: Sequence[Mapping[str, Any]]) -> str:
     engine = ENGINE_LABELS[engines[0]] if len(engines) == 1 else "; ".join(
         f"{ENGINE_LABELS[e]}: " + ", ".join(r["name"] for r in runs if r.get("engine", "inmemory") == e)
         for e in engines)
-    return (f"Engine: {engine}. Setting: {s.get('num_partitions')} clients, model {s.get('model')} with "
+    clients = s.get("num_partitions") or runs[0].get("num_nodes")
+    return (f"Engine: {engine}. Setting: {clients} clients, model {s.get('model')} with "
             f"{s.get('num_params')} parameters; " + ", ".join(parts)
             + ". Final accuracy = centralised test accuracy after the last round.")
 
@@ -777,6 +791,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=str, default="", help="comma-separated seeds (default: the task's)")
     p.add_argument("--all-seeds", action="store_true", help="run every method on every seed")
     p.add_argument("--rounds", type=int, default=0, help="server rounds (default: the task's)")
+    p.add_argument("--num-nodes", type=int, default=0,
+                   help="clients (= partitions) instead of the task's; e.g. 10 with --set fraction-train=1.0 for "
+                        "full participation")
     p.add_argument("--force", action="store_true", help="re-run finished runs")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (worker processes)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra run-config overrides")
@@ -808,6 +825,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     rounds = args.rounds or task.rounds
+    if args.num_nodes < 0:
+        raise SystemExit(f"--num-nodes={args.num_nodes} is out of range; allowed: >= 1 (0 = the task's)")
+    if args.num_nodes:
+        task = dataclasses.replace(task, num_nodes=args.num_nodes)
     seeds = _csv(args.seeds, int) if args.seeds else list(task.seeds)
     if args.study == "beta":
         if args.engine != "inmemory":

@@ -1,0 +1,137 @@
+"""A dense error that ages the way a count sketch does: the stale-error control of ConEF-CS.
+
+Why a count sketch ages the error (one row, ``w`` buckets, ``d`` coordinates, each
+bucket holding ``d/w`` coordinates with the balanced hash). ConEF's mass-conserving
+update with a selective Q (random block, ``k`` coordinates ``K``) is
+
+    ê = U(S),  Δ_K = u_K + (1−β)·ê_K,  S ← S + C(u − Δ)
+
+and ``C(P_K U S)[b] = |K ∩ bucket b| · S[b]``: every coordinate of ``K`` that falls
+in a bucket drains the *whole* bucket by ``(1−β)·S[b]``. A bucket holds ``d/w``
+coordinates, ``k/w`` of them selected on average, so in expectation
+
+    S ← (1 − (1−β)·k/w) · S + C(residual of this step)
+
+— the stored error, also of coordinates that were not sent, keeps
+``γ_sketch = 1 − (1−β)·k/w`` per participation (0.5 at ``w = k = 0.1 d``, β 0.5;
+0.875 at ``w = 0.4 d``). A dense error with the same partial feedback keeps
+``γ_dense = 1 − (1−β)·k/d`` (0.95): only the sent coordinates lose their
+``(1−β)`` share. So ConEF-CS differs from partial EFSGD in two ways: it stores
+the error in ``w`` numbers (memory compression), and it forgets stale error
+``d/w`` times faster (damping).
+
+This store separates the two: a dense fp32 error (no memory saving) that, at every
+step, multiplies the stored error by ``a`` before adding the step's residual:
+
+    e ← a·e + (u − Δ)
+
+Unsent coordinates then keep ``a``, sent ones ``a − (1−β)``, on average
+``a − (1−β)·k/d``; equal to ``γ_sketch`` when
+
+    a = 1 − (1−β)·k·(1/w − 1/d)          (:func:`sketch_aging_factor`)
+
+(0.55 for ConEF-CS 90 %, 0.925 for 60 %, both at β 0.5, k = 0.1 d). The factor
+is derived for a selective Q (random block / random k); with a dense Q (scaled
+sign, QSGD) the sketch's drain depends on Q's values, and the factory refuses it.
+
+The ageing happens in :meth:`DecayedError.accumulate_`, the one full-tensor
+accumulation ConEF's linear paths make per step (selective: ``accumulate_(u)``;
+general: ``accumulate_(p − Δ)`` after ``subtract_estimate_feedback_``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+
+from conef_fl.error_stores.base import DenseError, _check_same
+
+if TYPE_CHECKING:
+    from conef_fl.config import MethodConfig
+
+#: Gradient compressors that send a fraction ``k_ratio`` of the coordinates unchanged (what the
+#: derivation of :func:`sketch_aging_factor` assumes).
+SELECTIVE_COMPRESSORS = ("random-block-k", "random-k")
+
+
+def sketch_aging_factor(beta: float, k_ratio: float, sketch_ratio: float) -> float:
+    """The per-step factor ``a`` that makes a dense error age like a one-row count sketch.
+
+    Parameters
+    ----------
+    beta:
+        Partial feedback β ∈ [0, 1).
+    k_ratio:
+        Fraction of coordinates the selective Q sends, k/d ∈ (0, 1].
+    sketch_ratio:
+        Sketch width as a fraction of the tensor, w/d ∈ (0, 1].
+
+    Returns
+    -------
+    float
+        ``1 − (1−β)·k·(1/w − 1/d)``; 1 when ``w = d`` (no collisions, no extra ageing).
+    """
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"beta={beta} is out of range; allowed: [0, 1)")
+    for name, r in (("k_ratio", k_ratio), ("sketch_ratio", sketch_ratio)):
+        if not 0.0 < r <= 1.0:
+            raise ValueError(f"{name}={r} is out of range; allowed: (0, 1]")
+    a = 1.0 - (1.0 - beta) * k_ratio * (1.0 / sketch_ratio - 1.0)
+    if not -1.0 < a <= 1.0:
+        raise ValueError(
+            f"beta={beta}, k_ratio={k_ratio}, sketch_ratio={sketch_ratio} give an ageing factor {a:.3f}; "
+            "allowed: (-1, 1] (the matching sketch would not contract)"
+        )
+    return a
+
+
+class DecayedError(DenseError):
+    """Dense float32 error multiplied by ``factor`` at every step (``e ← factor·e + residual``).
+
+    Parameters
+    ----------
+    numel:
+        Number of elements of the tensor.
+    factor:
+        Per-step ageing factor in (-1, 1]; 1 is plain :class:`DenseError`.
+    device:
+        Where the error lives.
+    """
+
+    name = "decayed"
+
+    def __init__(self, numel: int, *, factor: float, device: torch.device | str = "cpu") -> None:
+        if not -1.0 < factor <= 1.0:
+            raise ValueError(f"factor={factor} is out of range; allowed: (-1, 1]")
+        super().__init__(numel, device=device)
+        self.factor = float(factor)
+
+    def accumulate_(self, x: torch.Tensor, alpha: float = 1.0) -> DecayedError:
+        """``e ← factor·e + alpha·x``: the step's one full accumulation ages the stored error first."""
+        if self.factor != 1.0:
+            self.e.mul_(self.factor)
+        super().accumulate_(x, alpha)
+        return self
+
+    def state_dict(self) -> dict[str, object]:
+        return {**super().state_dict(), "factor": self.factor}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        _check_same("factor", state.get("factor"), self.factor)
+        super().load_state_dict(state)
+
+
+def make_decayed(config: MethodConfig, numel: int, seed: int, device: torch.device | str) -> DecayedError:
+    """``ERROR_STORES`` factory: the dense error ageing like ``config``'s count sketch (same β, k, w).
+
+    ``seed`` is unused (the store is deterministic). Raises ``ValueError`` for a non-selective Q.
+    """
+    if config.compressor not in SELECTIVE_COMPRESSORS:
+        raise ValueError(
+            f"compressor={config.compressor!r} is not valid for the decayed error store; allowed: "
+            f"{', '.join(SELECTIVE_COMPRESSORS)} (the ageing factor assumes a selective Q)"
+        )
+    factor = sketch_aging_factor(config.beta, config.k_ratio, config.sketch_ratio)
+    return DecayedError(numel, factor=factor, device=device)
