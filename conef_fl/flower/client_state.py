@@ -1,11 +1,17 @@
-"""A client's error state between rounds: in ``context.state`` and, optionally, on the device's disk.
+"""A client's error state between rounds: in ``context.state``, or on the device's disk.
 
-``context.state`` keeps the worker's serialized ``state_dict`` (count-sketch
-tables, packed quantizer bytes, ...) as ``bytes`` under :data:`STATE_KEY`,
-together with the round, run, owner and method config it belongs to. Flower
-keeps ``context.state`` in the SuperNode's memory only; with a state directory
-every round's state is also written to the device's disk so that it survives a
-SuperNode restart.
+Without a state directory, ``context.state`` keeps the worker's serialized
+``state_dict`` (count-sketch tables, packed quantizer bytes, ...) as ``bytes``
+under :data:`STATE_KEY`, together with the round, run, owner and method config it
+belongs to. Flower keeps ``context.state`` in the SuperNode's memory (in a
+simulation: every virtual node's, in one process).
+
+With a state directory every round's state is written to the device's disk
+(it survives a SuperNode restart) and ``context.state`` keeps only a small
+pointer: the same record without the bytes (``on-disk`` set). The next round
+loads the state from disk and checks that it is the pointer's round, so the
+process's memory does not grow with the number of clients. If a save to disk
+fails, the bytes stay in ``context.state`` as without a state directory.
 
 On disk (``<state-dir>/<run-key>/``, see :class:`StateOwner`):
 
@@ -145,11 +151,16 @@ class LoadResult:
 
 @dataclass(frozen=True)
 class SaveResult:
-    """What :func:`save_worker` did: the bytes kept in ``context.state`` and whether the disk got them."""
+    """What :func:`save_worker` did: the state's serialized bytes and whether the disk got them.
+
+    ``in_memory`` is True when ``context.state`` holds the bytes (no state
+    directory, or the save to disk failed), False when it holds only the pointer.
+    """
 
     state_bytes: int
     saved_to_disk: bool
     reason: str
+    in_memory: bool = True
 
 
 def check_server_round(server_round: object, *, last_completed: int | None) -> int:
@@ -192,8 +203,10 @@ def load_worker(
     """The worker for round ``server_round``, restored from ``context.state``, else from disk.
 
     The in-memory state is used when it was saved before ``server_round`` for the
-    same owner; otherwise (and after a restart) the state file of the newest
-    pointer round before ``server_round`` in ``state_dir`` (``""``: memory only).
+    same owner; an in-memory pointer (the state is on disk) loads that round's
+    state file and refuses any other round. Otherwise (and after a restart) the
+    state file of the newest pointer round before ``server_round`` in
+    ``state_dir`` (``""``: memory only).
     Refusals are logged and returned, never raised; the result says where the
     state came from.
 
@@ -203,11 +216,7 @@ def load_worker(
         If ``server_round`` is not valid or goes below the newest round this
         owner completed (see :func:`check_server_round`); nothing is read further.
     """
-    rnd = check_server_round(server_round, last_completed=None)
-    _check_max_bytes(max_bytes)
-    owner = StateOwner.from_context(context)
-    started = STATE_KEY not in context.state
-    rec, problem = _memory_record(context)
+    rnd, owner, started, rec, problem = _begin(context, server_round, max_bytes)
     if rec is not None:
         if (rec.run_key, rec.owner) != (owner.run_key, owner.owner):
             problem = f"in-memory state belongs to {rec.run_key}/{rec.owner}, not {owner.run_key}/{owner.owner}"
@@ -215,6 +224,8 @@ def load_worker(
             check_server_round(rnd, last_completed=rec.round)
             if rec.method != method.to_dict():
                 return _mismatch(owner, rec.method, method, "in memory")
+            if rec.round < rnd and rec.blob is None:
+                return _load_pointed(owner, method, shapes, state_dir, max_bytes, rnd, rec.round)
             if rec.round < rnd:
                 worker = CompressionWorker(method, shapes)
                 try:
@@ -244,12 +255,14 @@ def load_worker(
 def save_worker(
     context: Context, worker: CompressionWorker, *, state_dir: str, max_bytes: int, server_round: int
 ) -> SaveResult:
-    """Keep ``worker``'s state for the next round in ``context.state`` and, with ``state_dir``, on disk.
+    """Keep ``worker``'s state for the next round: in ``context.state``, or with ``state_dir`` on disk.
 
-    A disk that is read-only, full or over a size limit, a state larger than
-    ``max_bytes``, a round below the one the owner's pointer file names, or
-    anything else that fails with an OS error gives ``saved_to_disk=False`` and a
-    logged reason; the in-memory state is kept.
+    With ``state_dir`` the state is written to disk and ``context.state`` keeps
+    only a pointer to it. A disk that is read-only, full or over a size limit, a
+    state larger than ``max_bytes``, a round below the one the owner's pointer
+    file names, or anything else that fails with an OS error gives
+    ``saved_to_disk=False`` and a logged reason; the state's bytes are then kept
+    in ``context.state``.
 
     Raises
     ------
@@ -257,27 +270,28 @@ def save_worker(
         If ``server_round`` is not valid or goes below the round of the state in
         ``context.state`` (nothing is stored).
     """
-    rnd = check_server_round(server_round, last_completed=None)
-    _check_max_bytes(max_bytes)
-    owner = StateOwner.from_context(context)
-    started = STATE_KEY not in context.state
-    rec, _ = _memory_record(context)
+    rnd, owner, started, rec, _ = _begin(context, server_round, max_bytes)
     if rec is not None:
         check_server_round(rnd, last_completed=rec.round)
     blob = _serialize(worker, rnd)
-    context.state[STATE_KEY] = ConfigRecord({
-        "blob": blob, "round": rnd, "run-key": owner.run_key, "owner": owner.owner,
-        "method": json.dumps(worker.config.to_dict(), sort_keys=True),
-    })
-    if not state_dir:
-        return SaveResult(len(blob), False, "")
-    try:
-        _save_to_disk(owner, worker.config, blob, state_dir, max_bytes, rnd, started)
-    except (OSError, StateFileError) as exc:
-        reason = f"state of round {rnd} not saved to disk: {_describe(exc)}"
-        log.error("error state of %s %s", owner.owner, reason)
-        return SaveResult(len(blob), False, reason)
-    return SaveResult(len(blob), True, "")
+    result = SaveResult(len(blob), False, "")
+    if state_dir:
+        try:
+            _save_to_disk(owner, worker.config, blob, state_dir, max_bytes, rnd, started)
+        except (OSError, StateFileError) as exc:
+            reason = f"state of round {rnd} not saved to disk: {_describe(exc)}; kept in memory"
+            log.error("error state of %s %s", owner.owner, reason)
+            result = SaveResult(len(blob), False, reason)
+        else:
+            result = SaveResult(len(blob), True, "", in_memory=False)
+    record: dict[str, Any] = {"round": rnd, "run-key": owner.run_key, "owner": owner.owner,
+                              "method": json.dumps(worker.config.to_dict(), sort_keys=True)}
+    if result.in_memory:
+        record["blob"] = blob
+    else:
+        record["on-disk"] = True
+    context.state[STATE_KEY] = ConfigRecord(record)
+    return result
 
 
 # --- names and values -------------------------------------------------------------------------
@@ -290,6 +304,18 @@ def _safe_run_key(name: str) -> str:
     if safe != name:  # keep distinct names apart after replacing characters
         safe = f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:10]}"
     return safe
+
+
+def _begin(
+    context: Context, server_round: object, max_bytes: int
+) -> tuple[int, StateOwner, bool, _MemoryRecord | None, str]:
+    """Validated round, the owner, whether this is the owner's start, and the in-memory record (or why not)."""
+    rnd = check_server_round(server_round, last_completed=None)
+    _check_max_bytes(max_bytes)
+    owner = StateOwner.from_context(context)
+    started = STATE_KEY not in context.state
+    rec, problem = _memory_record(context)
+    return rnd, owner, started, rec, problem
 
 
 def _non_negative(name: str, value: object) -> int:
@@ -332,7 +358,7 @@ def _mismatch(owner: StateOwner, stored: Mapping[str, Any], method: MethodConfig
 
 @dataclass(frozen=True)
 class _MemoryRecord:
-    blob: bytes
+    blob: bytes | None  # None: the state is on disk (the record is a pointer)
     round: int
     run_key: str
     owner: str
@@ -347,9 +373,11 @@ def _memory_record(context: Context) -> tuple[_MemoryRecord | None, str]:
     if not isinstance(rec, ConfigRecord):
         return None, f"context.state[{STATE_KEY!r}] is a {type(rec).__name__}, not a ConfigRecord"
     blob, rnd, run_key, owner, method = (rec.get(k) for k in ("blob", "round", "run-key", "owner", "method"))
-    if not (isinstance(blob, bytes) and type(rnd) is int and isinstance(run_key, str) and isinstance(owner, str)
-            and isinstance(method, str)):
-        return None, f"context.state[{STATE_KEY!r}] lacks blob/round/run-key/owner/method"
+    on_disk = rec.get("on-disk", False)
+    if not ((isinstance(blob, bytes) and on_disk is False) or (blob is None and on_disk is True)):
+        return None, f"context.state[{STATE_KEY!r}] has neither the state's bytes nor an on-disk pointer"
+    if not (type(rnd) is int and isinstance(run_key, str) and isinstance(owner, str) and isinstance(method, str)):
+        return None, f"context.state[{STATE_KEY!r}] lacks round/run-key/owner/method"
     try:
         method_dict = json.loads(method)
     except ValueError:
@@ -580,7 +608,10 @@ def _load_from_disk(
     max_bytes: int,
     rnd: int,
     started: bool,
+    *,
+    expect_round: int | None = None,
 ) -> LoadResult:
+    """The state file of the newest pointer round before ``rnd`` (refused if ``expect_round`` differs)."""
     folder = os.path.join(state_dir, owner.run_key)
     try:
         dir_fd = _open_run_dir(state_dir, owner, create=False)
@@ -608,6 +639,9 @@ def _load_from_disk(
         if not before:
             return LoadResult(None, "fresh", f"no state saved before round {rnd} (saved rounds: {rounds})")
         want = before[0]
+        if expect_round is not None and want != expect_round:
+            return LoadResult(None, "refused", f"the round pointer {_pointer_name(owner)} names round {want}, "
+                                               f"not round {expect_round}")
         name = _state_name(owner, want)
         try:
             meta, payload = _unpack(_read_bounded(dir_fd, name, max_bytes), STATE_MAGIC, name)
@@ -641,6 +675,30 @@ def _load_from_disk(
         return LoadResult(None, "refused", _describe(exc))
     finally:
         os.close(dir_fd)
+
+
+def _load_pointed(
+    owner: StateOwner,
+    method: MethodConfig,
+    shapes: Mapping[str, tuple[int, ...]],
+    state_dir: str,
+    max_bytes: int,
+    rnd: int,
+    pointed: int,
+) -> LoadResult:
+    """The state that ``context.state``'s pointer names (round ``pointed``) from disk; any other is refused."""
+    where = f"the in-memory pointer names the state of round {pointed} on disk"
+    if not state_dir:
+        result = LoadResult(None, "refused", f"{where}, but no state-dir is set")
+    else:
+        result = _load_from_disk(owner, method, shapes, state_dir, max_bytes, rnd, False, expect_round=pointed)
+        if result.source == "fresh":  # the file the pointer names is gone: a lost state, not a fresh start
+            result = LoadResult(None, "refused", f"{where}: {result.reason}")
+        elif result.source == "refused":
+            result = LoadResult(None, "refused", f"{where}: {result.reason}")
+    if result.source == "refused":
+        log.warning("error state of %s refused: %s; starting from zero error", owner.owner, result.reason)
+    return result
 
 
 def _save_to_disk(

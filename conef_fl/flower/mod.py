@@ -13,7 +13,8 @@ train message from that wrapper the mod
 2. calls the user's train function;
 3. forms ``u = x_global − x_local`` from the ``ArrayRecord`` it returns and runs
    one error-feedback step with the round's shared seed; the error state stays
-   compressed in ``context.state`` (and on disk with ``state-dir``);
+   compressed in ``context.state``, or with ``state-dir`` on disk with only a
+   small pointer in ``context.state`` (see :mod:`conef_fl.flower.client_state`);
 4. replies with the compressed payload in its wire dtypes instead of the model,
    keeping the user's metrics and adding the ``conef.*`` byte and memory metrics
    (``conef.peak-rss-bytes``: the process's peak resident memory during this round's
