@@ -23,7 +23,7 @@ from sim.flower_runtime import descendants, pid_alive
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ROUNDS = 20
 
 APP = textwrap.dedent('''

@@ -20,7 +20,7 @@ from sim.local_superlink import local_superlink_pids, stop_local_superlink
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_flwr_run_dot_runs_the_default_app(tmp_path: Path) -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conef_fl.flower.downlink_client import stored_model
 from conef_fl.config import MethodConfig
 from conef_fl.flower.downlink import DownlinkCompressor
+from conef_fl.flower.downlink_client import stored_model
 from sim.inmemory import run_inmemory
 
 BASE = {"method": "conef-cs", "num-server-rounds": 6, "local-epochs": 1, "seed": 2, "eval-every": 6}

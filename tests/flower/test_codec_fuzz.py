@@ -15,15 +15,14 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conef_fl.flower.codec import SEP, decode_payloads, encode_payloads
-from flwr.serverapp.strategy import FedAvg
-
 from conef_fl.flower import ConEF
 from conef_fl.flower import protocol as P
+from conef_fl.flower.codec import SEP, decode_payloads, encode_payloads
 from conef_fl.flower.wrapper import MAX_WEIGHT
 from conef_fl.validation import PayloadError
 from conef_fl.worker import CompressionWorker

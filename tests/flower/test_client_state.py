@@ -39,7 +39,7 @@ from conef_fl.flower.client_state import (
 from conef_fl.registry import method_config
 from conef_fl.worker import CompressionWorker
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHAPES = {"w": (20, 30), "b": (30,)}
 METHOD = method_config("conef-cs")
 MAX = 1 << 20

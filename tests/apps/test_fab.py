@@ -9,7 +9,7 @@ from pathlib import Path
 from flwr.cli.build import build_fab_from_disk
 from flwr.common.constant import FAB_MAX_SIZE
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_fab_holds_the_app_code_and_fits_flowers_limit() -> None:
