@@ -102,6 +102,8 @@ APP_KEYS: tuple[AppKey, ...] = (
     _k("min-available-nodes", _int(1), 2, "nodes to wait for before sampling (sim.run sets it to the node count)"),
     _k("sampling", ValueSpec("str", choices=("random", "cyclic")), "random",
        "random (seeded) or cyclic (nodes in order, each trains once every 1/fraction-train rounds)"),
+    _k("sample-by", ValueSpec("str", choices=("partition", "node")), "partition",
+       "draw over the nodes' data partitions (same partitions on every engine; node ids where unknown) or node ids"),
     _k("node-wait-seconds", _float(0.0, 86_400.0, lo_open=True), 120.0,
        "how long to wait for min-available-nodes; then run with the nodes there (>= min-train-nodes) or stop"),
     # the server's strategy
@@ -159,7 +161,8 @@ APP_KEYS: tuple[AppKey, ...] = (
     _k("downlink-k-ratio", _float(0.0, 1.0, lo_open=True), 0.1, "fraction the downlink compressor keeps"),
     _k("downlink-log-rounds", _int(1, 10_000), 50, "rounds of downlink updates kept to catch up stale clients"),
     # client state
-    _k("state-dir", _STR, "", "clients keep their error state on disk here too ('' = memory only)", NODE),
+    _k("state-dir", _STR, "", "clients keep their error state on disk here, in memory only a pointer ('' = in memory)",
+       NODE),
     _k("state-max-bytes", _int(1024, 1 << 34), 64 * 1024 * 1024, "largest state file a client writes or reads",
        NODE),
 )

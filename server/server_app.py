@@ -64,7 +64,7 @@ def build_strategy(cfg: Any) -> ConEF:
     strategy = ConEF(
         build_inner_strategy(cfg), cfg.method, seed=cfg.seed, norm_guard=cfg.norm_guard,
         max_update_norm=cfg.max_update_norm or None, node_wait_seconds=cfg.node_wait_seconds,
-        sampling=cfg.sampling, allow_state_reset=cfg.allow_state_reset,
+        sampling=cfg.sampling, sample_by=cfg.sample_by, allow_state_reset=cfg.allow_state_reset,
         downlink_log_rounds=cfg.downlink_log_rounds, **method,
     )
     strategy.downlink_config = downlink_config(cfg, strategy.method)

@@ -20,6 +20,8 @@ train message from that wrapper the mod
    (``conef.peak-rss-bytes``: the process's peak resident memory during this round's
    training and compression; on Linux the peak is reset when the message arrives).
 
+A discovery message of the wrapper (:mod:`conef_fl.flower.sampling`) is answered
+at once with the node's ``partition-id``; the user's train function does not run.
 Other messages, and train messages from a server that is not wrapped, pass
 through untouched. A train reply the mod cannot compress (arrays missing, keys
 or shapes that differ from the global model, non-float arrays, NaN/Inf) becomes
@@ -46,6 +48,7 @@ from conef_fl.flower import protocol as P
 from conef_fl.flower.client_state import check_server_round, load_worker, save_worker
 from conef_fl.flower.codec import encode_payloads
 from conef_fl.flower.downlink_client import DOWNLINK_ERRORS, receive_global_model
+from conef_fl.flower.sampling import discovery_reply, is_discovery
 from conef_fl.worker import CompressionWorker
 
 log = logging.getLogger(__name__)
@@ -76,6 +79,8 @@ def conef_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Mess
     """Client mod: compress the train reply's model update with (contractive) error feedback."""
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, ctxt)
+    if is_discovery(msg):
+        return discovery_reply(msg, _partition_id(ctxt))
     config = _conef_config(msg)
     if config is None:
         log.warning("conef_mod: the train message carries no ConEF settings (is the server strategy wrapped "

@@ -8,8 +8,10 @@ to your ClientApp::
 Per round the wrapper
 
 1. waits for nodes (with a deadline) and samples them with its own seeded RNG
-   (the inner strategy's ``fraction_train`` / ``min_train_nodes``), then lets the
-   inner strategy build its train messages for exactly those nodes;
+   (the inner strategy's ``fraction_train`` / ``min_train_nodes``) over node ids
+   or, with ``sample_by="partition"``, over the nodes' data partitions
+   (:mod:`conef_fl.flower.sampling`), then lets the inner strategy build its
+   train messages for exactly those nodes;
 2. adds the method config, the round's shared seed and the round to every message;
 3. on the replies: refuses errors, duplicate replies, nodes that were not sampled
    and replies for another round *before* decoding anything; validates every
@@ -35,7 +37,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -58,6 +59,7 @@ from conef_fl.feedback import make_compressor_for
 from conef_fl.flower import protocol as P
 from conef_fl.flower.codec import decode_payloads, encode_payloads
 from conef_fl.flower.downlink import DownlinkCompressor
+from conef_fl.flower.sampling import NodeSampler
 from conef_fl.registry import method_config
 from conef_fl.seeding import derive_seed
 from conef_fl.validation import PayloadError, PayloadSpec, expected_spec
@@ -79,8 +81,6 @@ UNSUPPORTED: dict[type, str] = {
 }
 #: Compressors whose payload is values at distinct coordinates (the norm needs no decoding).
 _VALUE_SELECTING = (SelectiveCompressor, TopK)
-#: How the wrapper picks nodes each round.
-SAMPLINGS = ("random", "cyclic")
 #: Largest ``num-examples`` weight a reply may claim (their sum stays finite).
 MAX_WEIGHT = 1e12
 #: Inner-strategy attributes that hold cross-round state (checkpointed).
@@ -218,6 +218,11 @@ class ConEF(Strategy):
         ``"random"`` (seeded; the inner strategy's fraction and minimum) or ``"cyclic"``
         (the same number of nodes, taken in node order round after round, so every node
         trains once every ``1/fraction`` rounds: for measuring state at scale).
+    sample_by:
+        ``"node"``: draw over the sorted node ids; ``"partition"`` (the app's default):
+        draw over the nodes' data partitions, learnt with one discovery message per node
+        (node ids where a node has none), so that a seed trains the same partitions on
+        every engine (Flower's simulation gives nodes random ids).
     allow_state_reset:
         Clients whose stored error state is for another method config start from zero
         error instead of refusing the round.
@@ -239,6 +244,7 @@ class ConEF(Strategy):
         max_update_norm: float | None = None,
         node_wait_seconds: float = 120.0,
         sampling: str = "random",
+        sample_by: str = "node",
         allow_state_reset: bool = False,
         downlink: MethodConfig | None = None,
         downlink_log_rounds: int = 50,
@@ -262,9 +268,8 @@ class ConEF(Strategy):
             raise ValueError(f"max_update_norm={max_update_norm!r} is out of range; allowed: > 0 or None")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed={seed!r} is out of range; allowed: an integer >= 0")
-        if sampling not in SAMPLINGS:
-            raise ValueError(f"sampling={sampling!r} is not valid; allowed: {', '.join(SAMPLINGS)}")
-        self.sampling = sampling
+        self.sampler = NodeSampler(seed=seed, sampling=sampling, sample_by=sample_by,
+                                   discovery_timeout=float(node_wait_seconds))
         self.seed = seed
         self.norm_guard = float(norm_guard)
         self.max_update_norm = None if max_update_norm is None else float(max_update_norm)
@@ -352,11 +357,7 @@ class ConEF(Strategy):
         need = max(int(getattr(self.inner, "min_available_nodes", 1)), min_nodes)
         nodes = self._wait_for_nodes(grid, need, max(1, min_nodes))
         size = min(len(nodes), max(int(len(nodes) * fraction), min_nodes))
-        if self.sampling == "cyclic":
-            start = (server_round - 1) * size
-            return sorted(nodes[(start + i) % len(nodes)] for i in range(size))
-        rng = random.Random(derive_seed(self.seed, kind, server_round))
-        return sorted(rng.sample(nodes, size))
+        return self.sampler.sample(grid, nodes, size, kind=kind, server_round=server_round)
 
     @contextmanager
     def _inner_samples_all(self, kind: str, count: int) -> Iterator[None]:
