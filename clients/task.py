@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import Context
 
 from conef_fl.app_config import KEYS, NODE, NODE_ONLY_KEYS, read_app_config
-from conef_fl.tasks import TaskData, load_task_data_shared, partition_indices
+from conef_fl.tasks import TaskData, load_task_data, partition_indices
 
 
 def client_config(context: Context) -> Any:
@@ -47,9 +49,52 @@ def partition_of(context: Context, cfg: Any) -> tuple[int, int]:
     return pid, num
 
 
+class _ProcessMemo:
+    """This process's loaded tasks and partitionings, keyed by every setting that determines them.
+
+    In a simulation one process serves many virtual clients, and the ClientApp runs once
+    per message: the data is parsed and partitioned once per process, not once per client.
+    The key holds every input of the result, so the memo never changes one and no caller
+    (test or app) ever has to reset it. The data files are assumed not to change while a
+    run's process lives. Returned tensors are shared: callers must not modify them.
+    """
+
+    def __init__(self, max_entries: int = 4) -> None:
+        self._max = max_entries
+        self._tasks: dict[tuple[Any, ...], TaskData] = {}
+        self._parts: dict[tuple[Any, ...], list[np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def task(self, cfg: Any) -> TaskData:
+        key = (cfg.dataset, cfg.data_dir or None, cfg.seed)
+        with self._lock:
+            if key not in self._tasks:
+                self._evict(self._tasks)
+                self._tasks[key] = load_task_data(cfg.dataset, cfg.data_dir or None, seed=cfg.seed)
+            return self._tasks[key]
+
+    def partitions(self, cfg: Any, num_partitions: int) -> list[np.ndarray]:
+        key = (cfg.dataset, cfg.data_dir or None, cfg.seed, num_partitions, cfg.partitioning, cfg.dirichlet_alpha)
+        task = self.task(cfg)
+        with self._lock:
+            if key not in self._parts:
+                self._evict(self._parts)
+                self._parts[key] = partition_indices(
+                    task, num_partitions, cfg.partitioning, alpha=cfg.dirichlet_alpha, seed=cfg.seed
+                )
+            return self._parts[key]
+
+    def _evict(self, table: dict) -> None:
+        while len(table) >= self._max:
+            table.pop(next(iter(table)))
+
+
+_MEMO = _ProcessMemo()
+
+
 def load_partition(cfg: Any, partition_id: int, num_partitions: int) -> tuple[TaskData, torch.Tensor, torch.Tensor]:
-    """The task and this partition's training inputs and labels."""
-    task = load_task_data_shared(cfg.dataset, cfg.data_dir or None, seed=cfg.seed)
-    parts = partition_indices(task, num_partitions, cfg.partitioning, alpha=cfg.dirichlet_alpha, seed=cfg.seed)
+    """The task and this partition's training inputs and labels (memoised per process, see :class:`_ProcessMemo`)."""
+    task = _MEMO.task(cfg)
+    parts = _MEMO.partitions(cfg, num_partitions)
     idx = torch.tensor(parts[partition_id], dtype=torch.long)
     return task, task.x_train.index_select(0, idx), task.y_train.index_select(0, idx)

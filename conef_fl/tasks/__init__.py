@@ -1,4 +1,10 @@
-"""Federated learning tasks: real datasets, partitioning, small models, local training.
+"""The bundled apps' task code: real datasets, partitioning, small models, local training.
+
+This package is application code, kept apart from the library core: the core
+(compressors, error stores, feedback, worker, the Flower and DDP adapters)
+never imports it (``tests/tasks/test_boundary.py`` checks), and a user's own
+app brings its own data and model instead. Nothing here is cached between
+calls; the ClientApp memoises per process in ``clients/task.py``.
 
 Typical use in a client::
 
@@ -6,7 +12,6 @@ Typical use in a client::
     parts = partition_indices(task, num_partitions=100, scheme="dirichlet", alpha=0.5)
     idx = torch.from_numpy(parts[partition_id])
     model = build_model(task, seed=0)
-    ndarrays_to_model(model, global_arrays)
     metrics = train_local(model, task.x_train[idx], task.y_train[idx], generator=g)
 """
 
@@ -15,15 +20,12 @@ from __future__ import annotations
 from conef_fl.tasks.data import (
     TASK_NAMES,
     TaskData,
-    clear_data_cache,
     default_data_dir,
     load_task_data,
-    load_task_data_shared,
     read_idx,
 )
 from conef_fl.tasks.models import MODEL_NAMES, build_model, count_parameters
-from conef_fl.tasks.params import get_flat_params, model_to_ndarrays, ndarrays_to_model, set_flat_params
-from conef_fl.tasks.partition import PARTITION_SCHEMES, clear_partition_cache, partition_indices
+from conef_fl.tasks.partition import PARTITION_SCHEMES, partition_indices
 from conef_fl.tasks.train import check_train_device, evaluate, train_local
 
 __all__ = [
@@ -33,25 +35,11 @@ __all__ = [
     "TaskData",
     "build_model",
     "check_train_device",
-    "clear_caches",
-    "clear_data_cache",
-    "clear_partition_cache",
     "count_parameters",
     "default_data_dir",
     "evaluate",
-    "get_flat_params",
     "load_task_data",
-    "load_task_data_shared",
-    "model_to_ndarrays",
-    "ndarrays_to_model",
     "partition_indices",
     "read_idx",
-    "set_flat_params",
     "train_local",
 ]
-
-
-def clear_caches() -> None:
-    """Empty this process's caches of parsed data files and of partitionings."""
-    clear_data_cache()
-    clear_partition_cache()

@@ -25,13 +25,13 @@ Datasets
     windows over a 65-character vocabulary; ``TaskData.groups`` holds each
     training window's role index (roles sorted by name).
 
-Raw file contents are cached per process (:func:`clear_data_cache` empties the
-cache); results never depend on the cache.
+Nothing here is cached: every call reads and parses its files. An app that
+serves many virtual clients from one process keeps its own memo (the bundled
+ClientApp does, in ``clients/task.py``).
 """
 
 from __future__ import annotations
 
-import functools
 import gzip
 import logging
 import os
@@ -52,7 +52,6 @@ __all__ = [
     "SHAKESPEARE_TEST_FRACTION",
     "TASK_NAMES",
     "TaskData",
-    "clear_data_cache",
     "default_data_dir",
     "load_task_data",
     "read_idx",
@@ -182,12 +181,6 @@ def _resolve_dir(name: str, data_dir: str | os.PathLike[str] | None, probe: str)
     raise FileNotFoundError(f"{name} data file {probe!r} not found; looked for: {tried}")
 
 
-def _file_key(path: Path) -> tuple[str, int, int]:
-    """Cache key of a file: resolved path, size and modification time."""
-    st = path.stat()
-    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
-
-
 def _find_idx_file(folder: Path, stem: str) -> Path:
     for cand in (folder / f"{stem}.gz", folder / stem):
         if cand.is_file():
@@ -252,10 +245,9 @@ def read_idx(path: str | os.PathLike[str], expected_magic: int | None = None) ->
     return arr
 
 
-@functools.lru_cache(maxsize=4)
-def _mnist_raw(key: tuple[tuple[str, int, int], ...]) -> dict[str, np.ndarray]:
-    """Parse the four MNIST files (keyed by path/size/mtime so edits invalidate)."""
-    paths = dict(zip(_MNIST_FILES, (Path(k[0]) for k in key), strict=True))
+def _mnist_raw(files: list[Path]) -> dict[str, np.ndarray]:
+    """Parse and check the four MNIST files (in ``_MNIST_FILES`` order)."""
+    paths = dict(zip(_MNIST_FILES, files, strict=True))
     out: dict[str, np.ndarray] = {}
     for split in ("train", "test"):
         images = read_idx(paths[f"{split}_images"], _IDX_IMAGES_MAGIC)
@@ -280,13 +272,6 @@ def _mnist_raw(key: tuple[tuple[str, int, int], ...]) -> dict[str, np.ndarray]:
     return out
 
 
-@functools.lru_cache(maxsize=4)
-def _text_raw(key: tuple[str, int, int]) -> str:
-    """Read a UTF-8 text file (keyed by path/size/mtime)."""
-    return Path(key[0]).read_text(encoding="utf-8")
-
-
-@functools.lru_cache(maxsize=1)
 def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
@@ -296,13 +281,6 @@ def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
     images.flags.writeable = False
     target.flags.writeable = False
     return images, target
-
-
-def clear_data_cache() -> None:
-    """Forget the per-process cache of parsed raw files."""
-    _mnist_raw.cache_clear()
-    _text_raw.cache_clear()
-    _digits_raw.cache_clear()
 
 
 def _stratified_test_indices(
@@ -364,7 +342,7 @@ def _load_mnist(data_dir: str | None, seq_len: int, max_train: int | None, seed:
     del seq_len
     folder = _resolve_dir("mnist", data_dir, _MNIST_FILES["train_images"])
     paths = [_find_idx_file(folder, stem) for stem in _MNIST_FILES.values()]
-    raw = _mnist_raw(tuple(_file_key(p) for p in paths))
+    raw = _mnist_raw(paths)
 
     table = ((np.arange(256, dtype=np.float64) / 255.0 - MNIST_MEAN) / MNIST_STD).astype(np.float32)
 
@@ -422,7 +400,7 @@ def _windows(codes: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
 def _load_shakespeare(data_dir: str | None, seq_len: int, max_train: int | None, seed: int) -> TaskData:
     folder = _resolve_dir("shakespeare", data_dir, _SHAKESPEARE_FILE)
     path = folder / _SHAKESPEARE_FILE
-    text = _text_raw(_file_key(path))
+    text = path.read_text(encoding="utf-8")
     vocab = "".join(sorted(set(text)))
     lut = np.zeros(max(map(ord, vocab)) + 1, dtype=np.int64)
     lut[[ord(c) for c in vocab]] = np.arange(len(vocab))
@@ -535,16 +513,3 @@ def load_task_data(
     task = _LOADERS[name](data_dir, seq_len, max_train, int(seed))
     logger.debug("loaded task %s: %s", name, task.description)
     return task
-
-
-@functools.lru_cache(maxsize=4)
-def load_task_data_shared(
-    name: str, data_dir: str | None = None, *, seq_len: int = 80, max_train: int | None = None, seed: int = 0
-) -> TaskData:
-    """:func:`load_task_data`, cached per process: the same (read-only) tensors on every call.
-
-    The ClientApp runs once per message; in a simulation one process serves many
-    virtual clients, so the data is parsed and normalised once per process.
-    Callers must not modify the returned tensors.
-    """
-    return load_task_data(name, data_dir, seq_len=seq_len, max_train=max_train, seed=seed)

@@ -1,9 +1,8 @@
 """Federated partitioning of a task's training set with ``flwr-datasets`` partitioners.
 
 The partitioners run on an in-memory ``datasets.Dataset`` holding only sample
-indices and the column they split by, so nothing is downloaded. Results are
-cached per process (:func:`clear_partition_cache`), because every simulated
-client asks for the same partitioning; the cache never changes a result.
+indices and the column they split by, so nothing is downloaded. Nothing is
+cached here; the bundled ClientApp memoises per process (``clients/task.py``).
 """
 
 from __future__ import annotations
@@ -14,8 +13,6 @@ import logging
 import math
 import operator
 import warnings
-import zlib
-from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -24,23 +21,10 @@ from conef_fl.tasks.data import TaskData
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PARTITION_SCHEMES", "clear_partition_cache", "partition_indices"]
+__all__ = ["PARTITION_SCHEMES", "partition_indices"]
 
 PARTITION_SCHEMES: tuple[str, ...] = ("iid", "dirichlet", "pathological", "natural")
 _LABEL_SCHEMES = ("dirichlet", "pathological")
-_CACHE_SIZE = 32
-_CACHE: OrderedDict[tuple[Any, ...], tuple[np.ndarray, ...]] = OrderedDict()
-
-
-def clear_partition_cache() -> None:
-    """Forget all cached partitionings of this process."""
-    _CACHE.clear()
-
-
-def _fingerprint(arr: np.ndarray) -> int:
-    return zlib.crc32(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
-
-
 def _as_int(name: str, value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError(f"{name} must be an int, got {value!r}")
@@ -145,21 +129,6 @@ def partition_indices(
             raise ValueError(f"task.groups has shape {column.shape}, expected ({n},)")
     else:
         column = None
-    key = (
-        task.name,
-        n,
-        None if column is None else _fingerprint(column),
-        num_partitions,
-        scheme,
-        alpha if scheme == "dirichlet" else None,
-        classes_per_partition if scheme == "pathological" else None,
-        seed,
-    )
-    cached = _CACHE.get(key)
-    if cached is not None:
-        _CACHE.move_to_end(key)
-        return list(cached)
-
     if column is None:  # iid
         parts = _iid(n, num_partitions, seed)
     elif scheme == "dirichlet":
@@ -169,10 +138,7 @@ def partition_indices(
     else:
         parts = _natural(column, num_partitions, seed)
 
-    result = tuple(_finalise(parts, n, scheme))
-    _CACHE[key] = result
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
+    result = _finalise(parts, n, scheme)
     logger.debug(
         "partitioned %s (%d samples) into %d %s partitions, sizes %d..%d",
         task.name,
