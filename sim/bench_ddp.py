@@ -15,27 +15,9 @@ feedback), then the remaining ``--warmup`` steps are compressed but untimed, the
 ``--steps`` steps are timed (wall time of zero_grad + forward + backward + hook +
 optimizer step on rank 0; the median is reported).
 
-Measured per configuration:
-
-* ``bytes_per_step``: bytes each rank passes to gradient collectives in one
-  compressed step (ours: :attr:`ConEFHookState.last_bytes_sent`; torch's hook: the
-  growth of its ``total_numel_after_compression`` x 4 over one step; plain DDP: 4·d);
-* ``error_state_bytes``: bytes of error memory kept between steps, measured with
-  :func:`conef_fl.measure.persistent_bytes` (ours: the hook's error stores; torch's
-  hook: its ``error_dict`` tensors), and ``compressor_state_bytes`` (ours: the
-  warm-start ``Q``; torch: its ``p_memory_dict`` + ``q_memory_dict``).
-
-Writes the JSON to ``--out`` and a markdown table next to it (same name, ``.md``);
-prints the table. The keys are documented in ``docs/ddp.md``.
-
-Buckets. Every configuration except ``conef-cs-buckets`` runs with **one** DDP bucket
-(``bucket_cap_mb_list=[64]``). PyTorch's ``powerSGD_hook`` issues its second and third
-all-reduce from future callbacks; with several buckets per step these can be queued
-in a different order on the two ranks, and on this model with DDP's default buckets
-gloo aborted (``Received data size doesn't match expected size``). With one bucket the
-order is fixed; the same bucketing is used for all so that the times compare.
-Our hook issues every collective from the hook itself, so it also runs with DDP's
-default buckets (``conef-cs-buckets``).
+What is measured (bytes per step, error and compressor state bytes) and why every
+configuration runs with one DDP bucket is in ``docs/ddp.md``. Writes the JSON to
+``--out`` and a markdown table next to it (same name, ``.md``).
 """
 
 from __future__ import annotations
@@ -63,6 +45,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from conef_fl.ddp import ConEFHookState, register_conef_hook
 from conef_fl.measure import persistent_bytes
 from sim.flower_runtime import free_port
+from sim.tables import markdown_table
 
 SCHEMA = "conef-fl/bench_ddp/1"
 WORLD = 2
@@ -297,10 +280,6 @@ def _targets(res: dict[str, Any], rank: int) -> list[dict[str, Any]]:
     return out
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
-
-
 def markdown(report: dict[str, Any]) -> str:
     """The markdown summary of a report."""
     res, machine, model, steps = report["results"], report["machine"], report["model"], report["steps"]
@@ -322,8 +301,8 @@ def markdown(report: dict[str, Any]) -> str:
         for t in report["targets"]
     ]
     run_header = ["configuration", "median step ms (p25–p75)", "bytes/step/rank", "% of dense", "error state B"]
-    lines = ["# DDP hook benchmark", "", intro, "", *_table([*run_header, "compressor state B"], runs)]
-    lines += ["", "## Targets", "", *_table(["target", "measured", "limit", "met", "note"], targets)]
+    lines = ["# DDP hook benchmark", "", intro, "", *markdown_table([*run_header, "compressor state B"], runs)]
+    lines += ["", "## Targets", "", *markdown_table(["target", "measured", "limit", "met", "note"], targets)]
     return "\n".join(lines) + "\n"
 
 
