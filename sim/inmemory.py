@@ -115,15 +115,18 @@ def _as_node(node_id: int) -> Iterator[None]:
         TaskIdentity._node_id, TaskIdentity._run_id, TaskIdentity._task_id = prev
 
 
-def run_inmemory(run_config: Mapping[str, Any], num_nodes: int) -> InMemoryGrid:
-    """Run the project's ServerApp over an :class:`InMemoryGrid`; returns the grid (contexts inside)."""
+def run_inmemory(run_config: Mapping[str, Any], num_nodes: int, node_ids: list[int] | None = None) -> InMemoryGrid:
+    """Run the project's ServerApp over an :class:`InMemoryGrid`; returns the grid (contexts inside).
+
+    ``node_ids`` (default ``1001, 1002, ...``) are the nodes' ids in partition order.
+    """
     from clients.client_app import app as client_app
     from server.server_app import app as server_app
     from sim.run import app_defaults
 
     cfg = {**app_defaults(), "min-available-nodes": num_nodes, **dict(run_config)}
     cfg["min-available-nodes"] = min(int(cfg["min-available-nodes"]), num_nodes)
-    grid = InMemoryGrid(client_app, num_nodes, cfg)
+    grid = InMemoryGrid(client_app, num_nodes, cfg, node_ids)
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg)
     with _as_node(0):
         server_app(grid, ctx)

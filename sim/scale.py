@@ -265,6 +265,7 @@ def measure(
         "method": method, "num-server-rounds": rounds, "fraction-train": fraction, "sampling": "cyclic",
         "dataset": dataset, "local-steps": 1, "local-epochs": 0, "batch-size": batch_size,
         "output-dir": str(work), "run-name": run_name, "eval-every": rounds, "norm-guard": 0.0, "model": model,
+        "sample-by": "node",  # cyclic over node ids: every client trains once, no discovery round-trip per node
     }
     if variant == "disk":
         shutil.rmtree(state_dir, ignore_errors=True)
