@@ -189,24 +189,14 @@ def _iid(n: int, num_partitions: int, seed: int) -> list[np.ndarray]:
 def _dirichlet(labels: np.ndarray, num_partitions: int, alpha: float, seed: int) -> list[np.ndarray]:
     from flwr_datasets.partitioner import DirichletPartitioner
 
-    perm = np.random.default_rng(seed).permutation(labels.shape[0])
-    ds = _dataset({"idx": perm, "label": labels[perm]})
-
     def run(min_partition_size: int) -> list[np.ndarray]:
-        partitioner = DirichletPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            alpha=alpha,
-            min_partition_size=min_partition_size,
-            self_balancing=False,
-            shuffle=True,
-            seed=seed,
-        )
-        partitioner.dataset = ds
         with warnings.catch_warnings():
             # It warns on every rejected draw; the fallback below handles failure.
             warnings.simplefilter("ignore", UserWarning)
-            return _collect(partitioner, num_partitions)
+            return _by_label(
+                DirichletPartitioner, labels, num_partitions, seed,
+                alpha=alpha, min_partition_size=min_partition_size, self_balancing=False,
+            )
 
     try:
         return run(min_partition_size=1)
@@ -243,14 +233,19 @@ def _pathological(
             f"cannot use all {num_classes} classes; need num_partitions + classes_per_partition - 1 >= "
             f"{num_classes}"
         )
+    return _by_label(
+        PathologicalPartitioner, labels, num_partitions, seed,
+        num_classes_per_partition=classes_per_partition, class_assignment_mode=mode,
+    )
+
+
+def _by_label(
+    partitioner_cls: Any, labels: np.ndarray, num_partitions: int, seed: int, **options: Any
+) -> list[np.ndarray]:
+    """Run a flwr-datasets label partitioner on the sample indices, shuffled by ``seed``."""
     perm = np.random.default_rng(seed).permutation(labels.shape[0])
-    partitioner = PathologicalPartitioner(
-        num_partitions=num_partitions,
-        partition_by="label",
-        num_classes_per_partition=classes_per_partition,
-        class_assignment_mode=mode,
-        shuffle=True,
-        seed=seed,
+    partitioner = partitioner_cls(
+        num_partitions=num_partitions, partition_by="label", shuffle=True, seed=seed, **options
     )
     partitioner.dataset = _dataset({"idx": perm, "label": labels[perm]})
     return _collect(partitioner, num_partitions)

@@ -11,18 +11,9 @@ from conef_fl.compressors import (
     Payload,
     make_compressor,
 )
+from conef_fl.config import GRADIENT_COMPRESSORS
 
-NAMES = [
-    "identity",
-    "random-block-k",
-    "random-k",
-    "top-k",
-    "scaled-sign",
-    "powersgd",
-    "qsgd",
-    "rbsgd",
-    "atomo",
-]
+NAMES = list(GRADIENT_COMPRESSORS)
 
 
 RATIO_NAMES = {"random-block-k", "random-k", "top-k", "rbsgd"}
