@@ -12,7 +12,6 @@ import copy
 import datetime
 import importlib
 import pickle
-import socket
 import tempfile
 import traceback
 from collections.abc import Callable, Iterable
@@ -27,17 +26,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from conef_fl.ddp import register_conef_hook
+from sim.flower_runtime import free_port
 
 WORLD = 2
 STEPS = 6
 JOIN_TIMEOUT_S = 300
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _rank_main(rank: int, world: int, port: int, out_dir: str, module: str, table: str) -> None:
