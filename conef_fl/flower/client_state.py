@@ -225,7 +225,9 @@ def load_worker(
             if rec.method != method.to_dict():
                 return _mismatch(owner, rec.method, method, "in memory")
             if rec.round < rnd and rec.blob is None:
-                return _load_pointed(owner, method, shapes, state_dir, max_bytes, rnd, rec.round)
+                found = _load_from_disk(owner, method, shapes, state_dir, max_bytes, rnd, False,
+                                        expect_round=rec.round) if state_dir else None
+                return _pointed(owner, rec.round, found)
             if rec.round < rnd:
                 worker = CompressionWorker(method, shapes)
                 try:
@@ -577,6 +579,17 @@ def _read_pointer(dir_fd: int, owner: StateOwner) -> tuple[list[int] | None, str
     return rounds, ""
 
 
+def _pointer_at_start(dir_fd: int, owner: StateOwner, started: bool, folder: str) -> tuple[list[int] | None, str]:
+    """:func:`_read_pointer`, after cleaning the owner's leftovers when this is its start (failures logged)."""
+    rounds, problem = _read_pointer(dir_fd, owner)
+    if started:
+        try:
+            _clean_start(dir_fd, owner, rounds)
+        except OSError as exc:
+            log.warning("could not clean %s: %s", folder, _describe(exc))
+    return rounds, problem
+
+
 def _clean_start(dir_fd: int, owner: StateOwner, rounds: list[int] | None) -> None:
     """At an owner's start: remove its temporaries (a killed writer's), others' old ones, its stray state files."""
     now = time.time()
@@ -620,12 +633,7 @@ def _load_from_disk(
     except (OSError, StateFileError) as exc:
         return LoadResult(None, "refused", f"state folder not readable: {_describe(exc)}")
     try:
-        rounds, problem = _read_pointer(dir_fd, owner)
-        if started:
-            try:
-                _clean_start(dir_fd, owner, rounds)
-            except OSError as exc:
-                log.warning("could not clean %s: %s", folder, _describe(exc))
+        rounds, problem = _pointer_at_start(dir_fd, owner, started, folder)
         if problem:
             return LoadResult(None, "refused", problem)
         if rounds is None:
@@ -677,27 +685,19 @@ def _load_from_disk(
         os.close(dir_fd)
 
 
-def _load_pointed(
-    owner: StateOwner,
-    method: MethodConfig,
-    shapes: Mapping[str, tuple[int, ...]],
-    state_dir: str,
-    max_bytes: int,
-    rnd: int,
-    pointed: int,
-) -> LoadResult:
-    """The state that ``context.state``'s pointer names (round ``pointed``) from disk; any other is refused."""
+def _pointed(owner: StateOwner, pointed: int, found: LoadResult | None) -> LoadResult:
+    """What the in-memory pointer to round ``pointed`` gives: ``found`` on disk (None: no state-dir) or a refusal.
+
+    A missing file is a lost state, not a fresh start: it is refused like any other.
+    """
     where = f"the in-memory pointer names the state of round {pointed} on disk"
-    if not state_dir:
+    if found is None:
         result = LoadResult(None, "refused", f"{where}, but no state-dir is set")
+    elif found.source in ("fresh", "refused"):
+        result = LoadResult(None, "refused", f"{where}: {found.reason}")
     else:
-        result = _load_from_disk(owner, method, shapes, state_dir, max_bytes, rnd, False, expect_round=pointed)
-        if result.source == "fresh":  # the file the pointer names is gone: a lost state, not a fresh start
-            result = LoadResult(None, "refused", f"{where}: {result.reason}")
-        elif result.source == "refused":
-            result = LoadResult(None, "refused", f"{where}: {result.reason}")
-    if result.source == "refused":
-        log.warning("error state of %s refused: %s; starting from zero error", owner.owner, result.reason)
+        return found
+    log.warning("error state of %s refused: %s; starting from zero error", owner.owner, result.reason)
     return result
 
 
@@ -712,12 +712,7 @@ def _save_to_disk(
         raise StateFileError(f"the state file would be {size} bytes, over state-max-bytes={max_bytes}")
     dir_fd = _open_run_dir(state_dir, owner, create=True)
     try:
-        rounds, problem = _read_pointer(dir_fd, owner)
-        if started:
-            try:
-                _clean_start(dir_fd, owner, rounds)
-            except OSError as exc:
-                log.warning("could not clean %s/%s: %s", state_dir, owner.run_key, _describe(exc))
+        rounds, problem = _pointer_at_start(dir_fd, owner, started, os.path.join(state_dir, owner.run_key))
         if problem:
             log.warning("error state of %s: %s; writing a new pointer", owner.owner, problem)
         if rounds is not None and rnd < rounds[0]:
