@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sim.flower_runtime import stop_pids
+
 log = logging.getLogger(__name__)
 
 #: How long :func:`check_ray_address` waits for a TCP connection to the head's GCS port.
@@ -260,17 +262,12 @@ class LocalRayCluster:
         """
         signalled: list[int] = []
         for node in reversed(self.nodes):
-            for sig in (signal.SIGTERM, signal.SIGKILL):
+            for _ in range(2):  # the second pass: processes that appeared while the first stopped the node
                 alive = self.node_pids(node)
                 if not alive:
                     break
                 signalled += [p for p in alive if p not in signalled]
-                for p in alive:
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.kill(p, sig)
-                deadline = time.monotonic() + grace
-                while time.monotonic() < deadline and any(_live(p) for p in alive):
-                    time.sleep(0.2)
+                stop_pids(alive, grace)
         left = [p for p in signalled if _live(p)]
         if left:
             log.warning("Ray processes still alive after SIGKILL: %s", left)
