@@ -140,6 +140,8 @@ def run_deployment(
     overrides: dict[str, Any], *, num_supernodes: int, tls: bool = False, auth: bool = False,
     unregistered: int = 0, timeout: float | None = None, log_file: Path | None = None, home: Path | None = None,
     node_configs: Sequence[Mapping[str, Any]] = (),
+    throttle_mbit: float | None = None, throttle_down_mbit: float | None = None,
+    throttle_events: Path | None = None,
 ) -> DeploymentResult:
     """Start a SuperLink and ``num_supernodes`` SuperNodes on loopback, run the app, stop everything.
 
@@ -162,6 +164,12 @@ def run_deployment(
     node_configs:
         Extra node-config keys per SuperNode (e.g. its own ``state-dir``, as on separate devices): empty, or
         one mapping per SuperNode.
+    throttle_mbit, throttle_down_mbit:
+        Not None: each SuperNode reaches the SuperLink through its own rate-limited link, a
+        :mod:`sim.throttle` proxy process (``throttle_mbit`` Mbit/s up, ``throttle_down_mbit`` down, default
+        the same; 0 = unlimited, the proxy still counts bytes). TLS passes through unchanged.
+    throttle_events:
+        Where the proxy writes its byte counts and chunk log at the end (with ``throttle_mbit``).
 
     Raises
     ------
@@ -187,6 +195,9 @@ def run_deployment(
         tls_files = make_tls_files(secrets) if tls else None
         conn = fp.start_superlink(tls=tls_files, auth=auth)
         root = tls_files.ca_cert if tls_files is not None else None
+        addresses = [None] * num_supernodes
+        if throttle_mbit is not None:
+            addresses = start_throttle(fp, num_supernodes, throttle_mbit, throttle_down_mbit, throttle_events)
         nodes = []
         for i in range(num_supernodes):
             key = None
@@ -196,7 +207,7 @@ def run_deployment(
             extra = dict(node_configs[i]) if node_configs else {}
             nodes.append(fp.start_supernode(
                 f"supernode-{i}", node_config={**extra, "partition-id": i, "num-partitions": num_supernodes},
-                root_certificates=root, private_key=key,
+                root_certificates=root, private_key=key, superlink=addresses[i],
             ))
         intruders = []
         for j in range(unregistered):
@@ -231,6 +242,30 @@ def run_deployment(
         stopped = fp.close()
     result.stopped_pids = stopped
     return result
+
+
+def start_throttle(fp: FlowerProcesses, links: int, mbit: float, down_mbit: float | None,
+                   events: Path | None, timeout: float = 60.0) -> list[str]:
+    """Start a :mod:`sim.throttle` proxy in front of ``fp``'s SuperLink (stopped by ``fp.close``, by PID);
+    return one ``127.0.0.1:port`` per link once it listens."""
+    if fp.superlink_address is None:
+        raise ValueError("start the SuperLink before the throttle")
+    ready = fp.home / "throttle-ports.json"
+    args = [sys.executable, "-m", "sim.throttle", "--target", fp.superlink_address, "--listeners", str(links),
+            "--mbit", str(mbit), "--ready-file", str(ready), "--record"]
+    if down_mbit is not None:
+        args += ["--down-mbit", str(down_mbit)]
+    if events is not None:
+        args += ["--events-file", str(Path(events).resolve())]
+    proc = fp.start("throttle", args)
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"the throttle exited with {proc.returncode}; logs:\n{fp.tail()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the throttle did not listen within {timeout:.0f} s; logs:\n{fp.tail()}")
+        time.sleep(0.05)
+    return [f"127.0.0.1:{p}" for p in json.loads(ready.read_text())["ports"]]
 
 
 @contextlib.contextmanager

@@ -160,3 +160,33 @@ def plot_grid(runs: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any
     plt.close(fig)
     written.append(out / "memory_per_client.png")
     return written
+
+
+def plot_time_to_accuracy(report: Mapping[str, Any], labels: Mapping[str, str], path: Path) -> Path:
+    """Test accuracy against modeled wall-clock (log scale), one panel per link bandwidth
+    (``report`` from :func:`sim.time_to_accuracy.build_report`; mean over seeds)."""
+    bws = [f"{b:g}" for b in report["bandwidths_mbit"]]
+    fig, axes = plt.subplots(1, len(bws), figsize=(5 * len(bws), 4.2), sharey=True, squeeze=False)
+    lows = []
+    for ax, bw in zip(axes[0], bws, strict=True):
+        for i, (mid, e) in enumerate(report["methods"].items()):
+            curve = e["bandwidths"][bw]["curve_seconds_accuracy"]
+            if not curve:
+                continue
+            ax.plot([p[0] / 60 for p in curve], [p[1] for p in curve], label=labels.get(mid, mid), **_style(i))
+            lows += [p[1] for p in curve[len(curve) // 4:]]
+        for t in report["targets_percent"]:
+            ax.axhline(t, color="grey", linewidth=0.6, linestyle=":")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"modeled wall-clock (min), {bw} Mbit/s links")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (%)")
+    if lows:
+        axes[0][0].set_ylim(max(0.0, min(lows) - 2.0), None)
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("accuracy vs modeled wall-clock (measured client compute + bytes / bandwidth; mean over seeds)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
