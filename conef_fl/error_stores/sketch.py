@@ -30,15 +30,28 @@ accumulates each block of buckets in a bounded float32 scratch with the same
 sparse product and rounds it into the table once; recovery gathers bucket rows
 chunk by chunk and adds them in float32.
 
-``reuse_hashes()`` keeps the per-call hash structures for the duration of a
+Hash cache. The hash structures are a pure function of ``(row seed, geometry)``
+and never change, so they are kept in one process-wide LRU cache
+(:data:`HASH_CACHE_BYTES`, default 64 MiB; :func:`set_hash_cache_bytes`): every
+sketch with the same seed and geometry shares one entry (all virtual clients of
+a model, all DDP workers of a process). An entry holds 20 bytes per unit (the
+permutation, signs, positions, per-unit buckets and signs), i.e. at most
+``20·n`` bytes for a tensor of ``n`` units (about 10^4 units per tensor of the
+default geometry): not error state (``nbytes`` and ``persistent_tensors`` do not
+count it) but memory the process holds; :func:`hash_cache_info` reports it.
+With the cache disabled (``set_hash_cache_bytes(0)``) or full, the structures
+are rebuilt per call, and ``reuse_hashes()`` keeps them for the duration of a
 ``with`` block (one error-feedback step calls the sketch several times).
+Results are identical either way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -179,7 +192,8 @@ class _RowHash:
     at position ``p``. ``(crow, perm, sign)`` is ``Pᵀ`` in CSR form.
     """
 
-    __slots__ = ("full", "buckets", "perm", "sign", "crow", "tail_bucket", "tail_sign", "_i32", "_inv")
+    __slots__ = ("full", "buckets", "perm", "sign", "crow", "tail_bucket", "tail_sign", "_i32", "_inv",
+                 "_ubucket", "_usign")
 
     def __init__(self, row_seed: int, g: SketchGeometry, device: torch.device, dtype: torch.dtype) -> None:
         f, w = g.full_units, g.buckets
@@ -200,6 +214,19 @@ class _RowHash:
         self.perm, self.sign, self.crow = perm, sign, crow
         self.tail_bucket, self.tail_sign = _tail_hash(row_seed, w)
         self._inv: torch.Tensor | None = None
+        self._ubucket: torch.Tensor | None = None
+        self._usign: torch.Tensor | None = None
+
+    def complete(self) -> _RowHash:
+        """Build every lazily computed structure (before the hash is cached and shared)."""
+        _ = self.ubucket, self.usign
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the structures built so far."""
+        ts = (self.perm, self.sign, self.crow, self._inv, self._ubucket, self._usign)
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
     @property
     def inv(self) -> torch.Tensor:
@@ -209,6 +236,20 @@ class _RowHash:
             self._inv = torch.empty_like(self.perm).scatter_(0, self.perm.to(torch.int64), ar)
         return self._inv
 
+    @property
+    def ubucket(self) -> torch.Tensor:
+        """Bucket of every full unit (int32, or int64 for huge geometries)."""
+        if self._ubucket is None:
+            self._ubucket = self._bucket_of(self.inv)
+        return self._ubucket
+
+    @property
+    def usign(self) -> torch.Tensor:
+        """Sign of every full unit (in the hash's dtype)."""
+        if self._usign is None:
+            self._usign = self.sign.index_select(0, self.inv)
+        return self._usign
+
     def _bucket_of(self, pos: torch.Tensor) -> torch.Tensor:
         """Bucket of int32 positions (int32, or int64 for huge geometries): the largest ``b`` with ``crow[b] <= p``."""
         if self._i32 and pos.numel() <= 256:  # one call instead of four (a binary search: only for few)
@@ -217,25 +258,24 @@ class _RowHash:
         return p.mul_(self.buckets).sub_(1).div_(self.full, rounding_mode="floor")
 
     def unit_buckets(self, lo: int, hi: int) -> torch.Tensor:
-        """Buckets (int32 or int64) of full units ``lo..hi-1``."""
-        return self._bucket_of(self.inv[lo:hi])
+        """Buckets (int32 or int64) of full units ``lo..hi-1`` (a view)."""
+        return self.ubucket[lo:hi]
 
     def unit_signs(self, lo: int, hi: int) -> torch.Tensor:
-        """Signs of full units ``lo..hi-1``."""
-        return self.sign.index_select(0, self.inv[lo:hi])
+        """Signs of full units ``lo..hi-1`` (a view)."""
+        return self.usign[lo:hi]
 
     def unit(self, i: int) -> tuple[int, float]:
         """Bucket and sign of unit ``i`` (the tail unit is ``i == full``) as Python numbers."""
         if i >= self.full:
             return self.tail_bucket, self.tail_sign
-        p = int(self.inv[i])
-        return ((p + 1) * self.buckets - 1) // self.full, float(self.sign[p])
+        return int(self.ubucket[i]), float(self.usign[i])
 
     def lookup(self, units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Bucket (int32, or int64 for huge geometries) and sign of any units (the tail unit is ``full``)."""
         if self.full:
-            pos = self.inv.index_select(0, units.clamp(max=self.full - 1))
-            b, s = self._bucket_of(pos), self.sign.index_select(0, pos)
+            clamped = units.clamp(max=self.full - 1)
+            b, s = self.ubucket.index_select(0, clamped), self.usign.index_select(0, clamped)
         else:
             b = torch.zeros(units.numel(), dtype=torch.int32, device=units.device)
             s = torch.zeros(units.numel(), dtype=self.sign.dtype, device=units.device)
@@ -257,10 +297,99 @@ class _RowHash:
         return counts.index_select(0, self.crow), col, val
 
 
+#: Process-wide budget of the hash cache, bytes (0 disables it); see :func:`set_hash_cache_bytes`.
+HASH_CACHE_BYTES = 64 << 20
+
+
+class _HashCache:
+    """LRU cache of complete :class:`_RowHash` objects, keyed by row seed, geometry, device and sign dtype."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[tuple[object, ...], _RowHash] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, row_seed: int, g: SketchGeometry, device: torch.device, dtype: torch.dtype) -> _RowHash:
+        key = (row_seed, g, str(device), dtype)
+        with self._lock:
+            h = self._entries.get(key)
+            if h is not None:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return h
+            self.misses += 1
+        h = _RowHash(row_seed, g, device, dtype)
+        if self.max_bytes <= 0:
+            return h
+        h.complete()
+        size = h.nbytes
+        with self._lock:
+            if size > self.max_bytes or key in self._entries:
+                return self._entries.get(key, h)
+            while self.bytes + size > self.max_bytes:
+                _, old = self._entries.popitem(last=False)
+                self.bytes -= old.nbytes
+            self._entries[key] = h
+            self.bytes += size
+        return h
+
+    def resize(self, max_bytes: int) -> None:
+        with self._lock:
+            self.max_bytes = max_bytes
+            while self._entries and self.bytes > max(0, max_bytes):
+                _, old = self._entries.popitem(last=False)
+                self.bytes -= old.nbytes
+
+
+_CACHE = _HashCache(HASH_CACHE_BYTES)
+
+
+def set_hash_cache_bytes(max_bytes: int) -> None:
+    """Set the process-wide hash cache budget in bytes (``0`` disables the cache and empties it).
+
+    Raises
+    ------
+    ValueError
+        If ``max_bytes`` is negative.
+    """
+    if max_bytes < 0:
+        raise ValueError(f"max_bytes={max_bytes} is out of range; allowed: >= 0")
+    _CACHE.resize(int(max_bytes))
+
+
+def hash_cache_info() -> dict[str, int]:
+    """The hash cache: ``bytes`` held, ``max_bytes``, ``entries``, ``hits`` and ``misses`` so far."""
+    return {"bytes": _CACHE.bytes, "max_bytes": _CACHE.max_bytes, "entries": len(_CACHE._entries),
+            "hits": _CACHE.hits, "misses": _CACHE.misses}
+
+
+_CSR_QUIET = False
+
+
 def _csr(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+    global _CSR_QUIET
+    if _CSR_QUIET:  # torch warns once per process; later calls skip the (costly) warnings context
         return torch.sparse_csr_tensor(crow, col, val, size=shape, check_invariants=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta" (once per process)
+        out = torch.sparse_csr_tensor(crow, col, val, size=shape, check_invariants=False)
+    _CSR_QUIET = True
+    return out
+
+
+_ARANGE: dict[str, torch.Tensor] = {}
+
+
+def _arange_i32(n: int, device: torch.device) -> torch.Tensor:
+    """``arange(n)`` as int32: a slice of one shared, growing constant per device (never written)."""
+    key = str(device)
+    a = _ARANGE.get(key)
+    if a is None or a.numel() < n:
+        a = _ARANGE[key] = torch.arange(max(n, 1 << 14), dtype=torch.int32, device=device)
+    return a[:n]
 
 
 def unit_hashes(
@@ -342,7 +471,7 @@ class CountSketch(ErrorStore):
     def _hashes(self) -> list[_RowHash]:
         if self._memo is not None:
             return self._memo
-        hashes = [_RowHash(rs, self.geometry, self.table.device, self._cdtype) for rs in self._row_seeds]
+        hashes = [_CACHE.get(rs, self.geometry, self.table.device, self._cdtype) for rs in self._row_seeds]
         if self._memo_depth:
             self._memo = hashes
         return hashes
@@ -458,8 +587,10 @@ class CountSketch(ErrorStore):
         hashes = self._hashes()
         if g.rows == 1 and self._use_sparse() and x_units.dtype == self.table.dtype:
             h = hashes[0]
-            crow = torch.arange(n + 1, dtype=torch.int32, device=self.table.device)
-            col = h.unit_buckets(u0, u0 + n).to(torch.int32)  # no copy when already int32
+            crow = _arange_i32(n + 1, self.table.device)
+            col = h.unit_buckets(u0, u0 + n)
+            if col.dtype != torch.int32:
+                col = col.to(torch.int32)
             p = _csr(crow, col, h.unit_signs(u0, u0 + n), (n, g.buckets))
             x_units.addmm_(p, self.table[0], alpha=alpha)
             return
@@ -484,6 +615,14 @@ class CountSketch(ErrorStore):
             est = self._combine([self._gather(h, r, u0 + lo, u0 + hi) for r, h in enumerate(hashes)])
             x_units[lo:hi].add_(est, alpha=alpha)
             del est
+
+    def _add_piece_estimate_(self, target: torch.Tensor, unit: int, c0: int, c1: int, alpha: float) -> None:
+        """``target += alpha · ê`` on columns ``c0..c1-1`` of one unit (few calls for one row)."""
+        if self.geometry.rows == 1:
+            b, s = self._hashes()[0].unit(unit)
+            target.add_(self.table[0, b, c0:c1], alpha=alpha * s)
+        else:
+            target.add_(self._estimate_piece(unit, c0, c1).to(target.dtype), alpha=alpha)
 
     def _estimate_piece(self, unit: int, c0: int, c1: int) -> torch.Tensor:
         """Unscaled estimate of columns ``c0..c1-1`` of one unit (float32), rows combined."""
@@ -576,7 +715,7 @@ class CountSketch(ErrorStore):
         with self.reuse_hashes():
             self._estimate_units_add_(flat[: full * m].view(full, m), 0, a)
             if g.tail:
-                flat[full * m :].add_(self._estimate_piece(full, 0, g.tail).to(flat.dtype), alpha=a)
+                self._add_piece_estimate_(flat[full * m :], full, 0, g.tail, a)
         return target
 
     def estimate_at(self, indices: torch.Tensor) -> torch.Tensor:
@@ -626,7 +765,7 @@ class CountSketch(ErrorStore):
             for lo, hi in pieces:
                 for unit, c0, c1 in self._unit_pieces(lo, hi):
                     off = unit * m + c0 - start
-                    flat[off : off + c1 - c0].add_(self._estimate_piece(unit, c0, c1).to(flat.dtype), alpha=a)
+                    self._add_piece_estimate_(flat[off : off + c1 - c0], unit, c0, c1, a)
         return target
 
     def decompress(self) -> torch.Tensor:
