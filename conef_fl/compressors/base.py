@@ -129,6 +129,22 @@ class Compressor(ABC):
         """
         raise NotImplementedError(f"compressor {self.name!r} is not all-reducible")
 
+    def sum_into_(self, acc: Payload | None, payload: Payload, weight: float) -> Payload:
+        """Running weighted sum **in compressed space**: ``acc + weight · payload`` (all-reducible Q only).
+
+        ``acc=None`` starts a sum (float32 arrays owned by the sum); later calls add
+        ``payload`` into ``acc``'s arrays in place and return ``acc``. Memory: one
+        payload's worth of float32, whatever the number of payloads (streaming aggregation).
+
+        Raises
+        ------
+        NotImplementedError
+            If the compressor is not all-reducible.
+        ValueError
+            If ``payload`` cannot be added to ``acc`` (kind, shape or metadata differ).
+        """
+        raise NotImplementedError(f"compressor {self.name!r} is not all-reducible")
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Persistent per-key state (empty for stateless compressors)."""
         return {}

@@ -127,23 +127,35 @@ class SeededSelectiveCompressor(SelectiveCompressor):
             raise ValueError("payloads must not be empty")
         if len(payloads) != len(weights):
             raise ValueError(f"got {len(payloads)} payloads but {len(weights)} weights")
-        w = normalized_weights(weights)
-        first = payloads[0]
-        self._check(first)
-        for i, p in enumerate(payloads[1:], start=1):
+        acc: Payload | None = None
+        for wi, p in zip(normalized_weights(weights), payloads, strict=True):
             self._check(p)
-            if p.shape != first.shape or dict(p.meta) != dict(first.meta):
-                raise ValueError(
-                    f"payload {i} (shape {p.shape}, meta {dict(p.meta)}) cannot be averaged with "
-                    f"payload 0 (shape {first.shape}, meta {dict(first.meta)}): seeds/shapes/k must match"
-                )
-        acc = torch.zeros(
-            first.arrays["values"].numel(), dtype=torch.float32, device=first.arrays["values"].device
-        )
-        for wi, p in zip(w, payloads, strict=True):
-            acc.add_(p.arrays["values"].to(acc.device, torch.float32), alpha=wi)
+            acc = self.sum_into_(acc, p, wi)
         # the average stays in float32: rounding it back to a 16-bit wire dtype would add error
-        return Payload(self.name, first.shape, {"values": acc}, dict(first.meta))
+        assert acc is not None
+        return acc
+
+    def sum_into_(self, acc: Payload | None, payload: Payload, weight: float) -> Payload:
+        """``acc + weight · payload`` on the float32 value arrays (see :meth:`Compressor.sum_into_`).
+
+        A payload that starts a sum is checked in full (``k`` and the value count for
+        its shape); later ones must match it in kind, shape, metadata and value count.
+        """
+        values = payload.arrays["values"]
+        if acc is None:
+            self._check(payload)
+            summed = values.detach().to(torch.float32, copy=True).reshape(-1).mul_(weight)
+            return Payload(self.name, tuple(payload.shape), {"values": summed}, dict(payload.meta))
+        mine = acc.arrays["values"]
+        if (payload.kind != acc.kind or tuple(payload.shape) != tuple(acc.shape)
+                or dict(payload.meta) != dict(acc.meta) or values.numel() != mine.numel()):
+            raise ValueError(
+                f"payload (kind {payload.kind!r}, shape {tuple(payload.shape)}, meta {dict(payload.meta)}) cannot "
+                f"be averaged with the sum (kind {acc.kind!r}, shape {tuple(acc.shape)}, meta {dict(acc.meta)}): "
+                "seeds/shapes/k must match"
+            )
+        mine.add_(values.reshape(-1), alpha=weight)
+        return acc
 
     def expected_nbytes(self, shape: tuple[int, ...]) -> int:
         """``k * value size`` bytes."""

@@ -47,7 +47,7 @@ from typing import Any
 import flwr.serverapp.strategy as fs
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.fedopt import FedOpt
@@ -57,7 +57,7 @@ from conef_fl.compressors.topk import TopK
 from conef_fl.config import MethodConfig
 from conef_fl.feedback import make_compressor_for
 from conef_fl.flower import protocol as P
-from conef_fl.flower.codec import decode_payloads, encode_payloads
+from conef_fl.flower.codec import decode_payloads, encode_array, encode_payloads
 from conef_fl.flower.downlink import DownlinkCompressor
 from conef_fl.flower.sampling import NodeSampler
 from conef_fl.registry import method_config
@@ -134,7 +134,8 @@ class _Candidate:
 class _WeightedMean:
     """``Σ w_i Δ_i / Σ w_i`` over payloads added one at a time; in compressed space when Q is all-reducible.
 
-    Memory: the running compressed mean (all-reducible Q) or one dense float32 accumulator.
+    Memory: one running compressed sum per tensor (all-reducible Q: ``Compressor.sum_into_``, added
+    in place) or one dense float32 accumulator; nothing per reply.
     """
 
     def __init__(self, compressor: Compressor, specs: Mapping[str, PayloadSpec]) -> None:
@@ -147,7 +148,7 @@ class _WeightedMean:
     def add(self, payloads: Mapping[str, Payload], weight: float) -> None:
         if self.acc is None:
             for k, p in payloads.items():
-                self.running[k] = p if not self.total else self.q.aggregate([self.running[k], p], [self.total, weight])
+                self.running[k] = self.q.sum_into_(self.running.get(k), p, weight)
         else:
             for k, p in payloads.items():
                 self.q.decompress_add_(p, self.acc[k], alpha=weight)
@@ -156,7 +157,11 @@ class _WeightedMean:
     def mean(self) -> dict[str, torch.Tensor]:
         """Dense float32 mean per payload key."""
         if self.acc is None:
-            return {k: self.q.decompress(p) for k, p in self.running.items()}
+            out = {}
+            for k, p in self.running.items():
+                out[k] = torch.zeros(p.shape, dtype=torch.float32)
+                self.q.decompress_add_(p, out[k], alpha=1.0 / self.total)
+            return out
         return {k: a.div_(self.total) for k, a in self.acc.items()}
 
 
@@ -685,8 +690,7 @@ class ConEF(Strategy):
         return unflatten(tensors[FLAT_KEY].reshape(-1), {k: tuple(v.shape) for k, v in self._global.items()})
 
     def _to_record(self, tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
-        return ArrayRecord({k: Array(np.ascontiguousarray(v.numpy().astype(self._global_dtypes.get(k, np.float32),
-                                                                             copy=False)))
+        return ArrayRecord({k: encode_array(v.numpy().astype(self._global_dtypes.get(k, np.float32), copy=False))
                             for k, v in tensors.items()})
 
     def _model_reply(self, template: Message, update: Mapping[str, torch.Tensor], metrics: MetricRecord) -> Message:
