@@ -35,6 +35,7 @@ Evaluation passes through to the inner strategy.
 
 from __future__ import annotations
 
+import array
 import logging
 import math
 import statistics
@@ -120,7 +121,31 @@ class RoundStats:
     rejections: list[str] = field(default_factory=list)
 
 
-@dataclass
+#: The per-reply numbers the round statistics need, in the order :class:`_Info` stores them.
+_INFO_KEYS = (*P.CLIENT_METRICS, "peak-rss", "train-loss", "payload-bytes", "record-bytes")
+_INFO_INDEX = {k: i for i, k in enumerate(_INFO_KEYS)}
+
+
+class _Info:
+    """One reply's numbers for the round statistics: a fixed-key view over one float64 array.
+
+    About 200 bytes a reply (a dict of floats takes about 900): the server keeps one per
+    accepted reply until the norm guard has seen them all.
+    """
+
+    __slots__ = ("_v",)
+
+    def __init__(self) -> None:
+        self._v = array.array("d", bytes(8 * len(_INFO_KEYS)))
+
+    def __getitem__(self, key: str) -> float:
+        return self._v[_INFO_INDEX[key]]
+
+    def __setitem__(self, key: str, value: float) -> None:
+        self._v[_INFO_INDEX[key]] = value
+
+
+@dataclass(slots=True)
 class _Candidate:
     """A reply that passed validation, before the norm guard."""
 
@@ -128,7 +153,7 @@ class _Candidate:
     message: Message
     weight: float
     norm: float
-    info: dict[str, float]
+    info: _Info
 
 
 class _WeightedMean:
@@ -154,15 +179,19 @@ class _WeightedMean:
                 self.q.decompress_add_(p, self.acc[k], alpha=weight)
         self.total += weight
 
+    def mean_of(self, key: str) -> torch.Tensor:
+        """Dense float32 mean of one payload key (call once per key: a dense accumulator is divided in place)."""
+        if self.acc is None:
+            p = self.running[key]
+            out = torch.zeros(p.shape, dtype=torch.float32)
+            self.q.decompress_add_(p, out, alpha=1.0 / self.total)
+            return out
+        return self.acc[key].div_(self.total)
+
     def mean(self) -> dict[str, torch.Tensor]:
         """Dense float32 mean per payload key."""
-        if self.acc is None:
-            out = {}
-            for k, p in self.running.items():
-                out[k] = torch.zeros(p.shape, dtype=torch.float32)
-                self.q.decompress_add_(p, out[k], alpha=1.0 / self.total)
-            return out
-        return {k: a.div_(self.total) for k, a in self.acc.items()}
+        keys = self.running if self.acc is None else self.acc
+        return {k: self.mean_of(k) for k in keys}
 
 
 def aggregation_mode(strategy: Strategy) -> str:
@@ -510,7 +539,7 @@ class ConEF(Strategy):
                                f"(has {sorted(content.keys())}); is conef_mod in the ClientApp's mods?")
         return decode_payloads(arrays, meta, specs)
 
-    def _metrics(self, msg: Message, server_round: int) -> tuple[float, dict[str, float]]:
+    def _metrics(self, msg: Message, server_round: int) -> tuple[float, _Info]:
         """The reply's weight and ConEF metrics, checked for type, finiteness and range."""
         records = list(msg.content.metric_records.values())
         if len(records) != 1:
@@ -528,10 +557,12 @@ class ConEF(Strategy):
             raise PayloadError(f"reply lacks the ConEF metrics {missing}")
         if metrics[P.M_ROUND] != server_round:
             raise PayloadError(f"reply is for round {metrics[P.M_ROUND]!r}, this is round {server_round}")
-        info = {k: float(metrics[k]) for k in P.CLIENT_METRICS}
-        for k, v in info.items():
+        info = _Info()
+        for k in P.CLIENT_METRICS:
+            v = float(metrics[k])
             if v < 0 or v > 2**62:
                 raise PayloadError(f"metric {k!r}={v!r} is out of range; allowed: [0, 2**62]")
+            info[k] = v
         info["peak-rss"] = float(metrics.get(P.M_PEAK_RSS, 0.0))
         loss = metrics.get("train-loss", metrics.get("train_loss", float("nan")))
         info["train-loss"] = float(loss) if isinstance(loss, (int, float)) else float("nan")
@@ -647,6 +678,8 @@ class ConEF(Strategy):
         assert self._global is not None
         if sink is not None:
             total = sink.total
+            if type(self.inner) in _NO_SERVER_STEP and self.downlink is None and self.method.layerwise:
+                return self._finish_streamed(server_round, sink, stats), None
             mean = self._unflatten(sink.mean())
             stats.update_norm = math.sqrt(math.fsum(float(torch.linalg.vector_norm(d)) ** 2 for d in mean.values()))
             if type(self.inner) in _NO_SERVER_STEP:
@@ -666,6 +699,27 @@ class ConEF(Strategy):
             return None, metrics
         new = {k: torch.from_numpy(np.asarray(v.numpy(), dtype=np.float32)) for k, v in arrays.items()}
         return self._finish(server_round, new, metrics)
+
+    def _finish_streamed(self, server_round: int, sink: _WeightedMean, stats: RoundStats) -> ArrayRecord | None:
+        """FedAvg's new model ``x − mean`` one tensor at a time, encoded as it is formed (no dense model copy).
+
+        The same result and checks as :meth:`_finish` without a downlink: ``None`` (model kept)
+        if any tensor is not finite.
+        """
+        assert self._global is not None
+        arrays = {}
+        squares = []
+        for k, g in self._global.items():
+            d = sink.mean_of(k).view(g.shape)
+            squares.append(float(torch.linalg.vector_norm(d)) ** 2)
+            new = d.neg_().add_(g)
+            if not _finite(new):
+                log.error("round %d: the aggregated model is not finite; keeping the previous one", server_round)
+                return None
+            arrays[k] = encode_array(new.numpy().astype(self._global_dtypes.get(k, np.float32), copy=False))
+            del d, new
+        stats.update_norm = math.sqrt(math.fsum(squares))
+        return ArrayRecord(arrays)
 
     def _finish(self, server_round: int, new: dict[str, torch.Tensor],
                 metrics: MetricRecord | None) -> tuple[ArrayRecord | None, MetricRecord | None]:
