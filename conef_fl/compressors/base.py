@@ -119,6 +119,13 @@ class Compressor(ABC):
         target.view(-1).add_(self.decompress(payload).view(-1).to(target.dtype), alpha=alpha)
         return target
 
+    def norm_sq(self, payload: Payload) -> float:
+        """``||decompress(payload)||²`` in float64 (one dense float32 tensor, squared in bounded float64 chunks)."""
+        dense = self.decompress(payload).reshape(-1)
+        step = SELECTION_CHUNK << 4
+        return math.fsum(float(torch.linalg.vector_norm(dense[i : i + step], dtype=torch.float64)) ** 2
+                         for i in range(0, dense.numel(), step))
+
     def aggregate(self, payloads: Sequence[Payload], weights: Sequence[float]) -> Payload:
         """Weighted average of payloads **in compressed space** (all-reducible compressors only).
 

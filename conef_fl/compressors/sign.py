@@ -96,6 +96,11 @@ class ScaledSign(Compressor):
             flat[lo : lo + c].add_(pm[:nb].view(-1)[:c], alpha=s)  # ±s exact, one rounding
         return target
 
+    def norm_sq(self, payload: Payload) -> float:
+        """``d · scale²``: every entry of ``Q(x)`` is ``±scale`` (no decoding)."""
+        _, scale = self._check(payload)
+        return payload.numel * float(scale) ** 2
+
     def expected_nbytes(self, shape: tuple[int, ...]) -> int:
         """``ceil(d / 8) + 4`` bytes."""
         return packed_nbytes(math.prod(shape), 1) + 4

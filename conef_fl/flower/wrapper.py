@@ -577,7 +577,7 @@ class ConEF(Strategy):
                 scale = q.value_scale(p.numel) if isinstance(q, SelectiveCompressor) else 1.0
                 sq += scale**2 * float(torch.linalg.vector_norm(p.arrays["values"].double()) ** 2)
             else:
-                sq += float(torch.linalg.vector_norm(q.decompress(p).double()) ** 2)
+                sq += q.norm_sq(p)
         return math.sqrt(sq)
 
     def _validate(self, server_round: int, replies: list[Message], specs: Mapping[str, PayloadSpec],
