@@ -1,7 +1,8 @@
 """Edge footprint of a client: peak RSS of the ClientApp process and the error state a SuperNode keeps.
 
-    python -m sim.footprint --out docs/results/footprint.json            # writes .json and .md
-    python -m sim.footprint --widths 700 --methods efsgd conef-cs        # one size, quick
+    python -m sim.footprint                                  # outputs/footprint.{json,md}
+    python -m sim.footprint --save                           # docs/results/footprint.{json,md}
+    python -m sim.footprint --widths 700 --methods efsgd conef-cs --compressors   # one size, app Q only
 
 In a deployment each training message runs the ClientApp in a fresh process
 (``flwr-clientapp``); the error state lives between rounds in the SuperNode's
@@ -45,8 +46,31 @@ from sim.flower_runtime import REPO
 log = logging.getLogger("sim.footprint")
 
 MIB = 1024 * 1024
+#: Gradient compressors Q of the per-Q comparison -> ``method_config`` overrides (as in ``sim.bench_core``).
+COMPRESSORS: dict[str, dict[str, Any]] = {
+    "random-block-k": {"k_ratio": 0.1},
+    "random-k": {"k_ratio": 0.01},
+    "top-k": {"k_ratio": 0.01},
+    "scaled-sign": {},
+}
+#: Issue #13 target 6: ConEF's peak RSS <= EFSGD's peak - this fraction of 4d, for every Q.
+PEAK_MARGIN_OF_4D = 0.8
 DEFAULT_WIDTHS = (700, 2000, 2700)  # 1.05M, 5.59M, 9.44M parameters
 DEFAULT_METHODS = ("sgd", "efsgd", "conef-cs")
+#: The committed report (written only with ``--save``).
+SAVED = REPO / "docs" / "results" / "footprint.json"
+
+
+def _q_overrides(compressor: str) -> dict[str, Any]:
+    try:
+        return {"compressor": compressor, **COMPRESSORS[compressor]}
+    except KeyError:
+        raise ValueError(f"compressor={compressor!r} is not valid; allowed: {', '.join(COMPRESSORS)}") from None
+
+
+def _label(method: str, compressor: str | None) -> str:
+    """Row label: the method, with its Q when Q is set explicitly (``efsgd/top-k``)."""
+    return f"{method}/{compressor}" if compressor else method
 
 
 def mlp_params(width: int, in_features: int = 784, num_classes: int = 10) -> int:
@@ -63,7 +87,8 @@ def _status_kib(field: str) -> int:
 
 # --------------------------------------------------------------------------------------- one round, in a child
 def child_round(method_name: str, width: int, samples: int, batch_size: int, epochs: int, lr: float,
-                server_round: int, state_in: Path | None, state_out: Path) -> dict[str, Any]:
+                server_round: int, state_in: Path | None, state_out: Path,
+                compressor: str | None = None) -> dict[str, Any]:
     """One whole client step in this (fresh) process, through the real ``conef_mod``; returns measurements.
 
     A train message built by the :class:`~conef_fl.flower.ConEF` wrapper goes through
@@ -96,7 +121,10 @@ def child_round(method_name: str, width: int, samples: int, batch_size: int, epo
         incoming = ArrayRecord(MLP(784, (width, width), 10).state_dict())  # the global model in the message
     grid = Mock(spec=Grid)
     grid.get_node_ids.return_value = [1]
-    strategy = ConEF(FedAvg(fraction_train=1.0, min_available_nodes=1, min_train_nodes=1), method_name)
+    from conef_fl.registry import method_config
+
+    method = method_config(method_name, **_q_overrides(compressor)) if compressor else method_name
+    strategy = ConEF(FedAvg(fraction_train=1.0, min_available_nodes=1, min_train_nodes=1), method)
     (msg,) = strategy.configure_train(server_round, incoming, ConfigRecord(), grid)
     TaskIdentity.node_id = 1
     rss_ready = _status_kib("VmRSS")  # interpreter + torch + flwr + data, before the round's work
@@ -140,6 +168,7 @@ def child_round(method_name: str, width: int, samples: int, batch_size: int, epo
     d = result["num_params"]
     return {
         "method": method_name,
+        "compressor": compressor,
         "width": width,
         "num_params": d,
         "round": server_round,
@@ -262,7 +291,7 @@ def deployment_footprint(method: str, *, dataset: str, rounds: int, interval: fl
 
 # --------------------------------------------------------------------------------------- the driver
 def measure(method: str, width: int, *, samples: int, batch_size: int, epochs: int, lr: float,
-            rounds: int = 2) -> list[dict[str, Any]]:
+            rounds: int = 2, compressor: str | None = None) -> list[dict[str, Any]]:
     """``rounds`` fresh processes, each one ClientApp round, the state passed on as bytes; one dict per round."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="conef-footprint-") as tmp:
@@ -274,6 +303,8 @@ def measure(method: str, width: int, *, samples: int, batch_size: int, epochs: i
                    "--lr", str(lr), "--round", str(r), "--state-out", str(out)]
             if prev is not None:
                 cmd += ["--state-in", str(prev)]
+            if compressor:
+                cmd += ["--compressor", compressor]
             env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    "OMP_NUM_THREADS": "1"}
             t0 = time.monotonic()
@@ -282,9 +313,10 @@ def measure(method: str, width: int, *, samples: int, batch_size: int, epochs: i
                 raise RuntimeError(f"{' '.join(cmd)} exited with {res.returncode}:\n{res.stderr[-3000:]}")
             row = json.loads(res.stdout.strip().splitlines()[-1])
             row["seconds"] = time.monotonic() - t0
+            row["label"] = _label(method, compressor)
             rows.append(row)
             log.info("%-9s d=%9d round %d: peak RSS %.1f MiB, error state %.2f MiB (serialized %.2f MiB)",
-                     method, row["num_params"], r, row["peak_rss_bytes"] / MIB, row["error_state_bytes"] / MIB,
+                     row["label"], row["num_params"], r, row["peak_rss_bytes"] / MIB, row["error_state_bytes"] / MIB,
                      row["serialized_state_bytes"] / MIB)
             prev = out
     return rows
@@ -296,20 +328,28 @@ def _median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return ranked[(len(ranked) - 1) // 2]
 
 
+def _key(r: dict[str, Any]) -> str:
+    return r.get("label") or r["method"]
+
+
 def summarize(rows: list[dict[str, Any]], reference: str = "efsgd", candidate: str = "conef-cs") -> list[dict]:
-    """Per model size: last-round numbers of each method (median over repeats) and ``reference − candidate``."""
+    """Per model size: last-round numbers of each row label (median over repeats), ``reference − candidate``.
+
+    ``difference`` compares the plain labels (the app's Q); ``per_q`` compares
+    ``reference/Q`` with ``candidate/Q`` for every Q run, with issue #13's target 6:
+    ConEF's peak RSS ≤ EFSGD's − :data:`PEAK_MARGIN_OF_4D` · 4d.
+    """
     steady = [r for r in rows if r["round"] == max(x["round"] for x in rows)]
     out = []
     for d in sorted({r["num_params"] for r in steady}):
-        by = {m: _median_row([r for r in steady if r["num_params"] == d and r["method"] == m])
-              for m in dict.fromkeys(r["method"] for r in steady if r["num_params"] == d)}
+        at_d = [r for r in steady if r["num_params"] == d]
+        by = {m: _median_row([r for r in at_d if _key(r) == m]) for m in dict.fromkeys(_key(r) for r in at_d)}
         entry: dict[str, Any] = {"num_params": d, "dense_model_bytes": 4 * d, "methods": {}}
         for m, r in by.items():
             entry["methods"][m] = {
+                "compressor": r.get("compressor"),
                 "peak_rss_bytes": r["peak_rss_bytes"],
-                "peak_rss_bytes_all_repeats": sorted(
-                    x["peak_rss_bytes"] for x in steady if x["num_params"] == d and x["method"] == m
-                ),
+                "peak_rss_bytes_all_repeats": sorted(x["peak_rss_bytes"] for x in at_d if _key(x) == m),
                 "peak_over_ready_bytes": r["peak_rss_bytes"] - r["rss_ready_bytes"],
                 "error_state_bytes": r["error_state_bytes"],
                 "serialized_state_bytes": r["serialized_state_bytes"],
@@ -317,17 +357,34 @@ def summarize(rows: list[dict[str, Any]], reference: str = "efsgd", candidate: s
                 "peak_rss_after_phase_bytes": r["peak_rss_after_phase_bytes"],
             }
         if reference in by and candidate in by:
-            a, b = by[reference], by[candidate]
-            entry["difference"] = {
-                "of": f"{reference} - {candidate}",
-                "peak_rss_bytes": a["peak_rss_bytes"] - b["peak_rss_bytes"],
-                "error_state_bytes": a["error_state_bytes"] - b["error_state_bytes"],
-                "serialized_state_bytes": a["serialized_state_bytes"] - b["serialized_state_bytes"],
-                "error_state_ratio": (b["error_state_bytes"] / a["error_state_bytes"]
-                                      if a["error_state_bytes"] else None),
-            }
+            entry["difference"] = _difference(by[reference], by[candidate], reference, candidate, d)
+        per_q = {}
+        for q in dict.fromkeys(r.get("compressor") for r in at_d if r.get("compressor")):
+            a, b = by.get(_label(reference, q)), by.get(_label(candidate, q))
+            if a is not None and b is not None:
+                per_q[q] = _difference(a, b, _label(reference, q), _label(candidate, q), d)
+        if per_q:
+            entry["per_q"] = per_q
         out.append(entry)
     return out
+
+
+def _difference(a: dict[str, Any], b: dict[str, Any], ref: str, cand: str, d: int) -> dict[str, Any]:
+    """``a − b`` (reference − candidate) and target 6: ``b``'s peak ≤ ``a``'s − 0.8·4d."""
+    need = PEAK_MARGIN_OF_4D * 4 * d
+    saved = a["peak_rss_bytes"] - b["peak_rss_bytes"]
+    return {
+        "of": f"{ref} - {cand}",
+        "peak_rss_bytes": saved,
+        "peak_rss_saving_over_4d": saved / (4 * d),
+        "peak_rss_repeats": {ref: sorted(a.get("peak_rss_bytes_all_repeats", [a["peak_rss_bytes"]])),
+                             cand: sorted(b.get("peak_rss_bytes_all_repeats", [b["peak_rss_bytes"]]))},
+        "target_peak_saving_bytes": need,
+        "target_met": saved >= need,
+        "error_state_bytes": a["error_state_bytes"] - b["error_state_bytes"],
+        "serialized_state_bytes": a["serialized_state_bytes"] - b["serialized_state_bytes"],
+        "error_state_ratio": (b["error_state_bytes"] / a["error_state_bytes"] if a["error_state_bytes"] else None),
+    }
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -343,7 +400,9 @@ def markdown(report: dict[str, Any]) -> str:
         "`ArrayRecord`, train, `u = x_global - x_local`, restore the worker from the previous round's "
         "serialized state, `worker.step(u, seed, consume=True)`, serialize the state, encode the reply). "
         f"Model: MLP 784-w-w-10; data: {s['samples']} synthetic MNIST-shaped samples, {s['epochs']} epoch, "
-        f"batch {s['batch_size']}. Method settings: app defaults ({s['method_settings']}).",
+        f"batch {s['batch_size']}. Method settings: app defaults ({s['method_settings']}); rows `method/Q` use "
+        f"Q with {s.get('compressors', {})} instead. Load average {s.get('load_avg_start')} → "
+        f"{s.get('load_avg_end')}.",
         "",
         "Peak RSS = `VmHWM` of the ClientApp process; *over ready* = peak minus the RSS after imports, data "
         "and the incoming message (the part the round itself adds). Error state = `worker.nbytes` (what is "
@@ -368,6 +427,21 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {e['num_params']:,} | {dd['peak_rss_bytes'] / MIB:.1f} | {dd['error_state_bytes'] / MIB:.2f} | "
                 f"{dd['error_state_ratio']:.3f} |"
             )
+    per_q = [(e, q, dd) for e in report["summary"] for q, dd in e.get("per_q", {}).items()]
+    if per_q:
+        lines += ["", f"Whole client step per Q (issue #13 target 6: ConEF's peak RSS ≤ EFSGD's − "
+                      f"{PEAK_MARGIN_OF_4D:g} × 4d; peaks of every repeat in the JSON):", "",
+                  "| params | Q | EFSGD peak (MiB) | ConEF peak (MiB) | saving (MiB) | saving / 4d "
+                  "| needed (MiB) | met |",
+                  "|---:|---|---:|---:|---:|---:|---:|---|"]
+        for e, q, dd in per_q:
+            ref, cand = dd["of"].split(" - ")
+            a, b = e["methods"][ref], e["methods"][cand]
+            lines.append(
+                f"| {e['num_params']:,} | {q} | {a['peak_rss_bytes'] / MIB:.1f} | {b['peak_rss_bytes'] / MIB:.1f} | "
+                f"{dd['peak_rss_bytes'] / MIB:.1f} | {dd['peak_rss_saving_over_4d']:.2f} | "
+                f"{dd['target_peak_saving_bytes'] / MIB:.1f} | {'yes' if dd['target_met'] else '**no**'} |"
+            )
     if report.get("deployment"):
         lines += [
             "",
@@ -391,8 +465,12 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "footprint.json",
+    ap.add_argument("--out", type=Path, default=REPO / "outputs" / "footprint.json",
                     help="JSON report; a .md table is written beside it (default: %(default)s)")
+    ap.add_argument("--save", action="store_true", help=f"write {SAVED} (and .md) instead of --out")
+    ap.add_argument("--compressors", nargs="*", default=list(COMPRESSORS),
+                    help="also run efsgd and conef-cs with each of these Q (per-Q comparison, target 6); "
+                         "none: only --methods with the app's Q (default: %(default)s)")
     ap.add_argument("--widths", type=int, nargs="+", default=list(DEFAULT_WIDTHS),
                     help="hidden widths w of the MLP 784-w-w-10 (default: %(default)s)")
     ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="default: %(default)s")
@@ -414,10 +492,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--round", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--state-in", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--state-out", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--compressor", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         row = child_round(args.method, args.width, args.samples, args.batch_size, args.epochs, args.lr,
-                          args.round, args.state_in, args.state_out)
+                          args.round, args.state_in, args.state_out, args.compressor)
         print(json.dumps(row))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -433,12 +512,16 @@ def main(argv: list[str] | None = None) -> int:
     from sim.run import app_defaults
 
     defaults = app_defaults()
+    for q in args.compressors:
+        _q_overrides(q)  # refuse an unknown Q before anything runs
+    runs = [(m, None) for m in args.methods] + [(m, q) for q in args.compressors for m in ("efsgd", "conef-cs")]
     rows: list[dict[str, Any]] = []
+    load_start = list(os.getloadavg())
     for rep in range(args.repeats):  # interleaved, so slow drifts of the machine hit every method alike
         for w in args.widths:
-            for m in args.methods:
+            for m, q in runs:
                 for row in measure(m, w, samples=args.samples, batch_size=args.batch_size, epochs=args.epochs,
-                                   lr=args.lr, rounds=args.rounds):
+                                   lr=args.lr, rounds=args.rounds, compressor=q):
                     rows.append({**row, "repeat": rep})
     deployments = []
     for ds in args.deployment or []:
@@ -466,19 +549,25 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": args.repeats,
             "method_settings": ", ".join(f"{k}={defaults[k]}" for k in
                                          ("compressor", "k-ratio", "error-compressor", "sketch-ratio",
-                                          "sketch-rows", "sketch-dtype", "value-dtype")),
+                                          "sketch-rows", "sketch-dtype", "value-dtype") if k in defaults),
             "process_per_round": True,
+            "compressors": {q: COMPRESSORS[q] for q in args.compressors},
+            "command": " ".join([Path(sys.executable).name, "-m", "sim.footprint", *sys.argv[1:]]),
+            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "load_avg_start": load_start,
+            "load_avg_end": list(os.getloadavg()),
         },
         "rows": rows,
         "summary": summarize(rows),
         "deployment": deployments,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    md = args.out.with_suffix(".md")
+    out = SAVED if args.save else args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    md = out.with_suffix(".md")
     md.write_text(markdown(report))
     print(markdown(report))
-    log.info("wrote %s and %s", args.out, md)
+    log.info("wrote %s and %s", out, md)
     return 0
 
 
