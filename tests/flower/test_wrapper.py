@@ -141,22 +141,32 @@ def test_train_messages_carry_the_method_seed_and_round_and_leave_the_callers_co
 
 
 def test_all_reducible_q_is_summed_in_compressed_space(monkeypatch) -> None:
+    """Every reply goes into one running compressed sum per tensor; only the mean is decompressed (once)."""
     strategy = _wrap()
     q = strategy.compressor
-    calls = {"aggregate": 0, "decompress_add_": 0}
-    orig = q.aggregate
+    calls = {"sum_into_": 0, "decompress_add_": 0}
+    sums: set[int] = set()
+    orig_sum, orig_dadd = q.sum_into_, q.decompress_add_
 
-    def spy(*a, **k):
-        calls["aggregate"] += 1
-        return orig(*a, **k)
+    def spy_sum(acc, payload, weight):
+        calls["sum_into_"] += 1
+        out = orig_sum(acc, payload, weight)
+        assert acc is None or out is acc  # added in place: no new sum per reply
+        sums.add(id(out))
+        return out
 
-    monkeypatch.setattr(q, "aggregate", spy)
-    monkeypatch.setattr(q, "decompress_add_", lambda *a, **k: calls.__setitem__("decompress_add_", 1))
+    def spy_dadd(*a, **k):
+        calls["decompress_add_"] += 1
+        return orig_dadd(*a, **k)
+
+    monkeypatch.setattr(q, "sum_into_", spy_sum)
+    monkeypatch.setattr(q, "decompress_add_", spy_dadd)
     _, _, replies = _round(strategy, 1, _global())
     new, _ = strategy.aggregate_train(1, replies)
     assert new is not None
-    assert calls["aggregate"] == 2 * len(SHAPES)  # replies 2 and 3 folded into the running mean, per tensor
-    assert calls["decompress_add_"] == 0
+    assert calls["sum_into_"] == len(replies) * len(SHAPES)
+    assert len(sums) == len(SHAPES)  # one running sum per tensor, whatever the number of replies
+    assert calls["decompress_add_"] == len(SHAPES)  # the mean, once per tensor
 
 
 @pytest.mark.parametrize("make_inner", [
