@@ -311,3 +311,38 @@ def test_large_compress_and_decompress_add_allocate_little(name: str, kwargs: di
     assert m.peak_bytes - payload.nbytes <= 0.02 * 4 * d, (name, m)
     _, m = measure_transient(lambda: q.decompress_add_(payload, target, alpha=-1.0))
     assert m.peak_bytes <= 0.02 * 4 * d, (name, m)
+
+
+@pytest.mark.parametrize("name", SELECTIVE_NAMES)
+def test_sum_into_is_a_running_weighted_sum_added_in_place(name: str) -> None:
+    q = make(name)
+    xs = [randn(9, 7, seed=s) for s in range(4)]
+    weights = [1.0, 2.0, 5.0, 0.5]
+    acc = None
+    for w, x in zip(weights, xs, strict=True):
+        p = q.compress(x, seed=42, key="layer")
+        out = q.sum_into_(acc, p, w)
+        assert acc is None or out is acc
+        acc = out
+    assert acc is not None and acc.nbytes <= 4 * 9 * 7
+    ref = sum(w * q.decompress(q.compress(x, seed=42, key="layer")) for w, x in zip(weights, xs, strict=True))
+    torch.testing.assert_close(q.decompress(acc), ref)
+    if name != "identity":  # identity's payload does not depend on the seed
+        with pytest.raises(ValueError, match="seed"):
+            q.sum_into_(acc, q.compress(xs[0], seed=43, key="layer"), 1.0)
+    with pytest.raises(ValueError, match="shape"):
+        q.sum_into_(acc, q.compress(randn(9, 8), seed=42, key="layer"), 1.0)
+
+
+def test_sum_into_needs_an_all_reducible_compressor() -> None:
+    q = TopK(ratio=0.5)
+    with pytest.raises(NotImplementedError):
+        q.sum_into_(None, q.compress(randn(10)), 1.0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_norm_sq_is_the_squared_norm_of_the_decompressed_payload(name: str) -> None:
+    q = make(name)
+    p = q.compress(randn(33, 21, seed=3), seed=5, key="w")
+    ref = float(torch.linalg.vector_norm(q.decompress(p).double())) ** 2
+    assert q.norm_sq(p) == pytest.approx(ref, rel=1e-9)

@@ -300,3 +300,33 @@ def test_sketch_operations_allocate_little(dtype: str) -> None:
 #: unit_hashes(123, 0, SketchGeometry(numel=40, rows=1, buckets=4, unit=3)) under scheme perm-v1.
 PINNED_BUCKETS = [3, 2, 3, 2, 1, 3, 0, 2, 0, 1, 1, 0, 3, 0]
 PINNED_SIGNS = [-1.0, 1.0, 1.0, 1.0, 1.0, -1.0, -1.0, 1.0, -1.0, -1.0, 1.0, -1.0, -1.0, -1.0]
+
+
+def test_the_hash_cache_changes_nothing_but_time() -> None:
+    """Cached and rebuilt hash structures give bit-identical tables and estimates; the budget is validated."""
+    from conef_fl.error_stores import sketch as S
+
+    d = 50_003
+    x = torch.randn(d, generator=torch.Generator().manual_seed(4))
+    results = []
+    try:
+        for budget in (0, 1 << 26):
+            S.set_hash_cache_bytes(budget)
+            sk = _sketch(d, seed=21, unit=7)
+            sk.accumulate_(x)
+            sk.accumulate_block_(x[100:5000], 100, alpha=-0.5)
+            est = sk.estimate_block(33, 20_000)
+            results.append((sk.table.clone(), est, sk.estimate_at(torch.arange(0, d, 17))))
+            before = S.hash_cache_info()
+            _sketch(d, seed=21, unit=7).accumulate_(x)  # same seed and geometry: served from the cache
+            after = S.hash_cache_info()
+            if budget:
+                assert after["hits"] > before["hits"] and 0 < after["bytes"] <= budget
+            else:
+                assert after["entries"] == 0 and after["bytes"] == 0
+    finally:
+        S.set_hash_cache_bytes(S.HASH_CACHE_BYTES)
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="max_bytes"):
+        S.set_hash_cache_bytes(-1)
