@@ -1,9 +1,11 @@
 """``sim.experiments --engine flower``: the grid through Flower's simulation engine, same result as in-process.
 
-With every client training every round (``fraction-train=1.0``) nothing depends on
-which node ids an engine hands out: client seeds come from the partition, the
-round seeds from the server, and the wrapper sums replies in partition order. The
-two engines must then produce the same model, hence the same accuracy and loss.
+Flower's simulation hands out random node ids; the wrapper samples over the
+nodes' partitions (``sample-by=partition``, :mod:`conef_fl.flower.sampling`), so
+with half the clients per round both engines train the same partitions. Client
+seeds come from the partition, the round seeds from the server, and the wrapper
+sums replies in partition order: the two engines must produce the same model,
+hence the same accuracy and loss.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from sim.flower_runtime import descendants
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-ARGS = ["--task", "digits", "--methods", "conef-cs-90", "--rounds", "2", "--set", "fraction-train=1.0", "--quiet"]
+ARGS = ["--task", "digits", "--methods", "conef-cs-90", "--rounds", "3", "--set", "fraction-train=0.5", "--quiet"]
 
 
 def test_flower_engine_matches_the_inprocess_grid(tmp_path: Path) -> None:
@@ -36,7 +38,7 @@ def test_flower_engine_matches_the_inprocess_grid(tmp_path: Path) -> None:
         # the report says which engine produced the numbers
         assert experiments.ENGINE_LABELS[engine] in (tmp_path / engine / "results.md").read_text()
     flower, inmem = runs["flower"], runs["inmemory"]
-    assert [r["accepted"] for r in flower] == [r["accepted"] for r in inmem] == [4, 4]
+    assert [r["accepted"] for r in flower] == [r["accepted"] for r in inmem] == [2, 2, 2]
     assert [r["uplink_payload_bytes_total"] for r in flower] == [r["uplink_payload_bytes_total"] for r in inmem]
     assert [r["accuracy"] for r in flower] == pytest.approx([r["accuracy"] for r in inmem], abs=1e-9)
     assert [r["loss"] for r in flower] == pytest.approx([r["loss"] for r in inmem], rel=1e-5)

@@ -62,7 +62,7 @@ def test_plan_trains_every_client_once() -> None:
 @pytest.mark.timeout(300)
 def test_small_run_with_a_tiny_limit_stops_cleanly_and_reports_where(tmp_path: Path) -> None:
     before = set(descendants(os.getpid()))
-    r = measure("conef-cs", 4, clients_per_round=2, dataset="digits", work=tmp_path, model="project",
+    r = measure("conef-cs", 4, clients_per_round=2, dataset="digits", work=tmp_path, model="auto",
                 max_rss=1 * MIB, timeout=240)
     assert r["stopped_by_guard"] and "error" not in r
     g = r["guard"]

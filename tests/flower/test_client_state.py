@@ -111,8 +111,8 @@ def test_memory_then_disk_and_the_state_from_before_the_round(tmp_path: Path) ->
     folder = tmp_path / "exp"
     assert sorted(p.name for p in folder.iterdir()) == ["partition-0.last", "partition-0.r2.state",
                                                          "partition-0.r3.state"]
-    mem = _load(tmp_path, 4, ctx)
-    assert (mem.source, mem.reason) == ("memory", "") and _same_state(mem, workers[3])
+    mem = _load(tmp_path, 4, ctx)  # with state-dir, context.state only points at the file
+    assert (mem.source, mem.reason) == ("disk", "") and _same_state(mem, workers[3])
     disk = _load(tmp_path, 4)  # a restarted node: empty context.state
     assert (disk.source, disk.reason) == ("disk", "") and _same_state(disk, workers[3])
     rerun = _load(tmp_path, 3)  # round 3 aborted after the client saved: use round 2's state
@@ -664,3 +664,67 @@ def test_a_read_only_state_directory_is_reported_not_raised(caplog) -> None:
         assert "not saved to disk" in caplog.text and "could not remove" in caplog.text
         assert _load(top, 3, ctx).source == "memory"  # the client goes on from its in-memory state
         assert sorted(p.name for p in folder.iterdir()) == [stale.name, "partition-0.last", "partition-0.r1.state"]
+
+
+# --- with state-dir: only a pointer in context.state ---------------------------------------------------
+
+
+def test_with_state_dir_context_state_keeps_only_a_pointer(tmp_path: Path) -> None:
+    ctx = _ctx()
+    worker = _worker(1)
+    res = _save(tmp_path, 1, worker, ctx)
+    assert (res.saved_to_disk, res.in_memory) == (True, False) and res.state_bytes > 1000
+    rec = dict(ctx.state[STATE_KEY])
+    assert "blob" not in rec and rec["on-disk"] is True and rec["round"] == 1
+    assert ctx.state[STATE_KEY].count_bytes() < 1000 < res.state_bytes  # the pointer, not the state
+    got = _load(tmp_path, 2, ctx)
+    assert (got.source, got.reason) == ("disk", "") and _same_state(got, worker)
+
+
+def test_memory_stays_flat_as_clients_grow_with_state_dir(tmp_path: Path) -> None:
+    def held(state_dir: Path | str, clients: int) -> int:
+        total = 0
+        for i in range(clients):
+            ctx = _ctx(partition=i)
+            _save(state_dir, 1, _worker(1), ctx)
+            total += ctx.state[STATE_KEY].count_bytes()
+        return total
+
+    in_memory = [held("", n) for n in (2, 8)]
+    pointers = [held(tmp_path, n) for n in (2, 8)]
+    per_state = (in_memory[1] - in_memory[0]) / 6
+    assert per_state > 1000  # without state-dir every client holds its state's bytes
+    assert (pointers[1] - pointers[0]) / 6 < per_state / 4  # with it only a pointer (a few hundred bytes)
+
+
+def test_a_pointer_loads_exactly_its_round_and_refuses_otherwise(tmp_path: Path, caplog) -> None:
+    ctx = _ctx()
+    _save(tmp_path, 1, _worker(1), ctx)
+    _save(tmp_path, 2, _worker(2), ctx)
+    other = _ctx()  # another writer of the same owner moved the disk on to round 3
+    other.state[STATE_KEY] = ConfigRecord(dict(ctx.state[STATE_KEY]))
+    _save(tmp_path, 3, _worker(3), other)
+    with caplog.at_level(logging.WARNING, logger=cs.__name__):
+        res = _load(tmp_path, 4, ctx)  # ctx's pointer says round 2; the disk's newest is round 3
+    assert (res.worker, res.source) == (None, "refused")
+    assert "names round 3, not round 2" in res.reason and "refused" in caplog.text
+    assert _load(tmp_path, 4, other).source == "disk"
+
+
+def test_a_pointer_whose_file_is_gone_or_without_state_dir_is_refused_not_fresh(tmp_path: Path) -> None:
+    ctx = _ctx()
+    _save(tmp_path, 1, _worker(1), ctx)
+    no_dir = _load("", 2, ctx)
+    assert no_dir.source == "refused" and "no state-dir is set" in no_dir.reason
+    shutil.rmtree(tmp_path / "exp")
+    gone = _load(tmp_path, 2, ctx)
+    assert gone.source == "refused" and "pointer names the state of round 1" in gone.reason
+
+
+def test_a_malformed_pointer_is_refused() -> None:
+    ctx = _ctx()
+    _save("", 1, _worker(1), ctx)
+    rec = dict(ctx.state[STATE_KEY])
+    ctx.state[STATE_KEY] = ConfigRecord({**rec, "on-disk": True})  # bytes and a pointer at once
+    res = _load("", 2, ctx)
+    assert res.source == "refused" and "neither the state's bytes nor an on-disk pointer" in res.reason
