@@ -35,6 +35,7 @@ import functools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from typing import ClassVar
 
 import torch
 
@@ -334,6 +335,8 @@ class EFSGD(ErrorFeedback):
 class ConEF(ErrorFeedback):
     """Partial contractive error feedback with error store C (``beta = 0``: plain ConEF).
 
+    Takes the arguments of :class:`ErrorFeedback`, and:
+
     Parameters
     ----------
     store:
@@ -342,20 +345,15 @@ class ConEF(ErrorFeedback):
         Partial feedback β ∈ [0, 1); default ``config.beta``.
     """
 
-    def __init__(
-        self,
-        shape: tuple[int, ...],
-        compressor: Compressor,
-        config: MethodConfig,
-        key: str = "",
-        device: torch.device | str = "cpu",
-        *,
-        store: ErrorStore | None = None,
-        beta: float | None = None,
-    ) -> None:
-        super().__init__(shape, compressor, config, key, device)
-        self.store = store if store is not None else make_error_store(config, self.numel, key, device)
-        self.beta = config.beta if beta is None else float(beta)
+    #: Kind of error store built when ``store`` is not given (``None``: ``config.error_compressor``).
+    store_kind: ClassVar[str | None] = None
+
+    def __init__(self, *args: object, store: ErrorStore | None = None, beta: float | None = None,
+                 **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.store = store if store is not None else make_error_store(self.config, self.numel, self.key,
+                                                                      self.device, kind=self.store_kind)
+        self.beta = self.config.beta if beta is None else float(beta)
         if not 0.0 <= self.beta < 1.0:
             raise ValueError(f"beta={self.beta} is out of range; allowed: [0, 1)")
 
@@ -435,16 +433,11 @@ class ConEF(ErrorFeedback):
 class HEFSGD(ConEF):
     """hEFSGD: EFSGD whose error is kept as its own top-k (``config.error_topk_ratio``), stored sparse."""
 
-    def __init__(
-        self,
-        shape: tuple[int, ...],
-        compressor: Compressor,
-        config: MethodConfig,
-        key: str = "",
-        device: torch.device | str = "cpu",
-    ) -> None:
-        store = make_error_store(config, math.prod(shape), key, device, kind="top-k")
-        super().__init__(shape, compressor, config, key, device, store=store, beta=0.0)
+    store_kind = "top-k"
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("beta", 0.0)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
 
 class IConEF(ErrorFeedback):
@@ -455,20 +448,12 @@ class IConEF(ErrorFeedback):
     (private seed), ``q ← C(p − Δ − ẽ)``.
     """
 
-    def __init__(
-        self,
-        shape: tuple[int, ...],
-        compressor: Compressor,
-        config: MethodConfig,
-        key: str = "",
-        device: torch.device | str = "cpu",
-        *,
-        version: int = 1,
-    ) -> None:
-        super().__init__(shape, compressor, config, key, device)
+    def __init__(self, *args: object, version: int = 1, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         if version not in (1, 2):
             raise ValueError(f"iConEF version={version!r}; allowed: 1, 2")
         self.version = version
+        config, key, device = self.config, self.key, self.device
         self.q_store = make_error_store(config, self.numel, key + "#q", device)
         self.e_store: ErrorStore | None = (
             make_error_store(config, self.numel, key + "#e", device) if version == 1 else None
