@@ -166,6 +166,24 @@ class Compressor(ABC):
         return self.compress(torch.zeros(shape), seed=0, key="__probe__").nbytes
 
 
+def flat_target(payload: Payload, target: torch.Tensor) -> torch.Tensor:
+    """``target`` as a flat view, after checking it has the payload's number of elements (``ValueError``)."""
+    if target.numel() != payload.numel:
+        raise ValueError(f"target has {target.numel()} elements, payload shape {payload.shape}")
+    return target.view(-1)
+
+
+class DecompressByAdding:
+    """Mixin: ``decompress`` is ``decompress_add_`` into zeros (for Q whose add path is the kernel)."""
+
+    def decompress(self, payload: Payload) -> torch.Tensor:
+        """Dense float32 reconstruction: ``decompress_add_`` into a new zero tensor on the payload's device."""
+        device = next(iter(payload.arrays.values())).device
+        out = torch.zeros(payload.numel, dtype=torch.float32, device=device)
+        self.decompress_add_(payload, out)  # type: ignore[attr-defined]
+        return out.view(payload.shape)
+
+
 def normalized_weights(weights: Sequence[float]) -> list[float]:
     """Return ``weights / sum(weights)``; raise ``ValueError`` if empty, negative or all zero."""
     w = [float(x) for x in weights]
@@ -248,6 +266,30 @@ class Selection:
         for off, idx in self.index_chunks(flat.device):
             flat.index_add_(0, idx, values[off : off + idx.numel()].to(flat.dtype), alpha=alpha)
         return flat
+
+
+class KeepsRatio:
+    """Mixin of the compressors that keep a fraction of the entries, with values in a wire dtype.
+
+    Parameters
+    ----------
+    ratio:
+        Fraction of elements kept, ``0 < ratio <= 1``; ``k = max(1, min(d, round(ratio * d)))``.
+    value_dtype:
+        Wire dtype of the values: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"``.
+    """
+
+    def __init__(self, ratio: float = 0.1, value_dtype: str = "float32") -> None:
+        self.ratio = check_ratio(ratio)
+        self.value_dtype = value_dtype
+        self._dtype = wire_value_dtype(value_dtype)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(ratio={self.ratio}, value_dtype={self.value_dtype!r})"
+
+    def k_for(self, numel: int) -> int:
+        """Number of values sent for a tensor of ``numel`` elements."""
+        return k_for_ratio(numel, self.ratio)
 
 
 class SelectiveCompressor(Compressor):

@@ -20,8 +20,10 @@ import torch
 from conef_fl.bitpack import CHUNK, pack_bits, packed_nbytes, unpack_bits
 from conef_fl.compressors.base import (
     Compressor,
+    DecompressByAdding,
     Payload,
     check_int,
+    flat_target,
     private_generator,
     private_uniform,
 )
@@ -33,7 +35,7 @@ MAX_LEVELS = 127
 _NORMS = ("l2", "max")
 
 
-class QSGD(Compressor):
+class QSGD(DecompressByAdding, Compressor):
     """QSGD with ``levels`` quantization levels; unbiased.
 
     Parameters
@@ -115,18 +117,10 @@ class QSGD(Compressor):
             )
         return codes, norm.to(torch.float32)
 
-    def decompress(self, payload: Payload) -> torch.Tensor:
-        """Dense float32 ``norm * sign * level / s``."""
-        out = torch.zeros(payload.numel, dtype=torch.float32, device=payload.arrays["codes"].device)
-        self.decompress_add_(payload, out)
-        return out.view(payload.shape)
-
     def decompress_add_(self, payload: Payload, target: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
         """``target += alpha * Q(x)``, chunk by chunk (no dense float temporary)."""
         codes, norm = self._check(payload)
-        if target.numel() != payload.numel:
-            raise ValueError(f"target has {target.numel()} elements, payload shape {payload.shape}")
-        flat = target.view(-1)
+        flat = flat_target(payload, target)
         step = norm.to(flat.device) * (alpha / self.levels)
         d = payload.numel
         for lo in range(0, d, CHUNK):

@@ -16,48 +16,29 @@ from collections.abc import Sequence
 import torch
 
 from conef_fl.compressors.base import (
+    KeepsRatio,
     Payload,
     Selection,
     SelectiveCompressor,
-    check_ratio,
-    k_for_ratio,
+    flat_target,
     normalized_weights,
-    wire_value_dtype,
 )
 from conef_fl.seeding import derive_seed
 
 __all__ = ["RandomBlockK", "RBSGD", "SeededSelectiveCompressor"]
 
 
-class SeededSelectiveCompressor(SelectiveCompressor):
+class SeededSelectiveCompressor(KeepsRatio, SelectiveCompressor):
     """Base for compressors that send only the values at a seed-determined selection.
 
     Wire format: ``arrays = {"values": k values in value_dtype}``;
     ``meta = {"seed": per-tensor seed, "k": k, "value_dtype": name}``. The values
     on the wire are the *unscaled* selected entries of ``x``; ``decompress``
     multiplies by :meth:`value_scale` (so rbSGD's ``d/k`` never overflows fp16).
-
-    Parameters
-    ----------
-    ratio:
-        Fraction of elements kept, ``0 < ratio <= 1``; ``k = max(1, min(d, round(ratio * d)))``.
-    value_dtype:
-        Wire dtype of the values: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"``.
+    Parameters: ``ratio`` and ``value_dtype`` (:class:`~conef_fl.compressors.base.KeepsRatio`).
     """
 
     all_reducible = True
-
-    def __init__(self, ratio: float = 0.1, value_dtype: str = "float32") -> None:
-        self.ratio = check_ratio(ratio)
-        self.value_dtype = value_dtype
-        self._dtype = wire_value_dtype(value_dtype)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(ratio={self.ratio}, value_dtype={self.value_dtype!r})"
-
-    def k_for(self, numel: int) -> int:
-        """Number of values sent for a tensor of ``numel`` elements."""
-        return k_for_ratio(numel, self.ratio)
 
     # -- sender -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -109,9 +90,7 @@ class SeededSelectiveCompressor(SelectiveCompressor):
     def decompress_add_(self, payload: Payload, target: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
         """``target += alpha * Q(x)`` touching only the ``k`` selected entries."""
         selection, values = self._check(payload)
-        if target.numel() != payload.numel:
-            raise ValueError(f"target has {target.numel()} elements, payload shape {payload.shape}")
-        selection.add_(target.view(-1), values, alpha=alpha * self.value_scale(payload.numel))
+        selection.add_(flat_target(payload, target), values, alpha=alpha * self.value_scale(payload.numel))
         return target
 
     def aggregate(self, payloads: Sequence[Payload], weights: Sequence[float]) -> Payload:

@@ -141,13 +141,7 @@ class RandomK(SeededSelectiveCompressor):
     """Random-k (unscaled): ``k`` distinct, sorted, seed-derived coordinates; only values are sent.
 
     Contractive with ``delta = 1 - k/d`` in expectation over the seed; all-reducible.
-
-    Parameters
-    ----------
-    ratio:
-        Fraction of elements kept, ``0 < ratio <= 1``; ``k = max(1, min(d, round(ratio * d)))``.
-    value_dtype:
-        Wire dtype of the values: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"``.
+    Parameters: ``ratio`` and ``value_dtype`` (:class:`~conef_fl.compressors.base.KeepsRatio`).
     """
 
     name = "random-k"

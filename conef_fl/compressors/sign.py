@@ -11,7 +11,7 @@ import math
 import torch
 
 from conef_fl.bitpack import bits_of_bytes_table, pack_bits, pack_mask_into, packed_nbytes
-from conef_fl.compressors.base import Compressor, Payload
+from conef_fl.compressors.base import Compressor, DecompressByAdding, Payload, flat_target
 
 __all__ = ["ScaledSign"]
 
@@ -24,7 +24,7 @@ def _chunk(d: int) -> int:
     return max(1 << 13, min(CHUNK, d // 128)) // 8 * 8
 
 
-class ScaledSign(Compressor):
+class ScaledSign(DecompressByAdding, Compressor):
     """Scaled sign compressor.
 
     Wire: ``"signs"``: ``ceil(d/8)`` uint8 bytes (bit = 1 for ``x >= 0``, bit-packed 8
@@ -70,18 +70,10 @@ class ScaledSign(Compressor):
             raise ValueError(f"scaled-sign payload scale must have 1 element, got {scale.numel()}")
         return signs, scale.to(signs.device, torch.float32)
 
-    def decompress(self, payload: Payload) -> torch.Tensor:
-        """Dense float32 ``scale * (+1 | -1)``."""
-        out = torch.zeros(payload.numel, dtype=torch.float32, device=payload.arrays["signs"].device)
-        self.decompress_add_(payload, out)
-        return out.view(payload.shape)
-
     def decompress_add_(self, payload: Payload, target: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
         """``target += alpha * Q(x)``, chunk by chunk (no dense float temporary)."""
         signs, scale = self._check(payload)
-        if target.numel() != payload.numel:
-            raise ValueError(f"target has {target.numel()} elements, payload shape {payload.shape}")
-        flat = target.view(-1)
+        flat = flat_target(payload, target)
         s = float(scale) * alpha
         d = payload.numel
         # row b: the ±1 of the eight entries of byte b (bit 1 -> +1, bit 0 -> -1)

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from conef_fl.compressors.base import Compressor, Payload, check_ratio, k_for_ratio, wire_value_dtype
+from conef_fl.compressors.base import Compressor, DecompressByAdding, KeepsRatio, Payload, flat_target
 
 __all__ = ["FAST_MIN_NUMEL", "TopK", "topk_indices", "topk_select"]
 
@@ -205,34 +205,19 @@ def topk_indices(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     return idx.to(torch.int64)
 
 
-class TopK(Compressor):
+class TopK(DecompressByAdding, KeepsRatio, Compressor):
     """Top-k: ``k`` int32 indices + ``k`` values of largest ``|x|``. Contractive (``delta = 1 - k/d``).
 
     Not all-reducible: workers pick different coordinates, the receiver sums
     sparse vectors (:meth:`decompress_add_` adds them without a dense temporary).
-
-    Parameters
-    ----------
-    ratio:
-        Fraction of elements kept, ``0 < ratio <= 1``; ``k = max(1, min(d, round(ratio * d)))``.
-    value_dtype:
-        Wire dtype of the values: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"``.
+    Parameters: ``ratio`` (default 0.01) and ``value_dtype`` (:class:`~conef_fl.compressors.base.KeepsRatio`).
     """
 
     name = "top-k"
     contractive = True
 
     def __init__(self, ratio: float = 0.01, value_dtype: str = "float32") -> None:
-        self.ratio = check_ratio(ratio)
-        self.value_dtype = value_dtype
-        self._dtype = wire_value_dtype(value_dtype)
-
-    def __repr__(self) -> str:
-        return f"TopK(ratio={self.ratio}, value_dtype={self.value_dtype!r})"
-
-    def k_for(self, numel: int) -> int:
-        """Number of entries sent for a tensor of ``numel`` elements."""
-        return k_for_ratio(numel, self.ratio)
+        super().__init__(ratio, value_dtype)
 
     @torch.no_grad()
     def compress(self, x: torch.Tensor, *, seed: int = 0, key: str = "") -> Payload:
@@ -266,18 +251,10 @@ class TopK(Compressor):
             raise ValueError(f"top-k indices out of range [0, {payload.numel})")
         return idx, values
 
-    def decompress(self, payload: Payload) -> torch.Tensor:
-        """Dense float32 tensor with the ``k`` values at their indices."""
-        out = torch.zeros(payload.numel, dtype=torch.float32, device=payload.arrays["values"].device)
-        self.decompress_add_(payload, out)
-        return out.view(payload.shape)
-
     def decompress_add_(self, payload: Payload, target: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
         """``target += alpha * Q(x)`` touching only the ``k`` sent entries (int32 indices, chunked)."""
         idx, values = self._check(payload)
-        if target.numel() != payload.numel:
-            raise ValueError(f"target has {target.numel()} elements, payload shape {payload.shape}")
-        flat = target.view(-1)
+        flat = flat_target(payload, target)
         step = 1 << 16
         for lo in range(0, idx.numel(), step):
             i = idx[lo : lo + step].to(flat.device)
