@@ -496,6 +496,21 @@ class CountSketch(ErrorStore):
     def _use_sparse(self) -> bool:
         return self.table.dtype in _SPARSE_DTYPES
 
+    def _block_split(self, start: int, k: int, what: str) -> tuple[int, int, list[tuple[int, int]]]:
+        """Whole units ``[first, last)`` inside ``[start, start + k)`` and the partial pieces at its edges.
+
+        Raises ``ValueError`` naming ``what`` if the range leaves ``[0, numel)``.
+        """
+        g = self.geometry
+        if start < 0 or k < 0 or start + k > g.numel:
+            raise ValueError(f"{what} [{start}, {start + k}) outside [0, {g.numel})")
+        m, full = g.unit, g.full_units
+        first = min(-(-start // m), full)  # first unit starting inside the range
+        last = max(first, min((start + k) // m, full))  # units [first, last) lie inside
+        if last > first:
+            return first, last, [(start, first * m), (last * m, start + k)]
+        return first, last, [(start, start + k)]
+
     def _unit_pieces(self, lo: int, hi: int) -> Iterator[tuple[int, int, int]]:
         """Split ``[lo, hi)`` at unit boundaries: ``(unit, first column, last column)``."""
         m, full = self.geometry.unit, self.geometry.full_units
@@ -662,19 +677,12 @@ class CountSketch(ErrorStore):
         units at the edges as slices.
         """
         g = self.geometry
-        k = values.numel()
-        if start < 0 or start + k > g.numel:
-            raise ValueError(f"block [{start}, {start + k}) outside [0, {g.numel})")
         vals = values.reshape(-1)
-        m, full = g.unit, g.full_units
-        first = min(-(-start // m), full)  # first unit starting inside the block
-        last = max(first, min((start + k) // m, full))  # units [first, last) lie inside
+        first, last, pieces = self._block_split(start, vals.numel(), "block")
+        m = g.unit
         with self.reuse_hashes():
             if last > first:
                 self._scatter(vals[first * m - start : last * m - start].view(last - first, m), first, alpha)
-                pieces = [(start, first * m), (last * m, start + k)]
-            else:
-                pieces = [(start, start + k)]
             hashes = self._hashes()
             for lo, hi in pieces:
                 for unit, c0, c1 in self._unit_pieces(lo, hi):
@@ -749,19 +757,12 @@ class CountSketch(ErrorStore):
         """``target += alpha · ê[start : start + len(target)]``: whole units through the kernels."""
         g = self.geometry
         flat = target.view(-1)
-        k = flat.numel()
-        if start < 0 or start + k > g.numel:
-            raise ValueError(f"range [{start}, {start + k}) outside [0, {g.numel})")
-        m, full = g.unit, g.full_units
+        first, last, pieces = self._block_split(start, flat.numel(), "range")
+        m = g.unit
         a = alpha * self.estimate_scale
-        first = min(-(-start // m), full)
-        last = max(first, min((start + k) // m, full))
         with self.reuse_hashes():
             if last > first:
                 self._estimate_units_add_(flat[first * m - start : last * m - start].view(last - first, m), first, a)
-                pieces = [(start, first * m), (last * m, start + k)]
-            else:
-                pieces = [(start, start + k)]
             for lo, hi in pieces:
                 for unit, c0, c1 in self._unit_pieces(lo, hi):
                     off = unit * m + c0 - start
