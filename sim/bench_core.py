@@ -180,6 +180,17 @@ def _summary(samples_s: Sequence[float]) -> dict[str, Any]:
     }
 
 
+def _timed_call(fn: Callable[[], Any], setup: Callable[[], Any] | None = None) -> float:
+    """Seconds of one ``fn()`` call (``setup()`` first, untimed; synchronised around on CUDA)."""
+    if setup is not None:
+        setup()
+    _sync()
+    t0 = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - t0
+
+
 def time_round_robin(
     items: dict[str, Callable[[], Any]],
     repeats: int,
@@ -198,15 +209,7 @@ def time_round_robin(
     """
     setup = setup or {}
     if warm is None:
-        warm = {}
-        for name, fn in items.items():
-            if name in setup:
-                setup[name]()
-            _sync()
-            t0 = time.perf_counter()
-            fn()
-            _sync()
-            warm[name] = time.perf_counter() - t0
+        warm = {name: _timed_call(fn, setup.get(name)) for name, fn in items.items()}
     per_round = sum(warm.values())
     total_budget = budget_s * len(items)
     n = repeats
@@ -216,13 +219,7 @@ def time_round_robin(
     samples: dict[str, list[float]] = {name: [] for name in items}
     for _ in range(n):
         for name, fn in items.items():
-            if name in setup:
-                setup[name]()
-            _sync()
-            t0 = time.perf_counter()
-            fn()
-            _sync()
-            samples[name].append(time.perf_counter() - t0)
+            samples[name].append(_timed_call(fn, setup.get(name)))
     out = {}
     for name in items:
         s = _summary(samples[name])

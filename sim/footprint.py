@@ -390,10 +390,11 @@ def _difference(a: dict[str, Any], b: dict[str, Any], ref: str, cand: str, d: in
 def markdown(report: dict[str, Any]) -> str:
     """A short table of the steady-state (round 2) numbers."""
     s = report["setup"]
+    title = "# Edge footprint: ClientApp peak RSS and SuperNode error state"
     lines = [
-        "# Edge footprint: ClientApp peak RSS and SuperNode error state",
+        title,
         "",
-        f"Measured by `python -m sim.footprint` on {s['machine']} ({s['cpu_count']} cores), "
+        f"Measured by `{s.get('command', 'python -m sim.footprint')}` on {s['machine']} ({s['cpu_count']} cores), "
         f"Python {s['python']}, torch {s['torch']}, one thread. Each row is round {s['rounds']} (median of "
         f"{s['repeats']} repeats by peak RSS) of a fresh "
         "process per round doing what `clients.client_app.train` does (load the global model from an "

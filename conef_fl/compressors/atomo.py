@@ -80,23 +80,15 @@ class ATOMO(Compressor):
         Expected number of atoms ``r >= 1``.
     value_dtype:
         Wire dtype of ``u`` and ``v``: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"``.
-    generator:
-        Private ``torch.Generator`` for the sampling; if ``None`` a CPU generator seeded
-        with ``seed`` is created.
-    seed:
-        Seed of the generator created when ``generator`` is ``None`` (>= 0).
+    generator, seed:
+        The private randomness of the sampling (:func:`~conef_fl.compressors.base.private_generator`).
     """
 
     name = "atomo"
     unbiased = True
 
-    def __init__(
-        self,
-        rank: int = 4,
-        value_dtype: str = "float32",
-        generator: torch.Generator | None = None,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, rank: int = 4, value_dtype: str = "float32", generator: torch.Generator | None = None,
+                 seed: int = 0) -> None:
         self.rank = check_int("rank", rank, 1)
         self.value_dtype = value_dtype
         self._dtype = wire_value_dtype(value_dtype)

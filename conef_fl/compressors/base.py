@@ -356,7 +356,10 @@ def k_for_ratio(numel: int, ratio: float) -> int:
 
 
 def private_generator(generator: torch.Generator | None, seed: int) -> torch.Generator:
-    """``generator`` itself, or a fresh CPU generator seeded with ``seed`` when it is ``None``."""
+    """``generator`` itself, or a fresh CPU generator seeded with ``seed`` (>= 0) when it is ``None``.
+
+    The private randomness of a compressor (QSGD's rounding, ATOMO's sampling): never the global RNG.
+    """
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")

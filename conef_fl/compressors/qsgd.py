@@ -44,24 +44,16 @@ class QSGD(DecompressByAdding, Compressor):
         Number of levels ``s``, ``1 <= s <= 127``.
     norm:
         ``"l2"`` (default, as in QSGD) or ``"max"``.
-    generator:
-        Private ``torch.Generator`` for the stochastic rounding. If ``None``, a CPU
-        generator seeded with ``seed`` is created. The draws are made on the
-        generator's device and moved to the input's device if they differ.
-    seed:
-        Seed of the generator created when ``generator`` is ``None`` (>= 0).
+    generator, seed:
+        The private randomness of the stochastic rounding
+        (:func:`~conef_fl.compressors.base.private_generator`, :func:`~conef_fl.compressors.base.private_uniform`).
     """
 
     name = "qsgd"
     unbiased = True
 
-    def __init__(
-        self,
-        levels: int = 16,
-        norm: str = "l2",
-        generator: torch.Generator | None = None,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, levels: int = 16, norm: str = "l2", generator: torch.Generator | None = None,
+                 seed: int = 0) -> None:
         self.levels = check_int("levels", levels, 1, MAX_LEVELS)
         if norm not in _NORMS:
             raise ValueError(f"norm={norm!r} is not supported; allowed: {list(_NORMS)}")
