@@ -56,7 +56,7 @@ import torch
 
 from conef_fl.compressors import make_compressor
 from conef_fl.error_stores.base import check_finite
-from conef_fl.error_stores.sketch import CountSketch, SketchGeometry
+from conef_fl.error_stores.sketch import CountSketch, SketchGeometry, hash_cache_info
 from conef_fl.feedback import make_feedback
 from conef_fl.measure import measure_transient, persistent_bytes
 from conef_fl.registry import method_config
@@ -699,6 +699,7 @@ def run_benchmark(sizes: Sequence[int] = DEFAULT_SIZES, repeats: int = 7, thread
         result["fixed_cost"] = bench_fixed_cost(repeats)
     result["load_avg_end"] = _loadavg()
     result["elapsed_s"] = time.perf_counter() - t0
+    result["hash_cache"] = hash_cache_info()  # process-wide sketch hash structures held at the end
     result["targets"] = evaluate_targets(result)
     return result
 
