@@ -34,9 +34,9 @@ Hash cache. The hash structures are a pure function of ``(row seed, geometry)``
 and never change, so they are kept in one process-wide LRU cache
 (:data:`HASH_CACHE_BYTES`, default 64 MiB; :func:`set_hash_cache_bytes`): every
 sketch with the same seed and geometry shares one entry (all virtual clients of
-a model, all DDP workers of a process). An entry holds 20 bytes per unit (the
-permutation, signs, positions, per-unit buckets and signs), i.e. at most
-``20·n`` bytes for a tensor of ``n`` units (about 10^4 units per tensor of the
+a model, all DDP workers of a process). An entry holds 16 bytes per unit (the
+permutation, signs, per-unit buckets and signs), i.e. ``16·n`` bytes for a
+tensor of ``n`` units (about 10^4 units per tensor of the
 default geometry): not error state (``nbytes`` and ``persistent_tensors`` do not
 count it) but memory the process holds; :func:`hash_cache_info` reports it.
 With the cache disabled (``set_hash_cache_bytes(0)``) or full, the structures
@@ -218,8 +218,9 @@ class _RowHash:
         self._usign: torch.Tensor | None = None
 
     def complete(self) -> _RowHash:
-        """Build every lazily computed structure (before the hash is cached and shared)."""
+        """Build the per-unit buckets and signs, drop the positions (before the hash is cached and shared)."""
         _ = self.ubucket, self.usign
+        self._inv = None  # only needed to build them: 16 bytes a unit stay (perm, sign, ubucket, usign)
         return self
 
     @property
