@@ -137,15 +137,17 @@ def time_to_target(rounds: Sequence[Mapping[str, Any]], times: Sequence[float], 
     return None
 
 
-def load_run_dirs(dirs: Sequence[Path], methods: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Finished runs (``<id>-s<seed>/rounds.json`` with ``summary.json``) under ``dirs``, optionally by method."""
+def load_run_dirs(dirs: Sequence[Path], methods: Sequence[str] = (), seeds: Sequence[int] = ()) -> list[dict[str, Any]]:
+    """Finished runs (``<id>-s<seed>/rounds.json`` with ``summary.json``) under ``dirs``, optionally by method
+    and seed; a run name found in several folders is taken from the first."""
     from sim.experiments import load_runs
 
-    runs = []
+    runs, seen = [], set()
     for d in dirs:
         for r in load_runs(Path(d)):
-            if methods and r["method_id"] not in methods:
+            if (methods and r["method_id"] not in methods) or (seeds and r["seed"] not in seeds) or r["name"] in seen:
                 continue
+            seen.add(r["name"])
             r["source"] = str(d)
             runs.append(r)
     return runs
@@ -265,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--compute", type=Path, required=True, help="compute.json from calibrate")
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--methods", default="", help="comma-separated method ids (default: every calibrated one)")
+    r.add_argument("--seeds", default="", help="comma-separated seeds (default: every seed found)")
     r.add_argument("--targets", default="90,95", help="target test accuracies, %%")
     r.add_argument("--bandwidths", default=",".join(f"{b:g}" for b in BANDWIDTHS_MBIT), help="uplink Mbit/s")
     r.add_argument("--downlink-ratio", type=float, default=1.0,
@@ -297,7 +300,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         bandwidths = [float(b) for b in _csv(args.bandwidths)]
     except ValueError as exc:
         raise SystemExit(f"--targets/--bandwidths must be numbers: {exc}") from None
-    runs = load_run_dirs(args.runs, methods)
+    try:
+        seeds = [int(x) for x in _csv(args.seeds)]
+    except ValueError:
+        raise SystemExit(f"--seeds={args.seeds!r} must be comma-separated integers") from None
+    runs = load_run_dirs(args.runs, methods, seeds)
     if not runs:
         raise SystemExit(f"no finished runs of {methods} under {[str(d) for d in args.runs]}")
     report = build_report(runs, compute, targets=targets, bandwidths=bandwidths, downlink_ratio=args.downlink_ratio)
