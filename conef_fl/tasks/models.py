@@ -57,47 +57,39 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-class DigitsCNN(nn.Module):
+class _ConvClassifier(nn.Module):
+    """Convolutional ``features`` followed by a linear ``classifier`` (the names fix the state-dict keys)."""
+
+    def __init__(self, features: nn.Sequential, hidden_in: int, hidden: int, num_classes: int) -> None:
+        super().__init__()
+        self.features = features
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(hidden_in, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, num_classes)`` of images ``(N, C, H, W)``."""
+        return self.classifier(self.features(x))
+
+
+class DigitsCNN(_ConvClassifier):
     """Two 3x3 convolutions and two linear layers for 8x8 digits (9,802 parameters)."""
 
     def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(8, 16, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
+        features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)
         )
-        self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(16 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, num_classes)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, num_classes)`` of images ``(N, 1, 8, 8)``."""
-        return self.classifier(self.features(x))
+        super().__init__(features, 16 * 4 * 4, 32, num_classes)
 
 
-class MnistCNN(nn.Module):
+class MnistCNN(_ConvClassifier):
     """LeNet-like CNN for 28x28 images (184,586 parameters)."""
 
     def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 5),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 5),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
+        features = nn.Sequential(
+            nn.Conv2d(1, 32, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 5), nn.ReLU(), nn.MaxPool2d(2)
         )
-        self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, num_classes)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, num_classes)`` of images ``(N, 1, 28, 28)``."""
-        return self.classifier(self.features(x))
+        super().__init__(features, 64 * 4 * 4, 128, num_classes)
 
 
 class CharLSTM(nn.Module):
