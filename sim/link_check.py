@@ -221,7 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             a = analyse(raw["rounds"], raw["links"], mbit, c.get("client_seconds"), c.get("server_seconds"))
             a.update({"method": method, "deployment_seconds": raw["seconds"],
-                      "link_bytes": [{k: v for k, v in link.items() if k != "events"} for link in raw["links"]]})
+                      "link_bytes": [{k: v for k, v in link.items() if k != "events"} for link in raw["links"]],
+                      "link_transfers": [{d: transfers(link["events"], d) for d in ("down", "up")}
+                                         for link in raw["links"]]})
             results["runs"].append(a)
             log.info("%s %g Mbit/s: round %.2f s (model %s), client span %s s (model %s), rate error %s", method,
                      mbit, a["round_seconds_mean"] or float("nan"), a.get("model_round_seconds_mean"),
