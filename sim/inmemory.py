@@ -126,7 +126,7 @@ def run_inmemory(run_config: Mapping[str, Any], num_nodes: int, node_ids: list[i
 
     cfg = {**app_defaults(), "min-available-nodes": num_nodes, **dict(run_config)}
     cfg["min-available-nodes"] = min(int(cfg["min-available-nodes"]), num_nodes)
-    grid = InMemoryGrid(client_app, num_nodes, cfg, node_ids)
+    grid = InMemoryGrid(client_app, num_nodes, cfg, node_ids=node_ids)
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg)
     with _as_node(0):
         server_app(grid, ctx)
