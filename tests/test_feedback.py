@@ -199,7 +199,7 @@ def test_every_method_declares_its_memory_truthfully() -> None:
         "conef-powersgd": 0.1 * efsgd_bytes + 64,
         "conef-q": d * code_bits(16) / 8 + 16, "iconef-v1": 2 * (d * code_bits(16) / 8 + 16),
         "iconef-v2": d * code_bits(16) / 8 + 16 + 0.1 * 4 * d, "hefsgd": 0.05 * d * 8 + 16,
-        "partial-efsgd": efsgd_bytes,
+        "partial-efsgd": efsgd_bytes, "decayed-efsgd": efsgd_bytes,
     }
     assert set(expected_max) == set(available_methods())
     for name in available_methods():

@@ -115,6 +115,16 @@ class DecayedError(DenseError):
         super().accumulate_(x, alpha)
         return self
 
+    def subtract_estimate_feedback_(self, coeff: float) -> bool:
+        """Unsupported here (returns False), so ``absorb_`` takes the generic path.
+
+        :class:`DenseError` scales the state in place and then accumulates the residual;
+        with ageing in :meth:`accumulate_` that would age the already-scaled state
+        (``a·β·e`` instead of ``a·e − (1−β)e``). The generic path subtracts ``(1−β)ê``
+        from the residual instead, so one step is ``e ← a·e + u − Δ`` on both paths.
+        """
+        return False
+
     def state_dict(self) -> dict[str, object]:
         return {**super().state_dict(), "factor": self.factor}
 
