@@ -1,42 +1,8 @@
 """A dense error that ages the way a count sketch does: the stale-error control of ConEF-CS.
 
-Why a count sketch ages the error (one row, ``w`` buckets, ``d`` coordinates, each
-bucket holding ``d/w`` coordinates with the balanced hash). ConEF's mass-conserving
-update with a selective Q (random block, ``k`` coordinates ``K``) is
-
-    ê = U(S),  Δ_K = u_K + (1−β)·ê_K,  S ← S + C(u − Δ)
-
-and ``C(P_K U S)[b] = |K ∩ bucket b| · S[b]``: every coordinate of ``K`` that falls
-in a bucket drains the *whole* bucket by ``(1−β)·S[b]``. A bucket holds ``d/w``
-coordinates, ``k/w`` of them selected on average, so in expectation
-
-    S ← (1 − (1−β)·k/w) · S + C(residual of this step)
-
-— the stored error, also of coordinates that were not sent, keeps
-``γ_sketch = 1 − (1−β)·k/w`` per participation (0.5 at ``w = k = 0.1 d``, β 0.5;
-0.875 at ``w = 0.4 d``). A dense error with the same partial feedback keeps
-``γ_dense = 1 − (1−β)·k/d`` (0.95): only the sent coordinates lose their
-``(1−β)`` share. So ConEF-CS differs from partial EFSGD in two ways: it stores
-the error in ``w`` numbers (memory compression), and it forgets stale error
-``d/w`` times faster (damping).
-
-This store separates the two: a dense fp32 error (no memory saving) that, at every
-step, multiplies the stored error by ``a`` before adding the step's residual:
-
-    e ← a·e + (u − Δ)
-
-Unsent coordinates then keep ``a``, sent ones ``a − (1−β)``, on average
-``a − (1−β)·k/d``; equal to ``γ_sketch`` when
-
-    a = 1 − (1−β)·k·(1/w − 1/d)          (:func:`sketch_aging_factor`)
-
-(0.55 for ConEF-CS 90 %, 0.925 for 60 %, both at β 0.5, k = 0.1 d). The factor
-is derived for a selective Q (random block / random k); with a dense Q (scaled
-sign, QSGD) the sketch's drain depends on Q's values, and the factory refuses it.
-
-The ageing happens in :meth:`DecayedError.accumulate_`, the one full-tensor
-accumulation ConEF's linear paths make per step (selective: ``accumulate_(u)``;
-general: ``accumulate_(p − Δ)`` after ``subtract_estimate_feedback_``).
+A dense fp32 error multiplied by ``a = 1 − (1−β)·k·(1/w − 1/d)`` each step
+(:func:`sketch_aging_factor`), so that it forgets stale error as fast as ConEF-CS's
+count sketch while keeping all ``d`` numbers. The derivation: ``docs/design.md``.
 """
 
 from __future__ import annotations

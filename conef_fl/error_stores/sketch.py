@@ -1,48 +1,10 @@
 """A count sketch that keeps no d-sized table and creates no d-sized temporary.
 
-Design (the paper's *tensor trick*, Appendix G): the flat vector of ``d``
-elements is viewed as ``n`` *units* of ``m`` contiguous elements (the last unit
-may be shorter: the *tail*). Each sketch row ``r`` hashes whole units: unit ``i``
-goes to bucket ``h_r(i)`` with sign ``s_r(i)``, and the sketch keeps a table
-``S[r] ∈ R^{W×m}``::
-
-    S[r, h_r(i), :] += s_r(i) · x[i·m : (i+1)·m]
-    ê[i·m : (i+1)·m] = median_r  s_r(i) · S[r, h_r(i), :]      (v = 1: a lookup)
-
-Hash (scheme ``perm-v1``). Per row, a seeded generator draws a random
-permutation ``π`` of the ``F = ⌊d/m⌋`` full units and one random sign per
-position; the units at positions ``[⌊b·F/W⌋, ⌊(b+1)·F/W⌋)`` of ``π`` go to bucket
-``b``. Every bucket thus holds ``⌊F/W⌋`` or ``⌈F/W⌉`` units (balanced loads), two
-units share a bucket with probability ≈ 1/W, and signs are independent of
-everything else, so the estimate is unbiased. The tail unit gets its own bucket
-and sign from the seed. The permutation *is* the sparse structure of the update
-(``Pᵀ`` in CSR form: row pointers from arithmetic, column indices ``π``, values
-the signs): no sort, no hashing of every unit, nothing kept between calls. Only
-``O(n)`` integers exist during a call; nothing of size ``d`` besides the
-caller's own vectors. The sketch is linear: sketches with the same seed and
-geometry can be added and averaged (error reset, all-reduce).
-
-Kernels. Both scatter (sketch) and gather (recover) are products with a sparse
-±1 matrix that has one non-zero per unit: ``S += Pᵀ X`` and ``X̂ = P S`` with
-``P ∈ {0, ±1}^{n×W}``. float32/float64 tables use sparse-CSR ``addmm_``. For
-float16/bfloat16 tables (which CPU sparse kernels do not support) the update
-accumulates each block of buckets in a bounded float32 scratch with the same
-sparse product and rounds it into the table once; recovery gathers bucket rows
-chunk by chunk and adds them in float32.
-
-Hash cache. The hash structures are a pure function of ``(row seed, geometry)``
-and never change, so they are kept in one process-wide LRU cache
-(:data:`HASH_CACHE_BYTES`, default 64 MiB; :func:`set_hash_cache_bytes`): every
-sketch with the same seed and geometry shares one entry (all virtual clients of
-a model, all DDP workers of a process). An entry holds 16 bytes per unit (the
-permutation, signs, per-unit buckets and signs), i.e. ``16·n`` bytes for a
-tensor of ``n`` units (about 10^4 units per tensor of the
-default geometry): not error state (``nbytes`` and ``persistent_tensors`` do not
-count it) but memory the process holds; :func:`hash_cache_info` reports it.
-With the cache disabled (``set_hash_cache_bytes(0)``) or full, the structures
-are rebuilt per call, and ``reuse_hashes()`` keeps them for the duration of a
-``with`` block (one error-feedback step calls the sketch several times).
-Results are identical either way.
+Units of ``m`` elements are hashed to ``W`` buckets per row by a seeded balanced
+permutation (scheme ``perm-v1``); update and recovery are sparse ±1 products, with
+fp32 accumulation for fp16/bf16 tables; hash structures are a pure function of
+(seed, geometry) and shared through a bounded process-wide cache that never changes
+a result. The design and its reasons: ``docs/design.md``.
 """
 
 from __future__ import annotations

@@ -1,42 +1,14 @@
 """A client's error state between rounds: in ``context.state``, or on the device's disk.
 
-Without a state directory, ``context.state`` keeps the worker's serialized
-``state_dict`` (count-sketch tables, packed quantizer bytes, ...) as ``bytes``
-under :data:`STATE_KEY`, together with the round, run, owner and method config it
-belongs to. Flower keeps ``context.state`` in the SuperNode's memory (in a
-simulation: every virtual node's, in one process).
-
-With a state directory every round's state is written to the device's disk
-(it survives a SuperNode restart) and ``context.state`` keeps only a small
-pointer: the same record without the bytes (``on-disk`` set). The next round
-loads the state from disk and checks that it is the pointer's round, so the
-process's memory does not grow with the number of clients. If a save to disk
-fails, the bytes stay in ``context.state`` as without a state directory.
-
-On disk (``<state-dir>/<run-key>/``, see :class:`StateOwner`):
-
-* ``<owner>.r<round>.state``: a header (magic ``CONEFST2``, metadata length,
-  payload length, SHA-256 of metadata + payload), JSON metadata
-  ``{"kind": "state", "run_key", "owner", "round", "method"}`` and the payload
-  (``torch.save`` of ``{"round", "worker"}``, loaded with ``weights_only=True``).
-* ``<owner>.last``: the round pointer, same header with magic ``CONEFPT1`` and
-  metadata ``{"kind": "pointer", "run_key", "owner", "rounds": [newest, previous]}``:
-  the rounds whose state this owner saved, i.e. the only files it will load.
-
-Loading for round ``R`` uses the newest pointer round before ``R`` (so a round
-that was aborted after the client saved does not poison a re-run), and refuses,
-with a logged reason, a file that is missing, not a regular file, a symlink,
-larger than ``max_bytes``, corrupt, or whose metadata names another run, another
-owner or another round than its name. Server rounds are validated
-(:func:`check_server_round`) and may not go below the pointer's newest round.
-
-Writing is atomic and exclusive: both files are written to temporary files
-created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` in the same directory, fsynced,
-renamed (state first, then pointer), and the directory fsynced; every failure
-path removes its temporary files, and temporaries left by a killed writer are
-removed at the owner's next start (a load or save with an empty
-``context.state``). OS errors while saving are reported in
-:class:`SaveResult`, never raised: the client still replies.
+Without a state directory, ``context.state`` keeps the worker's serialized state as
+``bytes`` under :data:`STATE_KEY` with the round, run, owner and method it belongs to.
+With one, every round's state is written atomically to ``<state-dir>/<run-key>/``
+(``<owner>.r<round>.state`` and the round pointer ``<owner>.last``, both with a
+checksummed header) and ``context.state`` keeps only a pointer, so the process's
+memory does not grow with the number of clients. Loads refuse, with a logged reason,
+anything that is not exactly the pointer's round of this run and owner; save errors
+are reported in :class:`SaveResult`, never raised. The file format, the refusal rules
+and the write protocol: ``docs/federated.md`` (*Client state on disk*).
 """
 
 from __future__ import annotations

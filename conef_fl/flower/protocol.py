@@ -14,6 +14,9 @@ strategy's own keys):
   ``conef.downlink-seeds`` and one record pair ``conef.down-<round>`` /
   ``conef.down-<round>-meta`` per missed round.
 
+Discovery (once per new node, :mod:`~conef_fl.flower.sampling`): a train message with
+only ``conef-discover`` / ``conef.discover``; the mod answers with ``conef.partition-id``.
+
 Client → server: the local model's ArrayRecord is replaced by
 ``conef.payload`` (wire arrays) + ``conef.payload-meta`` (scalars); the user's
 MetricRecord is kept and gains the ``conef.*`` metrics below.
@@ -32,6 +35,10 @@ METHOD_NAME_KEY = "conef.method-name"
 ROUND_SEED_KEY = "conef.round-seed"
 ARRAYS_KEY_KEY = "conef.arrays-key"
 ALLOW_STATE_RESET_KEY = "conef.allow-state-reset"
+#: Config key (value True) of a discovery message: the node answers with its partition id only.
+DISCOVER_KEY = "conef.discover"
+#: The ConfigRecord that carries :data:`DISCOVER_KEY`.
+DISCOVER_RECORD = "conef-discover"
 #: Flower's own key for the round number (FedAvg's ``configure_train`` writes it).
 SERVER_ROUND_KEY = "server-round"
 

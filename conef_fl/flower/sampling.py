@@ -38,9 +38,8 @@ log = logging.getLogger(__name__)
 SAMPLINGS = ("random", "cyclic")
 #: What the draw is over: data partitions (discovered) or node ids.
 SAMPLE_BY = ("partition", "node")
-#: Config key that marks a discovery message (its value is True).
-DISCOVER_KEY = "conef.discover"
-_RECORD = "conef-discover"
+DISCOVER_KEY = P.DISCOVER_KEY
+_RECORD = P.DISCOVER_RECORD
 
 
 def discovery_message(node_id: int) -> Message:
