@@ -19,7 +19,6 @@ import torch
 from conef_fl.compressors import make_compressor
 from conef_fl.compressors.base import Compressor, Payload
 
-
 #: ATOMO metadata that differs between workers (checked against the arrays instead).
 _ATOMO_VARIABLE_META = {"atoms", "num_atoms"}
 
