@@ -7,6 +7,7 @@ proportion to a size it declares, and the round must go on with the other client
 from __future__ import annotations
 
 import math
+import random
 import tracemalloc
 from unittest.mock import Mock
 
@@ -54,8 +55,18 @@ _CACHE: dict[str, tuple] = {}
 
 
 def setup(method: str):
+    """The strategy and three honest payloads of ``method``, built once per process.
+
+    Flower's node sampling draws from Python's global ``random``; the first
+    build happens inside a hypothesis draw, so the global state is restored
+    around it (hypothesis rejects strategies that consume ``random``).
+    """
     if method not in _CACHE:
-        _CACHE[method] = _setup(method)
+        state = random.getstate()
+        try:
+            _CACHE[method] = _setup(method)
+        finally:
+            random.setstate(state)
     return _CACHE[method]
 
 
