@@ -38,7 +38,7 @@ INNER_STRATEGIES = (
 )
 DATASETS = ("digits", "mnist", "shakespeare")
 PARTITIONINGS = ("iid", "dirichlet", "pathological", "natural")
-MODELS = ("auto", "mlp", "cnn", "char-lstm", "mlp-wide")
+MODELS = ("auto", "mlp", "cnn", "char-lstm", "mlp-wide", "char-gru")
 DOWNLINKS = ("", "dense", "random-block-k", "random-k", "top-k", "scaled-sign", "qsgd", "rbsgd", "identity")
 #: Method fields that the method name sets (not user keys) or that come from another key (``seed``).
 _NOT_KEYS = ("feedback", "error_compressor", "seed")
