@@ -37,6 +37,25 @@ def test_char_lstm_size_and_forward() -> None:
     assert small(torch.zeros(2, 7, dtype=torch.int64)).shape == (2, 7, 11)
 
 
+def test_char_gru_size_forward_and_learns() -> None:
+    net = build_model("shakespeare", "char-gru", seed=0)
+    assert count_parameters(net) == 65_489  # embedding 16, 1 x GRU(128), linear
+    assert net(torch.zeros(2, 80, dtype=torch.int64)).shape == (2, 80, 65)
+    small = build_model(_text_task(vocab=11), "char-gru", seed=0)
+    assert small(torch.zeros(2, 7, dtype=torch.int64)).shape == (2, 7, 11)
+    # a periodic sequence is learnable: SGD steps lower the loss well below log(vocab)
+    x = torch.arange(64).remainder(11).repeat(8, 1)
+    opt = torch.optim.SGD(small.parameters(), lr=1.0)
+    for _ in range(60):
+        loss = torch.nn.functional.cross_entropy(small(x[:, :-1]).reshape(-1, 11), x[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.5 * float(torch.log(torch.tensor(11.0)))
+    with pytest.raises(ValueError, match="char-gru.*does not fit image task"):
+        build_model("mnist", "char-gru")
+
+
 def test_build_model_seed_keeps_global_rng(digits: TaskData) -> None:
     torch.manual_seed(123)
     state = torch.get_rng_state()
