@@ -63,6 +63,8 @@ class MethodRun:
     label: str
     overrides: Mapping[str, Any]
     note: str = ""
+    #: simulation-only options of the in-process grid (not run-config keys; e.g. ``error-reset-every``)
+    sim: Mapping[str, Any] = field(default_factory=dict)
 
 
 #: Gradient compressor of the EF/ConEF family and rbSGD: random block, 10 % of each tensor.
@@ -80,6 +82,12 @@ METHODS: dict[str, MethodRun] = {
                   "count sketch w = 0.4 d, v = 1, β = 0.5 (β from the β study; see docs/experiments.md)"),
         MethodRun("conef-cs-90", "ConEF-CS 90 %", {"method": "conef-cs", **_BLOCK, "sketch-ratio": 0.1, "beta": 0.5},
                   "count sketch w = 0.1 d, v = 1, β = 0.5 (β from the β study; see docs/experiments.md)"),
+        *(MethodRun(f"conef-cs-90-er{h}", f"ConEF-CS 90 % + sketch error reset every {h} rounds",
+                    {"method": "conef-cs", **_BLOCK, "sketch-ratio": 0.1, "beta": 0.5},
+                    f"as ConEF-CS 90 %; every {h} rounds the round's clients' sketches are replaced by their mean "
+                    "(paper App. G.4; simulation study of the in-process grid, not carried by the Flower protocol; "
+                    "its bytes are in the uplink/downlink columns)", sim={"error-reset-every": h})
+          for h in (10, 50)),
         MethodRun("partial-efsgd-b0.5", "partial EFSGD (β 0.5)",
                   {"method": "partial-efsgd", **_BLOCK, "beta": 0.5},
                   "EFSGD feeding back (1 − β) of a dense error (the paper's Alg. 4 with C = identity): "
@@ -210,6 +218,8 @@ class Run:
     num_nodes: int
     name: str
     extra: dict[str, Any] = field(default_factory=dict)
+    #: simulation-only options (:attr:`MethodRun.sim`)
+    sim: dict[str, Any] = field(default_factory=dict)
 
     def folder(self, out: Path) -> Path:
         return out / self.name
@@ -240,7 +250,7 @@ def plan_grid(task: TaskSpec, methods: Sequence[str], seeds: Sequence[int], roun
                 continue
             name = f"{mid}-s{seed}"
             runs.append(Run(mid, seed, run_config(task, METHODS[mid], seed, rounds, out, name, extra),
-                            task.num_nodes, name))
+                            task.num_nodes, name, sim=dict(METHODS[mid].sim)))
     return runs
 
 
@@ -286,19 +296,36 @@ ENGINE_LABELS = {"inmemory": "the in-process grid (sim/inmemory.py)",
                  "flower": "Flower's simulation engine (flwr run, SuperLink, Ray)"}
 
 
-def execute(cfg: Mapping[str, Any], num_nodes: int, engine: str = "inmemory") -> dict[str, Any]:
-    """Run one configuration with the real ServerApp/ClientApp on ``engine``; return its summary."""
+#: Simulation-only options (:attr:`MethodRun.sim`) the in-process grid understands.
+SIM_OPTIONS = ("error-reset-every",)
+
+
+def execute(cfg: Mapping[str, Any], num_nodes: int, engine: str = "inmemory",
+            sim: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Run one configuration with the real ServerApp/ClientApp on ``engine``; return its summary.
+
+    ``sim``: simulation-only options of the in-process grid (``error-reset-every``: see
+    :class:`sim.inmemory.InMemoryGrid`); recorded in ``experiment.json`` and, with the resets' bytes, in
+    ``summary.json`` (``error_reset``)."""
     import torch
 
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r} is not valid; allowed: {', '.join(ENGINES)}")
+    sim = dict(sim or {})
+    unknown = sorted(set(sim) - set(SIM_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown simulation option(s) {unknown}; allowed: {', '.join(SIM_OPTIONS)}")
+    if sim and engine != "inmemory":
+        raise ValueError(f"simulation options {sorted(sim)} exist only on the in-process grid, not engine={engine}")
     torch.set_num_threads(1)
     if _ROUND_HANDLER is not None:
         _ROUND_HANDLER.run_name = str(cfg["run-name"])
     out = Path(str(cfg["output-dir"])) / str(cfg["run-name"])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "experiment.json").write_text(json.dumps({"run_config": dict(cfg), "num_nodes": num_nodes,
-                                                     "engine": engine}, indent=2))
+    meta: dict[str, Any] = {"run_config": dict(cfg), "num_nodes": num_nodes, "engine": engine}
+    if sim:
+        meta["simulation"] = sim
+    (out / "experiment.json").write_text(json.dumps(meta, indent=2))
     t0 = time.time()
     if engine == "flower":
         from sim.run import run_simulation
@@ -307,7 +334,16 @@ def execute(cfg: Mapping[str, Any], num_nodes: int, engine: str = "inmemory") ->
     else:
         from sim.inmemory import run_inmemory
 
-        run_inmemory(cfg, num_nodes)
+        grid = run_inmemory(cfg, num_nodes, error_reset_every=int(sim.get("error-reset-every", 0)))
+        if grid.error_reset_every:
+            up, down = grid.error_reset_bytes()
+            summary = json.loads((out / "summary.json").read_text())
+            summary["error_reset"] = {
+                "every_rounds": grid.error_reset_every, "variant": "round's clients' sketches replaced by their mean",
+                "resets": len(grid.error_resets), "uplink_bytes": up, "downlink_bytes": down,
+                "sketch_bytes_per_client": grid.error_resets[0]["sketch_bytes_per_client"] if grid.error_resets else 0,
+                "where": "simulation study of the in-process grid (sim/inmemory.py); not in the Flower protocol"}
+            (out / "summary.json").write_text(json.dumps(summary, indent=1))
     summary = json.loads((out / "summary.json").read_text())
     summary["total_seconds"] = time.time() - t0
     return summary
@@ -343,7 +379,8 @@ class Executor:
 
     def submit(self, run: Run) -> cf.Future[dict[str, Any]]:
         # the default engine is not passed: execute(cfg, num_nodes) stays the call for the in-process grid
-        args = (run.config, run.num_nodes) if self.engine == "inmemory" else (run.config, run.num_nodes, self.engine)
+        args: tuple[Any, ...] = (run.config, run.num_nodes) if self.engine == "inmemory" and not run.sim else \
+            (run.config, run.num_nodes, self.engine, *((run.sim,) if run.sim else ()))
         if self.pool is not None:
             return self.pool.submit(execute, *args)
         fut: cf.Future[dict[str, Any]] = cf.Future()
@@ -482,7 +519,10 @@ def aggregate(runs: Sequence[Mapping[str, Any]], text: bool = False) -> list[dic
         ppl_m, ppl_s = _mean_std(ppl)
         last3 = [_last_evals(r["rounds"], 3) for r in rs]
         last3_m, last3_s = _mean_std([x for x in last3 if x is not None])
-        frac = [s.get("uplink_fraction_of_dense") for s in ss]
+        reset_up = [s.get("error_reset", {}).get("uplink_bytes", 0) for s in ss]
+        reset_down = [s.get("error_reset", {}).get("downlink_bytes", 0) for s in ss]
+        frac = [(s["uplink_bytes_total"] + u) / s["dense_fedavg_uplink_bytes_total"] if u else
+                s.get("uplink_fraction_of_dense") for s, u in zip(ss, reset_up, strict=True)]
         mem = statistics.fmean(s["client_error_state_bytes"] for s in ss)
         ef = ss[0]["efsgd_error_state_bytes"]
         diverged = sum(1 for s in ss if s.get("final_loss") is None or not math.isfinite(s["final_loss"]))
@@ -503,8 +543,11 @@ def aggregate(runs: Sequence[Mapping[str, Any]], text: bool = False) -> list[dic
             "perplexity_mean": ppl_m if text else None,
             "perplexity_std": ppl_s if text else None,
             "wall_seconds_mean": statistics.fmean(s.get("rounds_seconds_total") or s["wall_seconds"] for s in ss),
-            "uplink_mb_mean": statistics.fmean(s["uplink_bytes_total"] for s in ss) / 1e6,
-            "downlink_mb_mean": statistics.fmean(s.get("downlink_bytes_total", 0) for s in ss) / 1e6,
+            "uplink_mb_mean": statistics.fmean(s["uplink_bytes_total"] + u for s, u in zip(ss, reset_up, strict=True))
+            / 1e6,
+            "downlink_mb_mean": statistics.fmean(s.get("downlink_bytes_total", 0) + d
+                                                 for s, d in zip(ss, reset_down, strict=True)) / 1e6,
+            "error_reset_uplink_mb_mean": statistics.fmean(reset_up) / 1e6,
             "dense_uplink_mb_mean": statistics.fmean(s["dense_fedavg_uplink_bytes_total"] for s in ss) / 1e6,
             "uplink_percent_of_dense": 100 * statistics.fmean(f for f in frac if f is not None),
             "error_memory_kb": mem / 1e3,
@@ -637,7 +680,8 @@ def find_equivalent(run: Run, dirs: Sequence[Path], engine: str = "inmemory") ->
                 continue
             info = json.loads(meta.read_text())
             have = {k: v for k, v in info.get("run_config", {}).items() if k not in _IGNORED_KEYS}
-            if have == want and info.get("num_nodes") == run.num_nodes and info.get("engine", "inmemory") == engine:
+            if have == want and info.get("num_nodes") == run.num_nodes and info.get("engine", "inmemory") == engine \
+                    and info.get("simulation", {}) == run.sim:
                 return meta.parent
     return None
 
