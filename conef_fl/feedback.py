@@ -34,7 +34,7 @@ from __future__ import annotations
 import functools
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import ClassVar
 
 import torch
@@ -46,6 +46,7 @@ from conef_fl.error_stores.base import DenseError, ErrorStore, NonFiniteError, c
 from conef_fl.error_stores.decayed import make_decayed
 from conef_fl.error_stores.quantizer import QuantizedError
 from conef_fl.error_stores.sketch import CountSketch, SketchGeometry
+from conef_fl.error_stores.sketch_group import GROUP_MAX_NUMEL, SketchGroup
 from conef_fl.error_stores.topk import TopKError
 from conef_fl.seeding import derive_seed
 
@@ -56,6 +57,7 @@ __all__ = [
     "ConEF",
     "IConEF",
     "HEFSGD",
+    "GroupedConEF",
     "NonFiniteError",
     "make_compressor_for",
     "make_error_store",
@@ -373,6 +375,14 @@ class ConEF(ErrorFeedback):
         sel = q.select(self.numel, tseed, u.device)
         fb = 1.0 - self.beta
         chunk = 1 << 12
+        if consume and sel.indices is None and sel.start + sel.k <= self.numel and u.dtype == torch.float32 \
+                and u.is_contiguous():  # one block: p on its units in one sparse product
+            span = self.store.estimate_span(u, sel.start, sel.start + sel.k, alpha=fb)
+            if span is not None:
+                payload = q.pack(span, sel, self.shape, tseed, owned=True)
+                sel.add_(u, payload.arrays["values"], alpha=-q.value_scale(self.numel))
+                self.store.accumulate_(u)
+                return payload
         # p on the selection only, built chunk by chunk: p_sel = u_sel + (1−β)·ê_sel
         p_sel = torch.empty(sel.k, dtype=torch.float32, device=u.device)
         if sel.indices is None:
@@ -428,6 +438,99 @@ class ConEF(ErrorFeedback):
         else:
             self.store.estimate_add_(buf, alpha=self.beta)  # buf := ê + u − Δ
             self.store.assign_(buf)
+
+
+class GroupedConEF:
+    """One ConEF step for many small tensors of a worker in a few torch calls (the layer-wise fast path).
+
+    The tensors' count sketches form one :class:`~conef_fl.error_stores.sketch_group.SketchGroup`;
+    the updates are concatenated, the estimate at every selected coordinate is one gather,
+    ``u − Δ`` one ``index_add_`` and the sketch update one sparse product. Payloads, error
+    states and step counters are exactly those of :meth:`ConEF.step` with ``consume=True``
+    on each tensor in turn (bit-identical: the same kernels sum the same terms in the same
+    order); the caller's update buffers are not modified.
+
+    Parameters
+    ----------
+    feedbacks:
+        Name → :class:`ConEF` of the tensors of the group, each :meth:`eligible`, sharing
+        one compressor and ``beta``.
+
+    Raises
+    ------
+    ValueError
+        If a feedback is not eligible or they do not share the compressor and ``beta``.
+    """
+
+    def __init__(self, feedbacks: Mapping[str, ErrorFeedback]) -> None:
+        fbs = list(feedbacks.values())
+        bad = [k for k, fb in feedbacks.items() if not self.eligible(fb)]
+        if not fbs or bad:
+            raise ValueError(f"tensors {bad} cannot be grouped (empty group: {not fbs})")
+        if len({id(fb.compressor) for fb in fbs}) != 1 or len({fb.beta for fb in fbs}) != 1:  # type: ignore[attr-defined]
+            raise ValueError("grouped tensors must share one compressor and one beta")
+        self.keys = list(feedbacks)
+        self.feedbacks: list[ConEF] = fbs  # type: ignore[assignment]
+        self.compressor: SelectiveCompressor = fbs[0].compressor  # type: ignore[assignment]
+        self.group = SketchGroup([fb.store for fb in self.feedbacks])  # type: ignore[misc]
+        self._offsets = [0]
+        for fb in self.feedbacks:
+            self._offsets.append(self._offsets[-1] + fb.numel)
+
+    @staticmethod
+    def eligible(fb: ErrorFeedback) -> bool:
+        """ConEF (exactly), an unscaled block-selecting Q, a one-row float32 CPU count sketch, a small tensor."""
+        q = fb.compressor
+        return (type(fb) is ConEF and isinstance(q, SelectiveCompressor) and q.block_selection
+                and type(q).value_scale is SelectiveCompressor.value_scale
+                and fb.numel <= GROUP_MAX_NUMEL and SketchGroup.eligible(fb.store))  # type: ignore[attr-defined]
+
+    def step(self, updates: Mapping[str, torch.Tensor], seed: int) -> dict[str, Payload] | None:
+        """The payloads of every tensor of the group, or ``None`` (nothing changed) where the fast path does not apply.
+
+        It applies to block selections with an unscaled Q (random-block-k, identity) and
+        float32 contiguous updates; the caller has checked names, shapes and finiteness.
+        """
+        q = self.compressor
+        us = [updates[k] for k in self.keys]
+        if any(u.dtype != torch.float32 or not u.is_contiguous() for u in us):
+            return None
+        sels = []
+        lo_hi: list[tuple[int, int]] = []
+        for fb, off in zip(self.feedbacks, self._offsets, strict=False):
+            tseed = q.tensor_seed(seed, fb.key)  # type: ignore[attr-defined]
+            sel = q.select(fb.numel, tseed)
+            if sel.indices is not None or q.value_scale(fb.numel) != 1.0:
+                return None
+            sels.append((tseed, sel))
+            lo_hi += [(off + lo, off + hi) for lo, hi in sel.slices()]
+        idx = _block_indices(lo_hi)
+        u = torch.cat([t.reshape(-1) for t in us])
+        tables = self.group.tables()
+        p = u.index_select(0, idx)  # p on the selections: u + (1−β)ê
+        self.group.estimate_at_add_(p, tables, idx, alpha=1.0 - self.feedbacks[0].beta)
+        payloads: dict[str, Payload] = {}
+        values = []
+        for key, fb, (tseed, sel), part in zip(self.keys, self.feedbacks, sels, p.split([s.k for _, s in sels]),
+                                               strict=True):
+            payloads[key] = q.pack(part, sel, fb.shape, tseed)
+            values.append(payloads[key].arrays["values"])
+        wire = torch.cat(values) if values[0].dtype != torch.float32 else p
+        u.index_add_(0, idx, wire.to(torch.float32), alpha=-1.0)  # u − Δ on the selections
+        self.group.accumulate_(tables, u)  # S ← S + C(u − Δ), every tensor in one pass
+        self.group.store_tables_(tables)
+        for fb in self.feedbacks:
+            fb.steps += 1
+        return payloads
+
+
+def _block_indices(lo_hi: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """``cat(arange(lo, hi) for lo, hi in lo_hi)`` as int64 in four torch calls."""
+    starts = torch.tensor([lo for lo, _ in lo_hi], dtype=torch.int64)
+    lengths = torch.tensor([hi - lo for lo, hi in lo_hi], dtype=torch.int64)
+    before = torch.cumsum(lengths, 0).sub_(lengths)
+    total = int(sum(hi - lo for lo, hi in lo_hi))
+    return torch.arange(total, dtype=torch.int64).add_(torch.repeat_interleave(starts.sub_(before), lengths))
 
 
 class HEFSGD(ConEF):

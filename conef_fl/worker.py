@@ -10,7 +10,8 @@ import torch
 from conef_fl.compressors.base import Payload
 from conef_fl.config import MethodConfig
 from conef_fl.error_stores.base import check_finite
-from conef_fl.feedback import ErrorFeedback, make_compressor_for, make_feedback
+from conef_fl.error_stores.sketch import hash_cache_info
+from conef_fl.feedback import ErrorFeedback, GroupedConEF, make_compressor_for, make_feedback
 
 FLAT_KEY = "__flat__"
 
@@ -40,11 +41,13 @@ class CompressionWorker:
         self.config = config
         self.shapes = {k: tuple(int(s) for s in v) for k, v in shapes.items()}
         self.compressor = make_compressor_for(config)
+        self.group: GroupedConEF | None = None
         if config.layerwise:
             self.feedback: dict[str, ErrorFeedback] = {
                 k: make_feedback(config, shape, k, compressor=self.compressor, device=device)
                 for k, shape in self.shapes.items()
             }
+            self.group = _group_of(self.feedback)
         else:
             total = sum(math.prod(s) for s in self.shapes.values())
             self.feedback = {
@@ -79,9 +82,21 @@ class CompressionWorker:
                 raise ValueError(f"update {k!r} has shape {tuple(updates[k].shape)}, expected {shape}")
             check_finite(updates[k], f"update {k!r}")  # every tensor before any state changes
         if self.config.layerwise:
-            return {k: self.feedback[k].step_checked(updates[k], seed=seed, consume=consume) for k in self.shapes}
+            grouped = self._step_group(updates, seed) if consume else None
+            return {k: grouped[k] if grouped is not None and k in grouped
+                    else self.feedback[k].step_checked(updates[k], seed=seed, consume=consume) for k in self.shapes}
         flat = torch.cat([updates[k].reshape(-1).to(torch.float32) for k in self.shapes])
         return {FLAT_KEY: self.feedback[FLAT_KEY].step_checked(flat, seed=seed, consume=True)}
+
+    def _step_group(self, updates: Mapping[str, torch.Tensor], seed: int) -> dict[str, Payload] | None:
+        """The grouped tensors' payloads in one batched step (``None``: step them one by one).
+
+        Only with ``consume=True`` (what the batched step computes bit for bit) and the hash cache on
+        (the group's structures live there).
+        """
+        if self.group is None or hash_cache_info()["max_bytes"] <= 0:
+            return None
+        return self.group.step(updates, seed)
 
     def reset(self) -> None:
         """Forget all errors."""
@@ -106,6 +121,12 @@ class CompressionWorker:
                              f"expected {sorted(self.feedback)}")
         for k, f in self.feedback.items():
             f.load_state_dict(tensors[k], atomic=atomic)
+
+
+def _group_of(feedback: Mapping[str, ErrorFeedback]) -> GroupedConEF | None:
+    """The small ConEF tensors stepped together (:class:`GroupedConEF`), or ``None`` if fewer than two."""
+    members = {k: fb for k, fb in feedback.items() if GroupedConEF.eligible(fb)}
+    return GroupedConEF(members) if len(members) >= 2 else None
 
 
 def unflatten(flat: torch.Tensor, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:

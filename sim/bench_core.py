@@ -60,6 +60,7 @@ from conef_fl.error_stores.sketch import CountSketch, SketchGeometry, hash_cache
 from conef_fl.feedback import make_feedback
 from conef_fl.measure import measure_transient, persistent_bytes
 from conef_fl.registry import method_config
+from conef_fl.worker import CompressionWorker
 
 SCHEMA = "conef-fl/bench_core/2"
 DEFAULT_SIZES = (1_000_000, 10_000_000)
@@ -180,15 +181,24 @@ def _summary(samples_s: Sequence[float]) -> dict[str, Any]:
     }
 
 
+#: CPU seconds (``time.process_time``) of the latest :func:`_timed_call`.
+_LAST_CPU_S = [0.0]
+
+
 def _timed_call(fn: Callable[[], Any], setup: Callable[[], Any] | None = None) -> float:
-    """Seconds of one ``fn()`` call (``setup()`` first, untimed; synchronised around on CUDA)."""
+    """Wall-clock seconds of one ``fn()`` call (``setup()`` first, untimed; synchronised around on CUDA).
+
+    The process's CPU seconds of the same call are left in ``_LAST_CPU_S[0]``.
+    """
     if setup is not None:
         setup()
     _sync()
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     fn()
     _sync()
-    return time.perf_counter() - t0
+    t1, c1 = time.perf_counter(), time.process_time()
+    _LAST_CPU_S[0] = c1 - c0
+    return t1 - t0
 
 
 def time_round_robin(
@@ -217,13 +227,17 @@ def time_round_robin(
         floor = 1 if per_round > SLOW_LIMIT_S else 3
         n = min(repeats, max(floor, int(total_budget // max(per_round, 1e-9))))
     samples: dict[str, list[float]] = {name: [] for name in items}
+    cpu: dict[str, list[float]] = {name: [] for name in items}
     for _ in range(n):
         for name, fn in items.items():
             samples[name].append(_timed_call(fn, setup.get(name)))
+            cpu[name].append(_LAST_CPU_S[0])
     out = {}
     for name in items:
         s = _summary(samples[name])
         s["warmup_ms"] = 1e3 * warm[name]
+        s["cpu_median_ms"] = 1e3 * statistics.median(cpu[name])
+        s["cpu_min_ms"] = 1e3 * min(cpu[name])
         out[name] = s
     return out
 
@@ -417,32 +431,39 @@ def bench_steps(d: int, repeats: int, src: torch.Tensor, u: torch.Tensor) -> tup
 
 def _time_model_steps(shapes: Sequence[tuple[int, ...]], q: str, kw: dict[str, Any], repeats: int,
                       gen: torch.Generator) -> dict[str, Any]:
-    """One step over every tensor of a layer-wise model, EFSGD vs ConEF (fp32 sketch), round-robin."""
+    """One step over every tensor of a layer-wise model, EFSGD vs ConEF (fp32 sketch), round-robin.
+
+    Each method is one :class:`~conef_fl.worker.CompressionWorker` (what a client runs): every
+    tensor is checked, then stepped with ``consume=True``; ConEF steps its small tensors together
+    (``worker.group``).
+    """
     cfgs = {k: v for k, v in _step_configs(q, kw).items() if k in ("efsgd", "conef")}
-    srcs = [torch.randn(s, generator=gen).to(_DEVICE) for s in shapes]
-    bufs = [torch.empty_like(t) for t in srcs]
-    total = sum(t.numel() for t in srcs)
-    models = {name: [make_feedback(cfg, s, key=f"layer{i}", device=_DEVICE) for i, s in enumerate(shapes)]
-              for name, cfg in cfgs.items()}
+    names = {f"layer{i}": s for i, s in enumerate(shapes)}
+    srcs = {k: torch.randn(s, generator=gen).to(_DEVICE) for k, s in names.items()}
+    bufs = {k: torch.empty_like(t) for k, t in srcs.items()}
+    total = sum(t.numel() for t in srcs.values())
+    models = {name: CompressionWorker(cfg, names, device=_DEVICE) for name, cfg in cfgs.items()}
     seeds = {name: iter(range(1, 10**6)) for name in models}
 
     def refill() -> None:
-        for b, s in zip(bufs, srcs, strict=True):
-            b.copy_(s)
+        for k, b in bufs.items():
+            b.copy_(srcs[k])
 
     def run(name: str, seed: int | None = None) -> int:
         s = next(seeds[name]) if seed is None else seed
-        return sum(fb.step(b, seed=s, consume=True).nbytes for fb, b in zip(models[name], bufs, strict=True))
+        return sum(p.nbytes for p in models[name].step(bufs, seed=s, consume=True).values())
 
     items = {name: (lambda name=name: run(name)) for name in models}
     times = time_round_robin(items, repeats, {name: refill for name in models})
-    entry: dict[str, Any] = {"tensors": len(shapes), "numel": total, "methods": {}}
+    group = models["conef"].group
+    entry: dict[str, Any] = {"tensors": len(shapes), "numel": total, "methods": {},
+                             "conef_grouped_tensors": len(group.keys) if group is not None else 0}
     for name in models:
         refill()
         payload_bytes, mem = _transient(lambda name=name: run(name, 999_983))
         entry["methods"][name] = {
             "time": times[name],
-            "persistent_bytes": persistent_bytes([t for fb in models[name] for t in fb.persistent_tensors()]),
+            "persistent_bytes": persistent_bytes(models[name].persistent_tensors()),
             "transient": _transient_entry(int(payload_bytes), mem, 4 * total),
         }
     ef, ce = times["efsgd"], times["conef"]
@@ -587,10 +608,19 @@ def bench_size(d: int, repeats: int, parts: Sequence[str], previous: dict[str, A
 
 
 def _target(name: str, measured: float | None, target: float, unit: str, note: str = "",
-            measured_min: float | None = None, at_least: bool = False) -> dict[str, Any]:
+            measured_min: float | None = None, at_least: bool = False,
+            measured_cpu: float | None = None) -> dict[str, Any]:
     met = None if measured is None else bool(measured >= target if at_least else measured <= target)
-    return {"name": name, "measured": measured, "measured_min": measured_min, "target": target, "unit": unit,
-            "at_least": at_least, "met": met, "note": note}
+    met_cpu = None if measured_cpu is None else bool(measured_cpu >= target if at_least else measured_cpu <= target)
+    return {"name": name, "measured": measured, "measured_min": measured_min, "measured_cpu": measured_cpu,
+            "target": target, "unit": unit, "at_least": at_least, "met": met, "met_cpu": met_cpu, "note": note}
+
+
+def _cpu_ratio(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+    """Ratio of the CPU-time medians of two timings (``None`` if either lacks them)."""
+    if "cpu_median_ms" not in a or "cpu_median_ms" not in b or b["cpu_median_ms"] <= 0:
+        return None
+    return a["cpu_median_ms"] / b["cpu_median_ms"]
 
 
 def evaluate_targets(result: dict[str, Any]) -> dict[str, Any]:
@@ -608,25 +638,26 @@ def evaluate_targets(result: dict[str, Any]) -> dict[str, Any]:
             rows.append(_target("sketch update + decompress / add_ (v=1, w=0.1d, fp32)", c["pair"]["over_add"], 2.0,
                                 "x add_", f"pair {c['pair']['median_ms']:.2f} ms (min {c['pair']['min_ms']:.2f}) vs "
                                 f"add_ {add['median_ms']:.2f} ms (min {add['min_ms']:.2f})",
-                                c["pair"]["min_ms"] / add["min_ms"]))
+                                c["pair"]["min_ms"] / add["min_ms"], measured_cpu=_cpu_ratio(c["pair"], add)))
             for name in ("v1_float16", "v1_bfloat16"):
                 h = r["sketch"]["configs"][name]
                 rows.append(_target(f"sketch pair, {h['dtype']} table / fp32 table", h["pair_over_fp32_pair"], 1.5,
                                     "x fp32", f"{h['pair']['median_ms']:.2f} vs {c['pair']['median_ms']:.2f} ms",
-                                    h["pair_over_fp32_pair_min"]))
+                                    h["pair_over_fp32_pair_min"], measured_cpu=_cpu_ratio(h["pair"], c["pair"])))
             a = r["sketch"]["table_sketch"]
             rows.append(_target("table-based count sketch (csvec design) / ours, update + decompress",
                                 a["pair"]["over_ours"], 20.0, "x ours",
                                 f"{a['pair']['median_ms']:.1f} vs {c['pair']['median_ms']:.2f} ms; its tables: "
                                 f"{100 * a['persistent_fraction_of_4d']:.0f} % of 4d", a["pair"]["over_ours_min"],
-                                at_least=True))
+                                at_least=True, measured_cpu=_cpu_ratio(a["pair"], c["pair"])))
         if "steps" in r:
             for q, e in r["steps"].items():
                 main = " (main case)" if q == MAIN_Q else ""
                 ce, ee = e["methods"]["conef"]["time"], e["methods"]["efsgd"]["time"]
                 rows.append(_target(f"ConEF step / EFSGD step, {e['label']}{main}", e["conef_over_efsgd"], 1.0,
                                     "x EFSGD", f"{ce['median_ms']:.2f} vs {ee['median_ms']:.2f} ms (mins "
-                                    f"{ce['min_ms']:.2f} vs {ee['min_ms']:.2f})", e["conef_over_efsgd_min"]))
+                                    f"{ce['min_ms']:.2f} vs {ee['min_ms']:.2f})", e["conef_over_efsgd_min"],
+                                    measured_cpu=_cpu_ratio(ce, ee)))
             m = r["steps"][MAIN_Q]["methods"]
             for meth, lab, lim in (("conef", "fp32", 0.10), ("conef_fp16", "fp16", 0.05)):
                 rows.append(_target(f"persistent error state / 4d, {lab} sketch", m[meth]["persistent_fraction_of_4d"],
@@ -646,7 +677,8 @@ def evaluate_targets(result: dict[str, Any]) -> dict[str, Any]:
             rows.append(_target(f"layer-wise ResNet-18 ({e['tensors']} tensors), ConEF / EFSGD, {e['label']}",
                                 e["conef_over_efsgd"], 1.2, "x EFSGD",
                                 f"{ce['median_ms']:.1f} vs {ee['median_ms']:.1f} ms; "
-                                f"{1e3 * e['extra_ms_per_tensor']:.0f} us more per tensor", e["conef_over_efsgd_min"]))
+                                f"{1e3 * e['extra_ms_per_tensor']:.0f} us more per tensor", e["conef_over_efsgd_min"],
+                                measured_cpu=_cpu_ratio(ce, ee)))
     return {"d": d, "rows": rows}
 
 
@@ -769,7 +801,8 @@ def to_markdown(result: dict[str, Any]) -> str:
                   f"`min_ms` and `median_ms` in the JSON); ratios of mins are shown next to ratios of medians.", ""]
     t = result["targets"]
     lines += [f"## Targets (d = {t['d']:,} unless stated, same run)" if t["d"] else "## Targets", "",
-              "| target | measured (medians) | ratio of mins | limit | met | note |", "|---|---|---|---|---|---|"]
+              "| target | measured (medians) | ratio of mins | CPU time (medians) | limit | met | met (CPU) | note |",
+              "|---|---|---|---|---|---|---|---|"]
     for row in t["rows"]:
         frac = row["unit"] == "fraction"
         meas = "–" if row["measured"] is None else (_pct(row["measured"]) if frac else f"{row['measured']:.2f}×")
@@ -777,7 +810,9 @@ def to_markdown(result: dict[str, Any]) -> str:
         lim = f"{100 * row['target']:.0f} %" if frac else f"{row['target']:.1f}×"
         lim = ("≥ " if row.get("at_least") else "≤ ") + lim
         met = "–" if row["met"] is None else ("yes" if row["met"] else "**no**")
-        lines.append(f"| {row['name']} | {meas} | {mmin} | {lim} | {met} | {row['note']} |")
+        cpu = "" if row.get("measured_cpu") is None else f"{row['measured_cpu']:.2f}×"
+        met_cpu = "" if row.get("met_cpu") is None else ("yes" if row["met_cpu"] else "**no**")
+        lines.append(f"| {row['name']} | {meas} | {mmin} | {cpu} | {lim} | {met} | {met_cpu} | {row['note']} |")
     for r in result["sizes"].values():
         d = r["d"]
         lines += ["", f"## d = {d:,} (load {r['load_avg_start']} → {r['load_avg_end']})", ""]

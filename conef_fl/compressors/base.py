@@ -308,6 +308,9 @@ class SelectiveCompressor(Compressor):
         """
         return derive_seed(seed, key)
 
+    #: :meth:`select` always returns a block (``indices is None``): random-block-k, rbSGD, identity.
+    block_selection: ClassVar[bool] = False
+
     #: ``Q(x) = value_scale * x`` on the selection (1 for unscaled, d/k for rbSGD).
     def value_scale(self, numel: int) -> float:
         return 1.0

@@ -152,6 +152,7 @@ class RandomBlockK(SeededSelectiveCompressor):
 
     name = "random-block-k"
     contractive = True
+    block_selection = True
 
     def select(self, numel: int, seed: int, device: torch.device | str = "cpu") -> Selection:
         """Block ``[start, start + k) mod numel`` with ``start = derive_seed(seed, numel) % numel``."""

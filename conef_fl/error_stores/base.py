@@ -94,6 +94,10 @@ class ErrorStore(ABC):
             flat[off : off + n].add_(self.estimate_block(start + off, n).to(flat.dtype), alpha=alpha)
         return target
 
+    def estimate_span(self, source: torch.Tensor, lo: int, hi: int, alpha: float = 1.0) -> torch.Tensor | None:
+        """``source[lo:hi] + alpha · ê[lo:hi]`` in a new buffer, where a store has a fast path; else ``None``."""
+        return None
+
     def decompress(self) -> torch.Tensor:
         """ê as a new dense float32 vector (allocates ``numel`` floats: tests and inspection only)."""
         out = torch.zeros(self.numel, dtype=torch.float32, device=self.persistent_tensors()[0].device)

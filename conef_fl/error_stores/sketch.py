@@ -14,8 +14,9 @@ import math
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -155,7 +156,7 @@ class _RowHash:
     """
 
     __slots__ = ("full", "buckets", "perm", "sign", "crow", "tail_bucket", "tail_sign", "_i32", "_inv",
-                 "_ubucket", "_usign")
+                 "_ubucket", "_usign", "_pt")
 
     def __init__(self, row_seed: int, g: SketchGeometry, device: torch.device, dtype: torch.dtype) -> None:
         f, w = g.full_units, g.buckets
@@ -178,6 +179,7 @@ class _RowHash:
         self._inv: torch.Tensor | None = None
         self._ubucket: torch.Tensor | None = None
         self._usign: torch.Tensor | None = None
+        self._pt: torch.Tensor | None = None
 
     def complete(self) -> _RowHash:
         """Build the per-unit buckets and signs, drop the positions (before the hash is cached and shared)."""
@@ -248,6 +250,12 @@ class _RowHash:
             s = torch.where(tail, torch.tensor(self.tail_sign, dtype=s.dtype, device=s.device), s)
         return b, s
 
+    def pt(self) -> torch.Tensor:
+        """``Pᵀ`` over all full units as one sparse CSR tensor (``buckets × full``; built once, no copies)."""
+        if self._pt is None:
+            self._pt = _csr(self.crow, self.perm, self.sign, (self.buckets, self.full))
+        return self._pt
+
     def transposed(self, u0: int, u1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``Pᵀ`` restricted to full units ``u0..u1-1`` as CSR parts (crow, col, values), columns from 0."""
         if u0 == 0 and u1 == self.full:
@@ -272,11 +280,22 @@ class _HashCache:
         self.bytes = 0
         self.hits = 0
         self.misses = 0
-        self._entries: OrderedDict[tuple[object, ...], _RowHash] = OrderedDict()
+        self._entries: OrderedDict[tuple[object, ...], Any] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, row_seed: int, g: SketchGeometry, device: torch.device, dtype: torch.dtype) -> _RowHash:
-        key = (row_seed, g, str(device), dtype)
+        def build() -> _RowHash:
+            return _RowHash(row_seed, g, device, dtype)
+
+        return self.get_or_build((row_seed, g, str(device), dtype), build, _RowHash.complete)
+
+    def get_or_build(self, key: tuple[object, ...], build: Callable[[], Any],
+                     complete: Callable[[Any], Any] | None = None) -> Any:
+        """The entry of ``key``, built by ``build()`` (and ``complete(entry)`` before it is kept) on a miss.
+
+        Entries have an ``nbytes`` attribute; with the cache disabled (``max_bytes <= 0``) the
+        built object is returned without ``complete``.
+        """
         with self._lock:
             h = self._entries.get(key)
             if h is not None:
@@ -284,10 +303,11 @@ class _HashCache:
                 self.hits += 1
                 return h
             self.misses += 1
-        h = _RowHash(row_seed, g, device, dtype)
+        h = build()
         if self.max_bytes <= 0:
             return h
-        h.complete()
+        if complete is not None:
+            complete(h)
         size = h.nbytes
         with self._lock:
             if size > self.max_bytes or key in self._entries:
@@ -494,8 +514,11 @@ class CountSketch(ErrorStore):
             if u1 > u0 and x_units.dtype != self._cdtype:
                 self._scatter_index(table, h, x_units, u0, alpha)
             elif u1 > u0 and self._use_sparse():
-                crow, col, val = h.transposed(u0, u1)
-                table.addmm_(_csr(crow, col, val, (g.buckets, u1 - u0)), x_units, alpha=alpha)
+                if u0 == 0 and u1 == h.full:  # the whole vector: the cached sparse structure
+                    table.addmm_(h.pt(), x_units, alpha=alpha)
+                else:
+                    crow, col, val = h.transposed(u0, u1)
+                    table.addmm_(_csr(crow, col, val, (g.buckets, u1 - u0)), x_units, alpha=alpha)
             elif u1 > u0:  # 16-bit table: float32 scratch per block of buckets, rounded into the table once
                 self._scatter_blocks(table, h, x_units, u0, u1, alpha, tail)
                 continue
@@ -731,6 +754,30 @@ class CountSketch(ErrorStore):
                     off = unit * m + c0 - start
                     self._add_piece_estimate_(flat[off : off + c1 - c0], unit, c0, c1, a)
         return target
+
+    def estimate_span(self, source: torch.Tensor, lo: int, hi: int, alpha: float = 1.0) -> torch.Tensor | None:
+        """``source[lo:hi] + alpha · ê[lo:hi]`` as a contiguous float32 view of a new buffer, or ``None``.
+
+        One sparse product over the whole units that overlap ``[lo, hi)`` (the buffer holds
+        those units: at most ``2·unit − 2`` values more than the range), with the same
+        arithmetic as :meth:`estimate_block_add_` on a copy of ``source[lo:hi]``. ``None``
+        (nothing computed) unless the table is one float32/float64 row, ``source`` has the
+        table's dtype and the range ends before the tail unit.
+        """
+        g = self.geometry
+        m = g.unit
+        if (g.rows != 1 or not self._use_sparse() or source.dtype != self.table.dtype
+                or not 0 <= lo < hi <= g.full_units * m or source.numel() != g.numel):
+            return None
+        f0, f1 = lo // m, -(-hi // m)
+        h = self._hashes()[0]
+        col = h.unit_buckets(f0, f1)
+        if col.dtype != torch.int32:
+            col = col.to(torch.int32)
+        p = _csr(_arange_i32(f1 - f0 + 1, self.table.device), col, h.unit_signs(f0, f1), (f1 - f0, g.buckets))
+        buf = source.reshape(-1)[f0 * m : f1 * m].clone()
+        buf.view(f1 - f0, m).addmm_(p, self.table[0], alpha=alpha * self.estimate_scale)
+        return buf[lo - f0 * m : hi - f0 * m]
 
     def decompress(self) -> torch.Tensor:
         """The full estimate ê as a new float32 vector (allocates ``numel`` floats; for tests/inspection)."""
