@@ -6,6 +6,11 @@
         --methods sgd,efsgd,partial-efsgd-b0.5,decayed-efsgd-90,conef-cs-90 \
         --out docs/results/experiments/stale-error
 
+``--pairs conef-cs-90:decayed-efsgd-90,...`` adds, per setting, the paired difference A − B
+of the final accuracy on every seed both methods ran (mean ± std over those seeds): the
+number that says whether ConEF's gain over EFSGD is its memory compression or the damping
+of stale error that its control reproduces without compression.
+
 Runs that did not finish count up to their last checkpoint (``checkpoint.pt``: the
 strategy's per-round history and the evaluations so far), so a run stopped for lack of
 time still gives its curve. Every method of a setting is compared at the same horizon:
@@ -66,6 +71,14 @@ def load(dirs: Sequence[Path], methods: Sequence[str], seeds: Sequence[int] = ()
     return runs
 
 
+def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def _pm(m: float, sd: float, n: int) -> str:
+    return f"{m:.2f} ± {sd:.2f}" if n > 1 else f"{m:.2f}"
+
+
 def _evals(rows: Sequence[Mapping[str, Any]]) -> dict[int, float]:
     return {int(r["round"]): 100 * float(r["accuracy"]) for r in rows if r.get("accuracy") is not None}
 
@@ -93,12 +106,31 @@ def compare(runs: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> dict[s
         out["methods"][m] = {
             "seeds": [r["seed"] for r in rs], "finished": [r["finished"] for r in rs],
             "planned_rounds": sorted({r["planned_rounds"] for r in rs}), "engine": sorted({r["engine"] for r in rs}),
-            "accuracy_at_horizon": statistics.fmean(at), "accuracy_at_horizon_per_seed": at,
-            "last3_mean": statistics.fmean(last3), "best": max(max(e[x] for x in rounds) for e in ev),
+            "accuracy_at_horizon": statistics.fmean(at), "accuracy_at_horizon_std": _mean_std(at)[1],
+            "accuracy_at_horizon_per_seed": at, "last3_mean": statistics.fmean(last3),
+            "last3_std": _mean_std(last3)[1], "best": max(max(e[x] for x in rounds) for e in ev),
             "mean_abs_jump_second_half": statistics.fmean(jumps) if jumps else None,
             "curve": {x: statistics.fmean(e[x] for e in ev) for x in rounds},
             "folders": [r["folder"] for r in rs],
         }
+    return out
+
+
+def paired(res: Mapping[str, Any], pairs: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Per pair (A, B): A − B of the accuracy at the horizon on each seed both ran; mean ± std over those seeds."""
+    out = []
+    for a, b in pairs:
+        ea, eb = res["methods"].get(a), res["methods"].get(b)
+        if ea is None or eb is None:
+            continue
+        acc_a = dict(zip(ea["seeds"], ea["accuracy_at_horizon_per_seed"], strict=True))
+        acc_b = dict(zip(eb["seeds"], eb["accuracy_at_horizon_per_seed"], strict=True))
+        seeds = sorted(set(acc_a) & set(acc_b))
+        if not seeds:
+            continue
+        diffs = [acc_a[s] - acc_b[s] for s in seeds]
+        m, sd = _mean_std(diffs)
+        out.append({"a": a, "b": b, "seeds": seeds, "diff_per_seed": diffs, "diff_mean": m, "diff_std": sd})
     return out
 
 
@@ -109,16 +141,30 @@ def markdown(settings: Mapping[str, Mapping[str, Any]], labels: Mapping[str, str
             lines += [f"## {name}", "", "no common evaluated round", ""]
             continue
         h = res["horizon"]
+        engines = sorted({e for m in res["methods"].values() for e in m["engine"]})
         lines += [f"## {name}: horizon round {h}", "",
+                  f"Engine: {', '.join(engines)} (inmemory = the in-process grid, sim/inmemory.py, running the real "
+                  "ServerApp/ClientApp). Accuracy: mean ± std over the seeds listed (per seed in brackets).", "",
                   f"| method | seeds | runs finished | acc. @ {h} (%) | last-3 evals (%) | best (%) | "
                   "mean |jump| between evals, 2nd half (points) |", "|---|---|---|---|---|---|---|"]
         for m, e in res["methods"].items():
             fin = f"{sum(e['finished'])}/{len(e['finished'])} (of {'/'.join(map(str, e['planned_rounds']))} r)"
             jump = "–" if e["mean_abs_jump_second_half"] is None else f"{e['mean_abs_jump_second_half']:.2f}"
             per = " / ".join(f"{a:.2f}" for a in e["accuracy_at_horizon_per_seed"])
+            n = len(e["seeds"])
             lines.append(f"| {labels.get(m, m)} | {','.join(map(str, e['seeds']))} | {fin} | "
-                         f"{e['accuracy_at_horizon']:.2f} ({per}) | {e['last3_mean']:.2f} | {e['best']:.2f} | {jump} |")
+                         f"{_pm(e['accuracy_at_horizon'], e.get('accuracy_at_horizon_std', 0.0), n)} ({per}) | "
+                         f"{_pm(e['last3_mean'], e.get('last3_std', 0.0), n)} | {e['best']:.2f} | {jump} |")
         lines.append("")
+        if res.get("pairs"):
+            lines += ["Paired differences of the accuracy at the horizon (A − B, points, on the seeds both ran):", "",
+                      "| A | B | seeds | A − B per seed | mean ± std |", "|---|---|---|---|---|"]
+            for p in res["pairs"]:
+                per = " / ".join(f"{d:+.2f}" for d in p["diff_per_seed"])
+                lines.append(f"| {labels.get(p['a'], p['a'])} | {labels.get(p['b'], p['b'])} | "
+                             f"{','.join(map(str, p['seeds']))} | {per} | "
+                             f"{_pm(p['diff_mean'], p['diff_std'], len(p['seeds']))} |")
+            lines.append("")
         rounds = res["eval_rounds"]
         lines += ["Accuracy (%) at each evaluated round (mean over seeds):", "",
                   "| method | " + " | ".join(map(str, rounds)) + " |", "|---|" + "---|" * len(rounds)]
@@ -134,8 +180,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="a setting and one grid folder of it (repeat a name to add folders)")
     ap.add_argument("--methods", required=True, help="comma-separated method ids")
     ap.add_argument("--seeds", default="", help="comma-separated seeds to compare (default: all found)")
+    ap.add_argument("--pairs", default="", help="comma-separated A:B method pairs for paired differences")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
+    pairs = [tuple(p.split(":", 1)) for p in args.pairs.split(",") if p]
+    if any(len(p) != 2 or not all(p) for p in pairs):
+        ap.error(f"--pairs={args.pairs!r} must be comma-separated A:B")
     from sim.experiments import METHODS
 
     methods = [m for m in args.methods.split(",") if m]
@@ -150,6 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:
         ap.error(f"--seeds={args.seeds!r} must be comma-separated integers")
     results = {name: compare(load(dirs, methods, seeds), methods) for name, dirs in folders.items()}
+    for res in results.values():
+        if res["horizon"] is not None:
+            res["pairs"] = paired(res, pairs)  # type: ignore[arg-type]
     labels = {m: METHODS[m].label if m in METHODS else m for m in methods}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "stale_error.json").write_text(json.dumps(
