@@ -51,8 +51,10 @@ def rounds_of(folder: Path) -> tuple[list[dict[str, Any]], bool]:
     return rows, False
 
 
-def load(dirs: Sequence[Path], methods: Sequence[str], seeds: Sequence[int] = ()) -> list[dict[str, Any]]:
-    """Runs ``<method>-s<seed>`` of ``methods`` (and ``seeds``, if given) under ``dirs`` (first folder wins)."""
+def load(dirs: Sequence[Path], methods: Sequence[str], seeds: Sequence[int] = (),
+         finished_only: bool = False) -> list[dict[str, Any]]:
+    """Runs ``<method>-s<seed>`` of ``methods`` (and ``seeds``, if given) under ``dirs`` (first folder wins);
+    with ``finished_only`` runs still in progress (checkpoint only) are left out."""
     seen, runs = set(), []
     for d in dirs:
         for meta in sorted(Path(d).glob("*/experiment.json")):
@@ -61,7 +63,7 @@ def load(dirs: Sequence[Path], methods: Sequence[str], seeds: Sequence[int] = ()
             if mid not in methods or name in seen or not seed.isdigit() or (seeds and int(seed) not in seeds):
                 continue
             rows, finished = rounds_of(meta.parent)
-            if not rows:
+            if not rows or (finished_only and not finished):
                 continue
             info = json.loads(meta.read_text())
             seen.add(name)
@@ -75,8 +77,9 @@ def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def _pm(m: float, sd: float, n: int) -> str:
-    return f"{m:.2f} ± {sd:.2f}" if n > 1 else f"{m:.2f}"
+def _pm(m: float, sd: float, n: int, signed: bool = False) -> str:
+    mean = f"{m:+.2f}" if signed else f"{m:.2f}"
+    return f"{mean} ± {sd:.2f}" if n > 1 else mean
 
 
 def _evals(rows: Sequence[Mapping[str, Any]]) -> dict[int, float]:
@@ -163,7 +166,7 @@ def markdown(settings: Mapping[str, Mapping[str, Any]], labels: Mapping[str, str
                 per = " / ".join(f"{d:+.2f}" for d in p["diff_per_seed"])
                 lines.append(f"| {labels.get(p['a'], p['a'])} | {labels.get(p['b'], p['b'])} | "
                              f"{','.join(map(str, p['seeds']))} | {per} | "
-                             f"{_pm(p['diff_mean'], p['diff_std'], len(p['seeds']))} |")
+                             f"{_pm(p['diff_mean'], p['diff_std'], len(p['seeds']), signed=True)} |")
             lines.append("")
         rounds = res["eval_rounds"]
         lines += ["Accuracy (%) at each evaluated round (mean over seeds):", "",
@@ -180,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="a setting and one grid folder of it (repeat a name to add folders)")
     ap.add_argument("--methods", required=True, help="comma-separated method ids")
     ap.add_argument("--seeds", default="", help="comma-separated seeds to compare (default: all found)")
+    ap.add_argument("--finished-only", action="store_true", help="leave out runs still in progress")
     ap.add_argument("--pairs", default="", help="comma-separated A:B method pairs for paired differences")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -199,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seeds = [int(x) for x in args.seeds.split(",") if x]
     except ValueError:
         ap.error(f"--seeds={args.seeds!r} must be comma-separated integers")
-    results = {name: compare(load(dirs, methods, seeds), methods) for name, dirs in folders.items()}
+    results = {name: compare(load(dirs, methods, seeds, args.finished_only), methods) for name, dirs in folders.items()}
     for res in results.values():
         if res["horizon"] is not None:
             res["pairs"] = paired(res, pairs)  # type: ignore[arg-type]

@@ -36,7 +36,19 @@ def test_pairs_mean_std_and_common_seeds(tmp_path: Path) -> None:
     assert pair["diff_per_seed"] == pytest.approx([10.0, 6.0])
     assert pair["diff_mean"] == pytest.approx(8.0) and pair["diff_std"] == pytest.approx(2.8284, abs=1e-3)
     md = (out / "stale_error.md").read_text()
-    assert "8.00 ± 2.83" in md and "93.67 ± 4.73" in md and "Engine: inmemory" in md
+    assert "+8.00 ± 2.83" in md and "93.67 ± 4.73" in md and "Engine: inmemory" in md
+
+
+def test_finished_only_leaves_out_runs_in_progress(tmp_path: Path) -> None:
+    import torch
+
+    _run(tmp_path, "efsgd-s0", {20: 50.0, 40: 80.0})
+    d = tmp_path / "efsgd-s1"  # in progress: a checkpoint of round 20, no summary
+    d.mkdir()
+    (d / "experiment.json").write_text(json.dumps({"run_config": {"num-server-rounds": 40}}))
+    torch.save({"strategy": {"history": [{"round": 20}]}, "evaluations": {20: {"accuracy": 0.6}}}, d / "checkpoint.pt")
+    assert [(r["seed"], r["finished"]) for r in se.load([tmp_path], ["efsgd"])] == [(0, True), (1, False)]
+    assert [r["seed"] for r in se.load([tmp_path], ["efsgd"], finished_only=True)] == [0]
 
 
 def test_bad_pairs_are_refused(tmp_path: Path) -> None:
