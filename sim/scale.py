@@ -49,6 +49,7 @@ from typing import Any
 
 from conef_fl.app_config import MODELS, check_key
 from sim.flower_runtime import REPO, descendants, pid_alive
+from sim.tables import markdown_table
 
 log = logging.getLogger("sim.scale")
 
@@ -333,9 +334,9 @@ def _num_params(model: str, dataset: str) -> int:
 
 def markdown(results: list[dict[str, Any]]) -> str:
     """The results as a markdown table."""
-    head = ("| method | clients | params | clients holding state | state / client | state, all clients | "
-            "simulation process peak RSS | all processes peak RSS | wall | outcome |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    header = ("method", "clients", "params", "clients holding state", "state / client", "state, all clients",
+              "simulation process peak RSS", "all processes peak RSS", "wall", "outcome")
+    rows = []
     for r in results:
         name = r["method"] + (" + state-dir" if r["state_dir"] else "")
         each = r.get("client_serialized_state_bytes_each")
@@ -353,14 +354,14 @@ def markdown(results: list[dict[str, Any]]) -> str:
             outcome = f"completed, {r.get('clients_trained', 0):,} clients trained once"
             if r.get("state_dir_bytes"):
                 outcome += f"; {r['state_dir_bytes'] / 1e9:.2f} GB of state files"
-        lines.append(
-            f"| {name} | {r['num_supernodes']:,} | {r.get('num_params', 0):,} | {r['clients_with_state']:,} | "
-            f"{'%.0f KB' % (each / 1e3) if each else 'n/a'} | {'%.2f GB' % (total / 1e9) if total else 'n/a'} | "
-            f"{r['simulation_process_peak_rss_bytes'] / GIB:.2f} GiB | "
-            f"{r['all_processes_peak_rss_bytes'] / GIB:.2f} GiB | "
-            f"{r['wall_seconds'] / 60:.1f} min | {outcome} |"
-        )
-    return "\n".join(lines) + "\n"
+        rows.append((
+            name, f"{r['num_supernodes']:,}", f"{r.get('num_params', 0):,}", f"{r['clients_with_state']:,}",
+            f"{each / 1e3:.0f} KB" if each else "n/a", f"{total / 1e9:.2f} GB" if total else "n/a",
+            f"{r['simulation_process_peak_rss_bytes'] / GIB:.2f} GiB",
+            f"{r['all_processes_peak_rss_bytes'] / GIB:.2f} GiB",
+            f"{r['wall_seconds'] / 60:.1f} min", outcome,
+        ))
+    return "\n".join(markdown_table(header, rows)) + "\n"
 
 
 def _write(path: Path, text: str, *, allowed: bool) -> None:
