@@ -68,13 +68,16 @@ def _finished(res: DeploymentResult) -> Finished:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Mapping[str, Finished]:
-    """Two uninterrupted runs and one resumed run, same seed (read-only for the tests)."""
+    """An uninterrupted run and a run stopped after round 2 and resumed, same seed (read-only for the tests).
+
+    Three deployments, each on fresh processes: the two runs differ in node IDs,
+    message arrival order and timing, and the second also in the restart.
+    """
     root = tmp_path_factory.mktemp("deterministic")
     first = _finished(_deploy(root, "first", "first"))
-    second = _finished(_deploy(root, "second", "second"))
     _deploy(root, "resumed", "resumed", **{"num-server-rounds": 2})
     resumed = _finished(_deploy(root, "resumed", "resumed", resume=True))
-    return {"first": first, "second": second, "resumed": resumed}
+    return {"first": first, "resumed": resumed}
 
 
 def _assert_bit_identical(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> None:
@@ -92,11 +95,11 @@ def _assert_all_trained(rows: list[dict[str, Any]]) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_two_runs_with_the_same_seed_end_bit_identical(runs: Mapping[str, Finished]) -> None:
-    first, second = runs["first"], runs["second"]
+    first, second = runs["first"], runs["resumed"]
     _assert_all_trained(first.rounds)
     _assert_all_trained(second.rounds)
     _assert_bit_identical(first.model, second.model)
-    # the clients' replies were the same too, round by round
+    # the clients' replies were the same too, round by round (rounds 1-2 from one deployment, 3 from another)
     keys = ("train_loss", "update_norm", "uplink_payload_bytes_total", "accuracy", "loss")
     assert [{k: r[k] for k in keys} for r in first.rounds] == [{k: r[k] for k in keys} for r in second.rounds]
 
