@@ -152,6 +152,14 @@ def _split(key: str, known: Mapping[str, object], what: str) -> tuple[str, str]:
     return tensor, name
 
 
+def _shape_of(arr: Array) -> tuple[int, ...]:
+    """``arr.shape`` as a tuple of ints (the Array's own tuple when it is one: no new tuple per array)."""
+    shape = arr.shape
+    if type(shape) is tuple and all(type(s) is int for s in shape):
+        return shape
+    return tuple(int(s) for s in shape)
+
+
 def decode_payloads(
     arrays: ArrayRecord, meta: ConfigRecord, specs: Mapping[str, PayloadSpec]
 ) -> dict[str, Payload]:
@@ -194,7 +202,7 @@ def decode_payloads(
                 raise PayloadError(f"{where}: array {name!r} should be bfloat16 bits")
             if str(arr.dtype) != want_np:
                 raise PayloadError(f"{where}: array {name!r} declares dtype {arr.dtype}, expected {want_np}")
-            declared = tuple(int(s) for s in arr.shape)
+            declared = _shape_of(arr)
             if len(declared) != len(aspec.shape) or any(
                 (exp is not None and d != exp) or (exp is None and not 0 <= d <= aspec.max_dim)
                 for d, exp in zip(declared, aspec.shape, strict=False)

@@ -38,7 +38,6 @@ from __future__ import annotations
 import array
 import logging
 import math
-import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -129,8 +128,7 @@ _INFO_INDEX = {k: i for i, k in enumerate(_INFO_KEYS)}
 class _Info:
     """One reply's numbers for the round statistics: a fixed-key view over one float64 array.
 
-    About 200 bytes a reply (a dict of floats takes about 900): the server keeps one per
-    accepted reply until the norm guard has seen them all.
+    Built per reply and added to the round's :class:`_RoundSums` at once (not kept).
     """
 
     __slots__ = ("_v",)
@@ -145,15 +143,79 @@ class _Info:
         self._v[_INFO_INDEX[key]] = value
 
 
-@dataclass(slots=True)
-class _Candidate:
-    """A reply that passed validation, before the norm guard."""
+class _RoundSums:
+    """The round statistics' per-reply numbers, summed as replies arrive: nothing is kept per reply.
 
-    node: int
-    message: Message
-    weight: float
-    norm: float
-    info: _Info
+    The train loss (a weighted mean) is summed exactly (Shewchuk's partials), so it equals
+    ``math.fsum`` over the replies; the byte counts are integers and sum exactly.
+    """
+
+    __slots__ = ("n", "loss_w", "w", "payload_bytes", "record_bytes", "error_state", "serialized", "peak_rss",
+                 "sources", "not_saved")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.loss_w: list[float] = []
+        self.w: list[float] = []
+        self.payload_bytes = self.record_bytes = self.error_state = self.serialized = 0.0
+        self.peak_rss = -math.inf
+        self.sources: dict[int, int] = {}
+        self.not_saved = 0
+
+    def add(self, info: _Info, weight: float) -> None:
+        self.n += 1
+        loss = info["train-loss"]
+        if math.isfinite(loss):
+            _exact_add(self.loss_w, loss * weight)
+            _exact_add(self.w, weight)
+        self.payload_bytes += info["payload-bytes"]
+        self.record_bytes += info["record-bytes"]
+        self.error_state += info[P.M_ERROR_STATE_BYTES]
+        self.serialized += info[P.M_SERIALIZED_STATE_BYTES]
+        self.peak_rss = max(self.peak_rss, info["peak-rss"])
+        source = int(info[P.M_STATE_SOURCE])
+        self.sources[source] = self.sources.get(source, 0) + 1
+        self.not_saved += not info[P.M_STATE_SAVED]
+
+
+def _exact_add(partials: list[float], x: float) -> None:
+    """Add ``x`` to the exact sum held in ``partials`` (Shewchuk's algorithm; ``math.fsum(partials)`` reads it)."""
+    i = 0
+    for y in partials:
+        if abs(x) < abs(y):
+            x, y = y, x
+        hi = x + y
+        lo = y - (hi - x)
+        if lo:
+            partials[i] = lo
+            i += 1
+        x = hi
+    partials[i:] = [x]
+
+
+class _Accepted:
+    """Replies that passed validation: per reply its node, weight and norm (24 bytes) and the message reference.
+
+    The norm guard needs only the norms; the statistics are summed in :class:`_RoundSums`.
+    """
+
+    __slots__ = ("nodes", "weights", "norms", "messages", "sums")
+
+    def __init__(self) -> None:
+        self.nodes = array.array("Q")
+        self.weights = array.array("d")
+        self.norms = array.array("d")
+        self.messages: list[Message] = []
+        self.sums = _RoundSums()
+
+    def add(self, msg: Message, node: int, weight: float, norm: float) -> None:
+        self.nodes.append(node)
+        self.weights.append(weight)
+        self.norms.append(norm)
+        self.messages.append(msg)
+
+    def __len__(self) -> int:
+        return len(self.messages)
 
 
 class _WeightedMean:
@@ -501,7 +563,8 @@ class ConEF(Strategy):
     # ------------------------------------------------------------------ replies
     def _screen(self, server_round: int, replies: list[Message], stats: RoundStats) -> list[Message]:
         """Cheap checks before any decoding: errors, unsampled nodes, duplicates. Sorted by (partition, node)."""
-        by_node: dict[int, list[Message]] = {}
+        first: dict[int, Message] = {}  # one entry per node; a count only for the rare duplicates
+        extra: dict[int, int] = {}
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -510,17 +573,21 @@ class ConEF(Strategy):
                     self.downlink.forget(node)
                 log.warning("round %d: node %s replied with an error: %s", server_round, node, msg.error.reason)
                 continue
-            by_node.setdefault(node, []).append(msg)
-        kept = []
-        for node in sorted(by_node, key=lambda n: (_partition_of(by_node[n][0]), n)):
-            msgs = by_node[node]
-            if node not in self._sampled:
-                self._reject(stats, server_round, node, f"node was not sampled this round ({len(msgs)} replies)",
-                             count=len(msgs))
-            elif len(msgs) > 1:
-                self._reject(stats, server_round, node, f"node replied {len(msgs)} times; all refused", count=len(msgs))
+            if node in first:
+                extra[node] = extra.get(node, 0) + 1
             else:
-                kept.append(msgs[0])
+                first[node] = msg
+        kept = []
+        # one int key per node in (partition, node) order (node ids < 2**64): no tuple per reply
+        for node in sorted(first, key=lambda n: ((_partition_of(first[n]) + 1) << 64) | n):
+            count = 1 + extra.get(node, 0)
+            if node not in self._sampled:
+                self._reject(stats, server_round, node, f"node was not sampled this round ({count} replies)",
+                             count=count)
+            elif count > 1:
+                self._reject(stats, server_round, node, f"node replied {count} times; all refused", count=count)
+            else:
+                kept.append(first[node])
         return kept
 
     def _reject(self, stats: RoundStats, server_round: int, node: int, reason: str, count: int = 1) -> None:
@@ -541,7 +608,7 @@ class ConEF(Strategy):
 
     def _metrics(self, msg: Message, server_round: int) -> tuple[float, _Info]:
         """The reply's weight and ConEF metrics, checked for type, finiteness and range."""
-        records = list(msg.content.metric_records.values())
+        records = _metric_records(msg)
         if len(records) != 1:
             raise PayloadError(f"reply must carry exactly one MetricRecord, has {len(records)}")
         metrics = records[0]
@@ -575,55 +642,82 @@ class ConEF(Strategy):
             if isinstance(q, _VALUE_SELECTING) and set(p.arrays) <= {"values", "indices"}:
                 # validated: distinct indices (or a seed-determined selection), so ||Q⁻¹(p)|| = scale·||values||
                 scale = q.value_scale(p.numel) if isinstance(q, SelectiveCompressor) else 1.0
-                sq += scale**2 * float(torch.linalg.vector_norm(p.arrays["values"].double()) ** 2)
+                n = float(torch.linalg.vector_norm(p.arrays["values"], dtype=torch.float64))  # no float64 copy
+                sq += scale**2 * (n * n)
             else:
                 sq += q.norm_sq(p)
         return math.sqrt(sq)
 
     def _validate(self, server_round: int, replies: list[Message], specs: Mapping[str, PayloadSpec],
-                  stats: RoundStats, sink: _WeightedMean | None = None) -> list[_Candidate]:
+                  stats: RoundStats, sink: _WeightedMean | None = None) -> _Accepted:
         """Replies that pass every check, in order; each one's payload also goes into ``sink``."""
-        out = []
+        out = _Accepted()
         for msg in replies:
             node = msg.metadata.src_node_id
             try:
-                weight, info = self._metrics(msg, server_round)
-                payloads = self._decode(msg, specs)
-                info["payload-bytes"] = float(sum(p.nbytes for p in payloads.values()))
-                info["record-bytes"] = float(msg.content[P.PAYLOAD_RECORD].count_bytes()
-                                             + msg.content[P.PAYLOAD_META_RECORD].count_bytes())
-                norm = self._norm(payloads)
-                if not math.isfinite(norm):
-                    raise PayloadError(f"update norm is {norm}")
-                if self.max_update_norm is not None and norm > self.max_update_norm:
-                    raise PayloadError(f"update norm {norm:.4g} exceeds max_update_norm={self.max_update_norm:g}")
+                weight, info, payloads, norm = self._checked(msg, server_round, specs)
             except (PayloadError, ValueError, TypeError, KeyError, OverflowError) as exc:
                 self._reject(stats, server_round, node, str(exc))
                 continue
-            out.append(_Candidate(node, msg, weight, norm, info))
+            out.add(msg, node, weight, norm)
+            out.sums.add(info, weight)
             if sink is not None:
                 sink.add(payloads, weight)
         return out
 
-    def _norm_guard(self, server_round: int, candidates: list[_Candidate], stats: RoundStats) -> list[_Candidate]:
-        if self.norm_guard <= 0 or not candidates:
-            return candidates
-        reference = statistics.median_low(c.norm for c in candidates)
+    def _checked(self, msg: Message, server_round: int,
+                 specs: Mapping[str, PayloadSpec]) -> tuple[float, _Info, dict[str, Payload], float]:
+        """One reply's weight, statistics, decoded payloads and update norm; ``PayloadError`` etc. if it is bad."""
+        weight, info = self._metrics(msg, server_round)
+        payloads = self._decode(msg, specs)
+        info["payload-bytes"] = float(sum(p.nbytes for p in payloads.values()))
+        info["record-bytes"] = float(msg.content[P.PAYLOAD_RECORD].count_bytes()
+                                     + msg.content[P.PAYLOAD_META_RECORD].count_bytes())
+        norm = self._norm(payloads)
+        if not math.isfinite(norm):
+            raise PayloadError(f"update norm is {norm}")
+        if self.max_update_norm is not None and norm > self.max_update_norm:
+            raise PayloadError(f"update norm {norm:.4g} exceeds max_update_norm={self.max_update_norm:g}")
+        return weight, info, payloads, norm
+
+    def _norm_guard(self, server_round: int, candidates: _Accepted, stats: RoundStats) -> list[int] | None:
+        """Indices (into ``candidates``) of the replies the norm guard keeps; ``None``: all of them."""
+        if self.norm_guard <= 0 or not len(candidates):
+            return None
+        reference = _median_low(candidates.norms)
         if len(candidates) < 3 and self._norm_reference is not None:
             reference = min(reference, self._norm_reference)  # too few replies to out-vote one attacker
         stats.norm_reference = reference
         if reference <= 0:
-            return candidates
+            return None
         self._norm_reference = reference
         bound = self.norm_guard * reference
+        if max(candidates.norms) <= bound:
+            return None
         kept = []
-        for c in candidates:
-            if c.norm > bound:
-                self._reject(stats, server_round, c.node, f"update norm {c.norm:.4g} exceeds norm_guard × median = "
-                             f"{self.norm_guard:g} × {reference:.4g}")
+        for i, norm in enumerate(candidates.norms):
+            if norm > bound:
+                self._reject(stats, server_round, candidates.nodes[i], f"update norm {norm:.4g} exceeds norm_guard × "
+                             f"median = {self.norm_guard:g} × {reference:.4g}")
             else:
-                kept.append(c)
+                kept.append(i)
         return kept
+
+    def _keep(self, server_round: int, candidates: _Accepted, kept: list[int] | None,
+              specs: Mapping[str, PayloadSpec], sink: _WeightedMean | None) -> tuple[_Accepted, _WeightedMean | None]:
+        """The replies the guard kept, their statistics and (mean mode) their mean, summed again without the others."""
+        if kept is None:
+            return candidates, sink
+        out = _Accepted()
+        sink = _WeightedMean(self.compressor, specs) if sink is not None else None
+        for i in kept:
+            msg = candidates.messages[i]
+            weight, info, payloads, _ = self._checked(msg, server_round, specs)
+            out.add(msg, candidates.nodes[i], candidates.weights[i], candidates.norms[i])
+            out.sums.add(info, weight)
+            if sink is not None:
+                sink.add(payloads, weight)
+        return out, sink
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -640,15 +734,14 @@ class ConEF(Strategy):
         # recomputed without them only when the norm guard refuses replies
         sink = _WeightedMean(self.compressor, specs) if self.mode == "mean" else None
         candidates = self._validate(server_round, self._screen(server_round, replies, stats), specs, stats, sink)
-        accepted = self._norm_guard(server_round, candidates, stats)
-        if sink is not None and len(accepted) != len(candidates):
-            sink = _WeightedMean(self.compressor, specs)
-            for c in accepted:
-                sink.add(self._decode(c.message, specs), c.weight)
-        for c in accepted:
-            if self.downlink is not None and c.node in self._sent_version:
-                self.downlink.mark_synced(c.node, self._sent_version[c.node])
+        accepted, sink = self._keep(server_round, candidates, self._norm_guard(server_round, candidates, stats),
+                                    specs, sink)
+        del candidates
+        for node in accepted.nodes:
+            if self.downlink is not None and node in self._sent_version:
+                self.downlink.mark_synced(node, self._sent_version[node])
         stats.accepted = len(accepted)
+        client_metrics = self._client_metrics(accepted)  # before the new model exists: the two peaks do not add up
         new_arrays: ArrayRecord | None = None
         inner_metrics: MetricRecord | None = None
         if accepted:
@@ -663,7 +756,7 @@ class ConEF(Strategy):
             log.warning("round %d: no valid replies; the global model is unchanged", server_round)
         stats.aggregate_seconds = time.perf_counter() - t0
         self.history.append(stats)
-        metrics = self._round_metrics(stats, accepted, inner_metrics)
+        metrics = self._round_metrics(stats, client_metrics, inner_metrics)
         log.info(
             "round %d: accepted %d/%d replies (rejected %d, failed %d), train loss %.4f, uplink %.1f KB/client "
             "(dense %.1f KB), client error state %.1f KB",
@@ -673,7 +766,7 @@ class ConEF(Strategy):
         )
         return new_arrays, metrics
 
-    def _aggregate(self, server_round: int, accepted: list[_Candidate], specs: Mapping[str, PayloadSpec],
+    def _aggregate(self, server_round: int, accepted: _Accepted, specs: Mapping[str, PayloadSpec],
                    stats: RoundStats, sink: _WeightedMean | None) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self._global is not None
         if sink is not None:
@@ -686,13 +779,13 @@ class ConEF(Strategy):
                 # FedAvg of the one reply x − mean is x − mean: computed in place, no copies of the model
                 new = {k: d.neg_().add_(self._global[k]) for k, d in mean.items()}
                 return self._finish(server_round, new, None)
-            synthetic = [self._model_reply(accepted[0].message, mean, MetricRecord({self.weighted_by_key: total}))]
+            synthetic = [self._model_reply(accepted.messages[0], mean, MetricRecord({self.weighted_by_key: total}))]
         else:
             synthetic = []
-            for c in accepted:
-                update = self._dense_update(self._decode(c.message, specs))
-                metrics = next(iter(c.message.content.metric_records.values()))
-                synthetic.append(self._model_reply(c.message, update, metrics))
+            for msg in accepted.messages:
+                update = self._dense_update(self._decode(msg, specs))
+                metrics = next(iter(msg.content.metric_records.values()))
+                synthetic.append(self._model_reply(msg, update, metrics))
         arrays, metrics = self.inner.aggregate_train(server_round, synthetic)
         del synthetic
         if arrays is None:
@@ -754,36 +847,40 @@ class ConEF(Strategy):
         content = RecordDict({self.arrayrecord_key: self._to_record(model), "metrics": metrics})
         return Message(content=content, metadata=template.metadata)
 
-    def _fill_stats(self, stats: RoundStats, accepted: list[_Candidate]) -> None:
-        n = len(accepted)
-        weights = [c.weight for c in accepted]
-        finite = [(c.info["train-loss"], w) for c, w in zip(accepted, weights, strict=True)
-                  if math.isfinite(c.info["train-loss"])]
-        if finite:
-            stats.train_loss = math.fsum(loss * w for loss, w in finite) / math.fsum(w for _, w in finite)
-        stats.uplink_payload_bytes_total = int(sum(c.info["payload-bytes"] for c in accepted))
+    def _fill_stats(self, stats: RoundStats, accepted: _Accepted) -> None:
+        sums = accepted.sums
+        n = sums.n
+        if sums.w:
+            stats.train_loss = math.fsum(sums.loss_w) / math.fsum(sums.w)
+        stats.uplink_payload_bytes_total = int(sums.payload_bytes)
         stats.uplink_payload_bytes_mean = stats.uplink_payload_bytes_total / n
-        stats.uplink_record_bytes_total = int(sum(c.info["record-bytes"] for c in accepted))
-        stats.client_error_state_bytes_mean = sum(c.info[P.M_ERROR_STATE_BYTES] for c in accepted) / n
-        stats.client_serialized_state_bytes_total = int(sum(c.info[P.M_SERIALIZED_STATE_BYTES] for c in accepted))
-        stats.client_peak_rss_bytes_max = int(max(c.info["peak-rss"] for c in accepted))
-        sources = [int(c.info[P.M_STATE_SOURCE]) for c in accepted]
-        stats.clients_state_fresh = sources.count(P.STATE_SOURCES["fresh"])
-        stats.clients_state_from_memory = sources.count(P.STATE_SOURCES["memory"])
-        stats.clients_state_from_disk = sources.count(P.STATE_SOURCES["disk"])
+        stats.uplink_record_bytes_total = int(sums.record_bytes)
+        stats.client_error_state_bytes_mean = sums.error_state / n
+        stats.client_serialized_state_bytes_total = int(sums.serialized)
+        stats.client_peak_rss_bytes_max = int(sums.peak_rss)
+        stats.clients_state_fresh = sums.sources.get(P.STATE_SOURCES["fresh"], 0)
+        stats.clients_state_from_memory = sums.sources.get(P.STATE_SOURCES["memory"], 0)
+        stats.clients_state_from_disk = sums.sources.get(P.STATE_SOURCES["disk"], 0)
         stats.clients_state_refused = n - stats.clients_state_fresh - stats.clients_state_from_memory \
             - stats.clients_state_from_disk
-        stats.clients_state_not_saved = sum(1 for c in accepted if not c.info[P.M_STATE_SAVED])
+        stats.clients_state_not_saved = sums.not_saved
 
-    def _round_metrics(self, stats: RoundStats, accepted: list[_Candidate],
+    def _client_metrics(self, accepted: _Accepted) -> MetricRecord | None:
+        """The inner strategy's ``train_metrics_aggr_fn`` over the accepted replies (``None`` without one)."""
+        aggr: Callable | None = getattr(self.inner, "train_metrics_aggr_fn", None)
+        if not len(accepted) or aggr is None:
+            return None
+        try:
+            return aggr([msg.content for msg in accepted.messages], self.weighted_by_key)
+        except Exception as exc:  # a user-supplied function; never abort the round for metrics
+            log.warning("train_metrics_aggr_fn failed (%s); reporting ConEF's metrics only", exc)
+            return MetricRecord()
+
+    def _round_metrics(self, stats: RoundStats, client: MetricRecord | None,
                        inner: MetricRecord | None) -> MetricRecord:
         metrics = MetricRecord()
-        aggr: Callable | None = getattr(self.inner, "train_metrics_aggr_fn", None)
-        if accepted and aggr is not None:
-            try:
-                metrics = aggr([c.message.content for c in accepted], self.weighted_by_key)
-            except Exception as exc:  # a user-supplied function; never abort the round for metrics
-                log.warning("train_metrics_aggr_fn failed (%s); reporting ConEF's metrics only", exc)
+        if client is not None:
+            metrics = client
         elif inner is not None:
             metrics = inner
         metrics.update({
@@ -910,9 +1007,19 @@ def _finite(t: torch.Tensor) -> bool:
     return t.numel() == 0 or bool(torch.isfinite(torch.linalg.vector_norm(t, ord=float("inf"))))
 
 
+def _median_low(values: array.array) -> float:
+    """``statistics.median_low`` of a float array, sorted in one numpy buffer (no float object per value)."""
+    return float(np.sort(np.frombuffer(values, dtype=np.float64))[(len(values) - 1) // 2])
+
+
+def _metric_records(msg: Message) -> list[MetricRecord]:
+    """The reply's MetricRecords, read from the RecordDict's items (``metric_records`` builds a new view each time)."""
+    return [r for r in msg.content.values() if isinstance(r, MetricRecord)]
+
+
 def _partition_of(msg: Message) -> int:
     """The partition a reply says it trained on (only orders the sum; -1 when absent or malformed)."""
-    for record in msg.content.metric_records.values():
+    for record in _metric_records(msg):
         pid = record.get(P.M_PARTITION, -1)
         return pid if isinstance(pid, int) and not isinstance(pid, bool) else -1
     return -1

@@ -479,3 +479,57 @@ def test_the_update_norm_equals_the_norm_of_the_decoded_update(method: str, kw: 
     for p in payloads:
         dense = math.sqrt(sum(float((v**2).sum()) for v in _dense(strategy, p).values()))
         assert math.isclose(strategy._norm(p), dense, rel_tol=1e-5)
+
+
+def _many_replies(strategy: ConEF, n: int, huge: int | None = None) -> list[Message]:
+    nodes = list(range(100, 100 + n))
+    msgs = list(strategy.configure_train(1, _record(_global()), ConfigRecord(), _grid(nodes)))
+    replies = []
+    for i, m in enumerate(msgs):
+        p = _client_payloads(m, seed=i % 4, scale=1e6 if i == huge else 1.0)
+        replies.append(_reply(m.metadata.dst_node_id, p, 1.0 + i % 5, **{"train-loss": 0.1 * (i % 7) + 1e-9 * i,
+                                                                        P.M_PEAK_RSS: 1000 + i}))
+    return replies
+
+
+def test_round_statistics_after_the_norm_guard_count_only_the_accepted_replies() -> None:
+    inner = lambda: FedAvg(fraction_train=1.0, min_available_nodes=6, min_train_nodes=6)  # noqa: E731
+    guarded = _wrap(inner())
+    replies = _many_replies(guarded, 7, huge=3)
+    new, metrics = guarded.aggregate_train(1, replies)
+    assert metrics["conef.rejected"] == 1
+    plain = _wrap(inner(), norm_guard=0.0)
+    _many_replies(plain, 7)  # samples the same nodes
+    kept = [r for i, r in enumerate(replies) if i != 3]
+    new2, metrics2 = plain.aggregate_train(1, kept)
+    a, b = guarded.history[-1], plain.history[-1]
+    for field in ("accepted", "train_loss", "uplink_payload_bytes_total", "uplink_record_bytes_total",
+                  "client_error_state_bytes_mean", "client_serialized_state_bytes_total", "client_peak_rss_bytes_max",
+                  "clients_state_fresh", "clients_state_from_memory", "clients_state_not_saved"):
+        assert getattr(a, field) == getattr(b, field), field
+    assert a.train_loss == math.fsum((0.1 * (i % 7) + 1e-9 * i) * (1.0 + i % 5) for i in range(7) if i != 3) \
+        / math.fsum(1.0 + i % 5 for i in range(7) if i != 3)
+    assert all(np.array_equal(new[k].numpy(), new2[k].numpy()) for k in SHAPES)
+
+
+def test_the_server_keeps_a_few_bytes_per_reply_until_the_norm_guard() -> None:
+    """Issue #13: what aggregate_train holds per reply when the norm guard runs (tracemalloc) stays small."""
+    import tracemalloc
+
+    held = {}
+    for n in (40, 400):
+        strategy = _wrap(FedAvg(fraction_train=1.0, min_available_nodes=n, min_train_nodes=n))
+        replies = _many_replies(strategy, n)
+        strategy.aggregate_train(1, replies)  # first call: Flower's lazy structures, caches
+        guard = strategy._norm_guard
+
+        def spy(*args, guard=guard, n=n):
+            held[n] = tracemalloc.get_traced_memory()[0]
+            return guard(*args)
+
+        strategy._norm_guard = spy
+        tracemalloc.start()
+        strategy.aggregate_train(1, replies)
+        tracemalloc.stop()
+    per_reply = (held[400] - held[40]) / 360
+    assert per_reply < 100, per_reply  # was ~470 bytes: the reply's statistics, weight and norm as objects
