@@ -633,7 +633,8 @@ def _setting_line(runs: Sequence[Mapping[str, Any]]) -> str:
     c = runs[0]["run_config"]
     s = runs[0]["summary"]
     keys = ["dataset", "partitioning", "dirichlet-alpha", "fraction-train", "local-steps", "local-epochs",
-            "batch-size", "local-lr", "server-lr", "num-server-rounds", "eval-every"]
+            "batch-size", "local-lr", "lr-decay-rounds", "lr-decay-factor", "server-lr", "num-server-rounds",
+            "eval-every"]
     parts = [f"{k}={c[k]}" for k in keys if k in c]
     engines = sorted({r.get("engine", "inmemory") for r in runs})
     engine = ENGINE_LABELS[engines[0]] if len(engines) == 1 else "; ".join(
