@@ -10,6 +10,7 @@ a result. The design and its reasons: ``docs/design.md``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 import warnings
@@ -160,7 +161,7 @@ class _RowHash:
     """
 
     __slots__ = ("full", "buckets", "perm", "sign", "crow", "tail_bucket", "tail_sign", "_i32", "_inv",
-                 "_ubucket", "_usign", "_pt")
+                 "_ubucket", "_usign", "_pt", "_p")
 
     def __init__(self, row_seed: int, g: SketchGeometry, device: torch.device, dtype: torch.dtype) -> None:
         f, w = g.full_units, g.buckets
@@ -184,6 +185,7 @@ class _RowHash:
         self._ubucket: torch.Tensor | None = None
         self._usign: torch.Tensor | None = None
         self._pt: torch.Tensor | None = None
+        self._p: torch.Tensor | None = None
 
     def complete(self) -> _RowHash:
         """Build the per-unit buckets and signs, drop the positions (before the hash is cached and shared)."""
@@ -253,6 +255,13 @@ class _RowHash:
             b = torch.where(tail, torch.tensor(self.tail_bucket, dtype=b.dtype, device=b.device), b)
             s = torch.where(tail, torch.tensor(self.tail_sign, dtype=s.dtype, device=s.device), s)
         return b, s
+
+    def p(self) -> torch.Tensor:
+        """``P`` over all full units as one sparse CSR tensor (``full × buckets``; one non-zero a row)."""
+        if self._p is None:
+            col = self.ubucket if self.ubucket.dtype == torch.int32 else self.ubucket.to(torch.int32)
+            self._p = _csr(_arange_i32(self.full + 1, self.perm.device), col, self.usign, (self.full, self.buckets))
+        return self._p
 
     def pt(self) -> torch.Tensor:
         """``Pᵀ`` over all full units as one sparse CSR tensor (``buckets × full``; built once, no copies)."""
@@ -365,6 +374,14 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape: tuple[
         out = torch.sparse_csr_tensor(crow, col, val, size=shape, check_invariants=False)
     _CSR_QUIET = True
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def _bucket_loads(buckets: int, full: int, device: str) -> torch.Tensor:
+    """Full units per bucket as float32 (balanced hashing: a function of the geometry; shared, never written)."""
+    crow = torch.arange(buckets + 1, dtype=torch.int64, device=device).mul_(full)
+    crow = crow.div_(buckets, rounding_mode="floor")
+    return (crow[1:] - crow[:-1]).to(torch.float32)
 
 
 _ARANGE: dict[str, torch.Tensor] = {}
@@ -590,6 +607,9 @@ class CountSketch(ErrorStore):
         if n == 0:
             return
         hashes = self._hashes()
+        if g.rows == 1 and self._use_sparse() and x_units.dtype == self.table.dtype and u0 == 0 and n == g.full_units:
+            x_units.addmm_(hashes[0].p(), self.table[0], alpha=alpha)  # the whole vector: the cached structure
+            return
         if g.rows == 1 and self._use_sparse() and x_units.dtype == self.table.dtype:
             h = hashes[0]
             crow = _arange_i32(n + 1, self.table.device)
@@ -804,9 +824,7 @@ class CountSketch(ErrorStore):
             return False
         c = coeff * self.estimate_scale
         dev = self.table.device
-        crow = torch.arange(g.buckets + 1, dtype=torch.int64, device=dev).mul_(g.full_units)
-        crow = crow.div_(g.buckets, rounding_mode="floor")
-        factor = (crow[1:] - crow[:-1]).to(torch.float32).mul_(-c).add_(1.0)
+        factor = _bucket_loads(g.buckets, g.full_units, str(dev)).mul(-c).add_(1.0)
         if g.tail:  # the tail unit adds load only on the first `tail` columns of its bucket
             b, _ = _tail_hash(self._row_seeds[0], g.buckets)
             fb = float(factor[b])
