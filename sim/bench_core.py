@@ -78,7 +78,10 @@ SLOW_LIMIT_S = 10.0
 ITEM_BUDGET_S = 15.0
 #: Single-tensor sizes of the fixed-cost-per-tensor measurement.
 FIXED_COST_SIZES = (100_000, 1_000_000)
-PARTS = ("sketch", "steps", "compressors", "fixed")
+PARTS = ("sketch", "steps", "compressors", "fixed", "server")
+#: Server aggregation through the ConEF wrapper (``sim.bench_server``): methods and reply counts.
+SERVER_METHODS = ("conef-cs", "ef-topk", "ef-sign")
+SERVER_REPLIES = (10, 100, 1000)
 
 #: Gradient compressors whose EFSGD and ConEF steps are compared: name -> (label, kwargs for method_config).
 STEP_COMPRESSORS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -679,7 +682,37 @@ def evaluate_targets(result: dict[str, Any]) -> dict[str, Any]:
                                 f"{ce['median_ms']:.1f} vs {ee['median_ms']:.1f} ms; "
                                 f"{1e3 * e['extra_ms_per_tensor']:.0f} us more per tensor", e["conef_over_efsgd_min"],
                                 measured_cpu=_cpu_ratio(ce, ee)))
+    server = result.get("server")
+    if server:
+        for row in server["rows"]:
+            if row["replies"] != max(r["replies"] for r in server["rows"]):
+                continue
+            label = f"server, {row['method']}, {row['replies']:,} replies"
+            rows.append(_target(f"{label}: CPU ms per reply", row["cpu_ms_per_reply"], server["target_ms_per_reply"],
+                                "ms", f"wall {row['ms_per_reply']:.2f} ms per reply"))
+            rows.append(_target(f"{label}: peak extra memory / (2 models + 1 reply)",
+                                row["peak_over_2_models_plus_one_reply"], 1.0, "x limit",
+                                f"{row['peak_extra_bytes'] / 1e6:.2f} MB; model {row['model_bytes'] / 1e6:.2f} MB"))
     return {"d": d, "rows": rows}
+
+
+def bench_server_part(replies: Sequence[int], repeats: int) -> dict[str, Any]:
+    """Server aggregation scaling: :func:`sim.bench_server.measure` for every method and reply count.
+
+    One thread, the 184,586-parameter MNIST CNN; time per reply (wall and CPU) and the
+    peak extra memory of ``aggregate_train`` against "2 models + 1 reply".
+    """
+    from sim import bench_server
+
+    _log(f"server aggregation: {', '.join(SERVER_METHODS)} with {', '.join(map(str, replies))} replies")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = [bench_server.measure(m, int(n), repeats) for m in SERVER_METHODS for n in replies]
+    finally:
+        torch.set_num_threads(threads)
+    return {"model": "MnistCNN (184,586 parameters)", "threads": 1, "repeats": repeats,
+            "target_ms_per_reply": bench_server.TARGET_MS_PER_REPLY, "rows": rows}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -729,6 +762,8 @@ def run_benchmark(sizes: Sequence[int] = DEFAULT_SIZES, repeats: int = 7, thread
     if "fixed" in parts:
         _log("fixed cost per tensor: single tensors and layer-wise ResNet-18")
         result["fixed_cost"] = bench_fixed_cost(repeats)
+    if "server" in parts:
+        result["server"] = bench_server_part(SERVER_REPLIES[:2] if quick else SERVER_REPLIES, max(1, repeats // 5))
     result["load_avg_end"] = _loadavg()
     result["elapsed_s"] = time.perf_counter() - t0
     result["hash_cache"] = hash_cache_info()  # process-wide sketch hash structures held at the end
@@ -804,10 +839,11 @@ def to_markdown(result: dict[str, Any]) -> str:
               "| target | measured (medians) | ratio of mins | CPU time (medians) | limit | met | met (CPU) | note |",
               "|---|---|---|---|---|---|---|---|"]
     for row in t["rows"]:
-        frac = row["unit"] == "fraction"
-        meas = "–" if row["measured"] is None else (_pct(row["measured"]) if frac else f"{row['measured']:.2f}×")
+        frac, ms = row["unit"] == "fraction", row["unit"] == "ms"
+        meas = "–" if row["measured"] is None else (_pct(row["measured"]) if frac else
+                                                     f"{row['measured']:.2f}{' ms' if ms else '×'}")
         mmin = "" if row.get("measured_min") is None else f"{row['measured_min']:.2f}×"
-        lim = f"{100 * row['target']:.0f} %" if frac else f"{row['target']:.1f}×"
+        lim = f"{100 * row['target']:.0f} %" if frac else f"{row['target']:.1f}{' ms' if ms else '×'}"
         lim = ("≥ " if row.get("at_least") else "≤ ") + lim
         met = "–" if row["met"] is None else ("yes" if row["met"] else "**no**")
         cpu = "" if row.get("measured_cpu") is None else f"{row['measured_cpu']:.2f}×"
@@ -874,6 +910,17 @@ def to_markdown(result: dict[str, Any]) -> str:
             tr = e["methods"]["conef"]["transient"]["peak_minus_payload_fraction_of_4d"]
             lines.append(f"| {e['label']} | {_ms(ef)} | {_ms(ce)} | {e['conef_over_efsgd']:.2f}× | "
                          f"{1e3 * e['extra_ms_per_tensor']:.0f} µs | {_pct(tr)} of 4d |")
+    server = result.get("server")
+    if server:
+        lines += ["", f"## Server aggregation ({server['model']}, {server['threads']} thread, median of "
+                      f"{server['repeats']})", "",
+                  "| method | replies | ms per reply (wall) | CPU ms per reply | peak extra MB "
+                  "| × (2 models + 1 reply) |",
+                  "|---|---|---|---|---|---|"]
+        for row in server["rows"]:
+            lines.append(f"| {row['method']} | {row['replies']:,} | {row['ms_per_reply']:.2f} | "
+                         f"{row['cpu_ms_per_reply']:.2f} | {row['peak_extra_bytes'] / 1e6:.2f} | "
+                         f"{row['peak_over_2_models_plus_one_reply']:.2f}× |")
     return "\n".join(lines) + "\n"
 
 
