@@ -141,7 +141,7 @@ def run_deployment(
     unregistered: int = 0, timeout: float | None = None, log_file: Path | None = None, home: Path | None = None,
     node_configs: Sequence[Mapping[str, Any]] = (),
     throttle_mbit: float | None = None, throttle_down_mbit: float | None = None,
-    throttle_events: Path | None = None,
+    throttle_events: Path | None = None, extra_env: Mapping[str, str] | None = None,
 ) -> DeploymentResult:
     """Start a SuperLink and ``num_supernodes`` SuperNodes on loopback, run the app, stop everything.
 
@@ -170,6 +170,10 @@ def run_deployment(
         the same; 0 = unlimited, the proxy still counts bytes). TLS passes through unchanged.
     throttle_events:
         Where the proxy writes its byte counts and chunk log at the end (with ``throttle_mbit``).
+    extra_env:
+        Environment variables for every process started (SuperLink, SuperNodes and what they start, ``flwr
+        run``), e.g. ``{"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}``: how often each SuperNode's SuperExec
+        asks for a ClientApp task (Flower 1.41 reads it; default 1 s, allowed 0.01–60).
 
     Raises
     ------
@@ -189,6 +193,7 @@ def run_deployment(
     cfg, run_dir = run_config_for(overrides, num_supernodes)
     t0 = time.monotonic()
     fp = FlowerProcesses(home)
+    fp.extra_env.update(extra_env or {})
     result: DeploymentResult | None = None
     try:
         secrets = fp.home / "secrets"

@@ -1,8 +1,8 @@
 """Check the time-to-accuracy model on a real deployment behind rate-limited links.
 
-    flock /tmp/conef-heavy.lock python -m sim.link_check --mbit 0,10,1 --methods efsgd,sgd --rounds 5 \
-        --compute docs/results/experiments/time-to-accuracy/compute.json \
-        --out docs/results/experiments/link-check/link_check.json
+    flock /tmp/conef-heavy.lock python -m sim.link_check --mbit 0,10,1 --methods efsgd,sgd --rounds 8 \
+        --task-poll 0.2 --compute docs/results/experiments/time-to-accuracy/compute.json \
+        --out docs/results/experiments/link-check/link_check_calibrated.json
 
 For each method and bandwidth it starts a SuperLink and ``--supernodes`` SuperNodes on
 loopback (:func:`sim.deploy.run_deployment`), each SuperNode behind its own
@@ -16,13 +16,29 @@ per round,
 - **client level**: first byte of the model sent to a SuperNode to last byte of its
   reply, vs the model's ``c_client + down/B + up/B`` (``c_client`` from
   ``sim.time_to_accuracy calibrate``);
-- **round level**: the ServerApp's ``round_seconds`` vs the model. Flower polls: the
-  SuperNode asks for work every 3 s when idle and the ServerApp pulls replies every
-  3 s, so a round takes up to ~6 s more than its transfers and compute; the JSON
-  reports that gap.
+- **round level**: the ServerApp's ``round_seconds`` vs the model.
 
-The first round (start-up) and the last (evaluation) are left out. The tolerances are
-stated in the JSON (``tolerance``); whether each check passed is reported, not asserted.
+**The calibrated model** (:func:`add_calibrated_model`). A Flower 1.41 deployment adds a
+fixed cost to every round that the in-process model has no term for: each SuperNode's
+SuperExec starts a new ``flwr-clientapp`` process per message (Python, torch and the
+app imported, the partition loaded; ``--isolation process`` does not change that, the
+external SuperExec starts one per message too), and Flower polls (SuperNode idle poll
+3 s and ServerApp reply poll 3 s, both fixed in the code; SuperExec task poll 1 s, set
+by ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, ``--task-poll``). That overhead is measured
+once per method on the unthrottled link (the proxy still in the path), ``overhead =
+measured − (c_client + c_server)``, and the model at bandwidth B is
+
+    t_round(B) = overhead + c_client + c_server + up/B + down/B
+
+It passes at a point when ``|measured − model| <= ROUND_TOLERANCE · model +
+ROUND_SLACK_SECONDS`` for the mean over the analysed rounds (stated in the JSON's
+``tolerance`` before any run). A point *discriminates* only when its transfer term
+``up/B + down/B`` is larger than that tolerance: otherwise the model without the link
+(``overhead + c``) would pass as well and the point cannot show the bandwidth term wrong.
+
+The first round (start-up) and the last (evaluation) are left out. Whether each check
+passed is reported, not asserted. The machine's load average is sampled during each
+deployment (``load_average``).
 """
 
 from __future__ import annotations
@@ -30,10 +46,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +70,17 @@ RATE_TOLERANCE = 0.05
 #: (the SuperNode hands the message to its ClientApp process and back through its own API).
 CLIENT_TOLERANCE = 0.10
 CLIENT_SLACK_SECONDS = 1.5
+#: Calibrated model, round and client level: |measured − model| within this fraction of the model plus
+#: ``ROUND_SLACK_SECONDS`` (fixed before the runs of 2026-12-02, 06:00 UTC).
+ROUND_TOLERANCE = 0.10
+ROUND_SLACK_SECONDS = 1.0
+#: An uplink transfer is a round's reply when it carries at least this fraction of the model's uplink bytes
+#: (the SuperNode's requests while it downloads a message are ~20 KB and must not count as the reply).
+REPLY_MIN_FRACTION = 0.5
+#: Analysed rounds per point (first and last dropped) the calibrated check needs.
+MIN_ANALYSED_ROUNDS = 4
+#: Seconds between load-average samples during a deployment.
+LOAD_SAMPLE_SECONDS = 10.0
 
 
 def transfers(events: Sequence[Sequence[Any]], direction: str) -> list[dict[str, float]]:
@@ -73,6 +102,78 @@ def transfers(events: Sequence[Sequence[Any]], direction: str) -> list[dict[str,
     return [x for x in out if x["bytes"] >= MIN_TRANSFER_BYTES]
 
 
+def pair_transfers(events: Sequence[Sequence[Any]], reply_min_bytes: float = 0.0) -> list[dict[str, Any]]:
+    """One ``{"down": transfer, "up": reply or None}`` per downlink transfer of a link's chunk log.
+
+    The reply is the first uplink transfer that starts after the download ended (requests sent while
+    downloading belong to the download) and carries at least ``reply_min_bytes``.
+    """
+    downs, ups = transfers(events, "down"), transfers(events, "up")
+    pairs = []
+    for d in downs:
+        u = next((x for x in ups if x["start"] >= d["end"] and x["bytes"] >= reply_min_bytes), None)
+        pairs.append({"down": d, "up": u})
+    return pairs
+
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """n, mean, sample std (None for one value), min and max of ``values`` (all None when empty)."""
+    if not values:
+        return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
+    return {"n": len(values), "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else None,
+            "min": min(values), "max": max(values)}
+
+
+def within(measured: float, model: float) -> bool:
+    """The calibrated check: ``|measured − model| <= ROUND_TOLERANCE · model + ROUND_SLACK_SECONDS``."""
+    return abs(measured - model) <= ROUND_TOLERANCE * model + ROUND_SLACK_SECONDS
+
+
+def add_calibrated_model(runs: list[dict[str, Any]]) -> None:
+    """Add the calibrated model (overhead measured on the same method's unthrottled link) to each run, in place.
+
+    Per level (``round``: the ServerApp's round time; ``client``: the proxy's client span) the
+    unthrottled run gives ``overhead = measured − compute``; every run (the unthrottled one too, where
+    the model equals the measurement by construction) gets ``model = overhead + compute + up/B + down/B``,
+    the relative error, whether it is within :func:`within`'s tolerance, and whether the point
+    discriminates: its transfer term alone is larger than the tolerance, so a model without the link
+    could not pass at the same measurement (decided by the model, not the measurement).
+    """
+    levels = {"round": ("round_seconds_mean", "model_round_seconds_mean"),
+              "client": ("client_span_seconds_mean", "model_client_seconds_mean")}
+    for level, (measured_key, compute_key) in levels.items():
+        base: dict[str, dict[str, Any]] = {}
+        for r in runs:
+            if r.get("mbit") == 0 and r.get(measured_key) is not None and r.get(compute_key) is not None:
+                base[r["method"]] = r
+        for r in runs:
+            b = base.get(r.get("method", ""))
+            if b is None or r.get(measured_key) is None or r.get(compute_key) is None:
+                continue
+            # compute_key holds compute + transfer at this run's bandwidth (transfer 0 when unthrottled)
+            overhead = b[measured_key] - b[compute_key]
+            transfer = 0.0
+            if r.get("mbit"):
+                transfer = (r["model_uplink_bytes_mean"] + r["model_downlink_bytes_mean"]) / (r["mbit"] * 1e6 / 8.0)
+            compute = r[compute_key] - transfer
+            model = overhead + compute + transfer
+            measured = r[measured_key]
+            r[f"calibrated_{level}"] = {
+                "overhead_seconds": overhead,
+                "overhead_from": {"mbit": 0.0, "rounds": b.get(f"{measured_key[:-5]}_spread", {}).get("n")},
+                "compute_seconds": compute,
+                "transfer_seconds": transfer,
+                "model_seconds": model,
+                "measured_seconds": measured,
+                "error": measured / model - 1.0,
+                "tolerance_seconds": ROUND_TOLERANCE * model + ROUND_SLACK_SECONDS,
+                "within_tolerance": within(measured, model),
+                "model_without_transfer_seconds": overhead + compute,
+                "discriminates": transfer > ROUND_TOLERANCE * model + ROUND_SLACK_SECONDS,
+            }
+
+
 def measured_rate(tr: Mapping[str, float]) -> float | None:
     """Bytes per second of a transfer: the first chunk passes at once (the bucket starts full)."""
     span = tr["end"] - tr["start"]
@@ -84,14 +185,8 @@ def analyse(rounds: Sequence[Mapping[str, Any]], links: Sequence[Mapping[str, An
     """Compare one deployment's measured rounds and link transfers with the model."""
     bps = mbit * 1e6 / 8.0 if mbit else None
     # transfers per link; round r (1-based) = the r-th downlink transfer and the first uplink after it
-    per_link = []
-    for link in links:
-        downs, ups = transfers(link["events"], "down"), transfers(link["events"], "up")
-        pairs = []
-        for d in downs:
-            u = next((x for x in ups if x["start"] >= d["start"]), None)
-            pairs.append({"down": d, "up": u})
-        per_link.append(pairs)
+    reply_min = REPLY_MIN_FRACTION * min((round_bytes(r)[0] for r in rounds), default=0.0)
+    per_link = [pair_transfers(link["events"], reply_min) for link in links]
     n_rounds = len(rounds)
     rows = []
     for i, row in enumerate(rounds):
@@ -125,6 +220,8 @@ def analyse(rounds: Sequence[Mapping[str, Any]], links: Sequence[Mapping[str, An
         return statistics.fmean(vals) if vals else None
 
     out: dict[str, Any] = {"mbit": mbit, "rounds": rows}
+    for key in ("round_seconds", "client_span_seconds"):
+        out[f"{key}_spread"] = spread([r[key] for r in rows if r.get(key) is not None])
     for key in ("round_seconds", "client_span_seconds", "model_client_seconds", "model_round_seconds",
                 "measured_rate_bytes_per_s", "wire_uplink_bytes", "wire_downlink_bytes", "model_uplink_bytes",
                 "model_downlink_bytes"):
@@ -162,38 +259,147 @@ def add_unthrottled_model(runs: list[dict[str, Any]]) -> None:
             abs(r["client_span_seconds_mean"] - model) <= CLIENT_TOLERANCE * model + CLIENT_SLACK_SECONDS)
 
 
-def run_one(method: str, mbit: float, *, supernodes: int, rounds: int, extra: Mapping[str, Any]) -> dict[str, Any]:
-    """One throttled deployment; returns its rounds and the proxy's per-link log."""
+class LoadSampler:
+    """Samples ``os.getloadavg()`` every ``every`` seconds in a daemon thread until :meth:`stop`."""
+
+    def __init__(self, every: float = LOAD_SAMPLE_SECONDS) -> None:
+        self.every = every
+        self.samples: list[list[float]] = []
+        self._t0 = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="load-sampler", daemon=True)
+
+    def _run(self) -> None:
+        import time
+
+        self._t0 = time.monotonic()
+        while True:
+            self.samples.append([round(time.monotonic() - self._t0, 1), *os.getloadavg()])
+            if self._stop.wait(self.every):
+                return
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop sampling (one last sample is taken)."""
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join()
+            self.samples.append([self.samples[-1][0] if self.samples else 0.0, *os.getloadavg()])
+
+    def summary(self) -> dict[str, Any]:
+        """The samples ([seconds, 1-min, 5-min, 15-min]) and the range of the 1-minute load average."""
+        one = [x[1] for x in self.samples]
+        return {"samples": self.samples, "one_minute_min": min(one, default=None),
+                "one_minute_max": max(one, default=None),
+                "one_minute_mean": statistics.fmean(one) if one else None}
+
+
+def run_one(method: str, mbit: float, *, supernodes: int, rounds: int, extra: Mapping[str, Any],
+            task_poll: float | None = None) -> dict[str, Any]:
+    """One throttled deployment; returns its rounds, the proxy's per-link log and the load average meanwhile.
+
+    ``task_poll`` (seconds) sets ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` for the SuperNodes' SuperExecs.
+    """
     from sim import experiments as ex
     from sim.deploy import run_deployment
 
     spec = ex.TASKS["mnist"]
-    with tempfile.TemporaryDirectory(prefix="conef-linkcheck-") as tmp:
+    env = {} if task_poll is None else {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": f"{task_poll:g}"}
+    with tempfile.TemporaryDirectory(prefix="conef-linkcheck-") as tmp, LoadSampler() as load:
         cfg = ex.run_config(spec, ex.METHODS[method], 0, rounds, Path(tmp), f"{method}-{mbit:g}mbit",
                             {"fraction-train": 1.0, "eval-every": rounds, **extra})
         cfg.pop("num-partitions", None)
         events = Path(tmp) / "throttle.json"
         res = run_deployment(cfg, num_supernodes=supernodes, throttle_mbit=mbit, throttle_events=events,
-                             timeout=60.0 + rounds * 60.0, log_file=Path(tmp) / "flwr.log")
+                             timeout=60.0 + rounds * 90.0, log_file=Path(tmp) / "flwr.log", extra_env=env)
         links = json.loads(events.read_text())["links"] if events.exists() else []
-    return {"rounds": res.rounds, "links": links, "seconds": res.seconds, "stopped_pids": res.stopped_pids}
+    return {"rounds": res.rounds, "links": links, "seconds": res.seconds, "stopped_pids": res.stopped_pids,
+            "load_average": load.summary()}
+
+
+def recompute(results: dict[str, Any]) -> dict[str, Any]:
+    """Fill the spreads and the calibrated model from the per-round rows (for a JSON written before they
+    existed); the tolerance block is left as recorded, the calibrated tolerance added if missing."""
+    for r in results.get("runs", []):
+        rows = r.get("rounds", [])
+        for key in ("round_seconds", "client_span_seconds"):
+            r.setdefault(f"{key}_spread", spread([x[key] for x in rows if x.get(key) is not None]))
+    results.setdefault("tolerance", {}).setdefault("round_fraction", ROUND_TOLERANCE)
+    results["tolerance"].setdefault("round_slack_seconds", ROUND_SLACK_SECONDS)
+    add_calibrated_model(results.get("runs", []))
+    return results
+
+
+def _fmt(x: float | None, spec: str = ".2f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def markdown(results: Mapping[str, Any]) -> str:
+    """The calibrated check as a markdown table: per method and link, measured vs model, within tolerance."""
+    tol = results.get("tolerance", {})
+    lines = [f"Calibrated model: overhead (unthrottled, same method) + compute + up/B + down/B; tolerance "
+             f"±{100 * tol.get('round_fraction', ROUND_TOLERANCE):.0f} % of the model "
+             f"+ {tol.get('round_slack_seconds', ROUND_SLACK_SECONDS):g} s, on the mean of the analysed rounds.", "",
+             "| method | link | rounds | round: measured mean ± std [min–max] (s) | model (s) | error | within | "
+             "discriminates | client span: measured (s) | model (s) | within | load avg (1 min) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results.get("runs", []):
+        link = "unlimited" if not r.get("mbit") else f"{r['mbit']:g} Mbit/s"
+        if r.get("error"):
+            lines.append(f"| {r['method']} | {link} | failed: {str(r['error'])[:80]} |" + " |" * 9)
+            continue
+        sp = r.get("round_seconds_spread", {})
+        cr, cc = r.get("calibrated_round", {}), r.get("calibrated_client", {})
+        la = r.get("load_average", {})
+        yes = {True: "yes", False: "**no**", None: "–"}
+        calib = not r.get("mbit")
+        lines.append(
+            f"| {r['method']} | {link} | {sp.get('n', 0)} | {_fmt(sp.get('mean'))} ± {_fmt(sp.get('std'))} "
+            f"[{_fmt(sp.get('min'), '.1f')}–{_fmt(sp.get('max'), '.1f')}] | {_fmt(cr.get('model_seconds'))} | "
+            + ("calibration |  |  | " if calib else
+               f"{_fmt(100 * cr['error'] if 'error' in cr else None, '+.1f')} % | {yes[cr.get('within_tolerance')]} | "
+               f"{'yes' if cr.get('discriminates') else 'no'} | ")
+            + f"{_fmt(cc.get('measured_seconds'))} | {_fmt(cc.get('model_seconds'))} | "
+            + ("calibration" if calib else yes[cc.get("within_tolerance")])
+            + f" | {_fmt(la.get('one_minute_min'), '.1f')}–{_fmt(la.get('one_minute_max'), '.1f')} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sim.link_check", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mbit", default="0,10,1", help="link bandwidths, Mbit/s (0: unlimited)")
+    ap.add_argument("--mbit", default="0,10,1", help="link bandwidths, Mbit/s (0: unlimited; needed first for "
+                                                     "the calibrated model)")
     ap.add_argument("--methods", default="efsgd,sgd", help="method ids of sim.experiments")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=2 + MIN_ANALYSED_ROUNDS,
+                    help="server rounds per deployment (first and last are not analysed)")
     ap.add_argument("--supernodes", type=int, default=2)
     ap.add_argument("--compute", type=Path, help="compute.json of sim.time_to_accuracy calibrate")
+    ap.add_argument("--task-poll", type=float, default=None,
+                    help="seconds between the SuperExecs' task polls (FLWR_SUPEREXEC_TASK_POLL_INTERVAL; "
+                         "Flower's default 1)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--out", type=Path, required=True, help="JSON to write")
+    ap.add_argument("--out", type=Path, help="JSON to write (after every deployment)")
+    ap.add_argument("--report", type=Path, help="only print the markdown table of this JSON")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from sim.experiments import METHODS, parse_set
 
-    if args.rounds < 3:
-        ap.error(f"--rounds={args.rounds} is out of range; allowed: >= 3 (start-up and evaluated rounds are dropped)")
+    if args.report is not None:
+        sys.stdout.write(markdown(recompute(json.loads(args.report.read_text()))))
+        return 0
+    if args.out is None:
+        ap.error("--out is required (or --report)")
+    if args.rounds < 2 + MIN_ANALYSED_ROUNDS:
+        ap.error(f"--rounds={args.rounds} is out of range; allowed: >= {2 + MIN_ANALYSED_ROUNDS} "
+                 f"(start-up and evaluated rounds are dropped, {MIN_ANALYSED_ROUNDS} must remain)")
+    if args.task_poll is not None and not 0.01 <= args.task_poll <= 60:
+        ap.error(f"--task-poll={args.task_poll} is out of range; allowed: 0.01 to 60 (Flower's limits)")
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -207,35 +413,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Any] = {
         "tolerance": {"rate_fraction": RATE_TOLERANCE, "client_fraction": CLIENT_TOLERANCE,
                       "client_slack_seconds": CLIENT_SLACK_SECONDS, "gap_seconds": GAP_SECONDS,
-                      "min_transfer_bytes": MIN_TRANSFER_BYTES},
-        "supernodes": args.supernodes, "rounds": args.rounds, "runs": []}
+                      "min_transfer_bytes": MIN_TRANSFER_BYTES, "round_fraction": ROUND_TOLERANCE,
+                      "round_slack_seconds": ROUND_SLACK_SECONDS, "reply_min_fraction": REPLY_MIN_FRACTION},
+        "supernodes": args.supernodes, "rounds": args.rounds, "task_poll_seconds": args.task_poll,
+        "compute": str(args.compute) if args.compute else None, "runs": []}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for method in methods:
         c = compute.get(method, {})
         for mbit in bandwidths:
             log.info("%s at %g Mbit/s", method, mbit)
             try:
-                raw = run_one(method, mbit, supernodes=args.supernodes, rounds=args.rounds, extra=extra)
+                raw = run_one(method, mbit, supernodes=args.supernodes, rounds=args.rounds, extra=extra,
+                              task_poll=args.task_poll)
             except (RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
                 log.error("%s at %g Mbit/s failed: %s", method, mbit, exc)
                 results["runs"].append({"method": method, "mbit": mbit, "error": str(exc)[-2000:]})
                 continue
             a = analyse(raw["rounds"], raw["links"], mbit, c.get("client_seconds"), c.get("server_seconds"))
-            a.update({"method": method, "deployment_seconds": raw["seconds"],
+            a.update({"method": method, "deployment_seconds": raw["seconds"], "load_average": raw["load_average"],
                       "link_bytes": [{k: v for k, v in link.items() if k != "events"} for link in raw["links"]],
                       "link_transfers": [{d: transfers(link["events"], d) for d in ("down", "up")}
                                          for link in raw["links"]]})
             results["runs"].append(a)
-            log.info("%s %g Mbit/s: round %.2f s (model %s), client span %s s (model %s), rate error %s", method,
-                     mbit, a["round_seconds_mean"] or float("nan"), a.get("model_round_seconds_mean"),
-                     a.get("client_span_seconds_mean"), a.get("model_client_seconds_mean"), a.get("rate_error"))
-    add_unthrottled_model(results["runs"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(json.dumps([{k: r.get(k) for k in ("method", "mbit", "round_seconds_mean", "model_round_seconds_mean",
-                                               "client_span_seconds_mean", "model_client_seconds_mean",
-                                               "model_client_seconds_from_unthrottled", "rate_error",
-                                               "wire_over_model_bytes", "error")}
-                      for r in results["runs"]], indent=1))
+            log.info("%s %g Mbit/s: round %.2f s (model in process %s), client span %s s, rate error %s, load %s",
+                     method, mbit, a["round_seconds_mean"] or float("nan"), a.get("model_round_seconds_mean"),
+                     a.get("client_span_seconds_mean"), a.get("rate_error"),
+                     raw["load_average"].get("one_minute_max"))
+            add_unthrottled_model(results["runs"])
+            add_calibrated_model(results["runs"])
+            args.out.write_text(json.dumps(results, indent=2))
+    log.info("calibrated check:\n%s", markdown(results))
     return 0
 
 

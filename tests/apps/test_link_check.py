@@ -1,0 +1,144 @@
+"""sim.link_check's calibrated model (overhead measured unthrottled + compute + bytes/B) and its helpers,
+and sim.deploy's ``extra_env`` plumbing; no Flower process is started here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sim import deploy, link_check
+
+
+def test_pair_transfers_skips_requests_sent_while_downloading() -> None:
+    # a 100 KB download with 20 KB of requests going up meanwhile, then a 60 KB reply 5 s later
+    events: list[list[Any]] = []
+    for i in range(10):
+        events += [[0.1 * i, "down", 10_000], [0.1 * i, "up", 2_000]]
+    events += [[5.0 + 0.1 * i, "up", 10_000] for i in range(6)]
+    pairs = link_check.pair_transfers(events, reply_min_bytes=30_000)
+    assert len(pairs) == 1
+    assert pairs[0]["down"]["bytes"] == 100_000
+    assert pairs[0]["up"] is not None and pairs[0]["up"]["start"] == 5.0 and pairs[0]["up"]["bytes"] == 60_000
+    # without the size floor the request traffic (it starts with the download) is still not the reply
+    assert link_check.pair_transfers(events)[0]["up"]["start"] == 5.0
+    # a reply floor above every uplink transfer: no reply
+    assert link_check.pair_transfers(events, reply_min_bytes=1e9)[0]["up"] is None
+
+
+def test_spread() -> None:
+    s = link_check.spread([1.0, 2.0, 3.0])
+    assert s["n"] == 3 and s["mean"] == pytest.approx(2.0) and s["std"] == pytest.approx(1.0)
+    assert (s["min"], s["max"]) == (1.0, 3.0)
+    assert link_check.spread([4.0])["std"] is None
+    assert link_check.spread([]) == {"n": 0, "mean": None, "std": None, "min": None, "max": None}
+
+
+def _run(method: str, mbit: float, measured: float, compute: float = 0.4, up: float = 75_000.0,
+         down: float = 750_000.0) -> dict[str, Any]:
+    transfer = (up + down) / (mbit * 1e6 / 8.0) if mbit else 0.0
+    return {"method": method, "mbit": mbit, "round_seconds_mean": measured,
+            "model_round_seconds_mean": compute + transfer, "client_span_seconds_mean": measured - 3.0,
+            "model_client_seconds_mean": compute + transfer, "model_uplink_bytes_mean": up,
+            "model_downlink_bytes_mean": down, "round_seconds_spread": {"n": 6}}
+
+
+def test_calibrated_model_adds_overhead_and_judges_each_point() -> None:
+    # unthrottled 25 s: overhead 24.6 s; at 1 Mbit/s the transfer is 825,000 B / 125,000 B/s = 6.6 s
+    runs = [_run("a", 0.0, 25.0), _run("a", 1.0, 33.0), _run("a", 10.0, 25.2), _run("a", 1.0, 25.5),
+            _run("b", 1.0, 30.0)]
+    link_check.add_calibrated_model(runs)
+    base, slow, fast, wrong, no_base = runs
+    cb = base["calibrated_round"]
+    assert cb["overhead_seconds"] == pytest.approx(24.6) and cb["model_seconds"] == pytest.approx(25.0)
+    assert cb["within_tolerance"] and not cb["discriminates"]  # the calibration point itself
+    c = slow["calibrated_round"]
+    assert c["transfer_seconds"] == pytest.approx(6.6) and c["model_seconds"] == pytest.approx(31.6)
+    assert c["error"] == pytest.approx(33.0 / 31.6 - 1.0)
+    assert c["tolerance_seconds"] == pytest.approx(0.1 * 31.6 + 1.0)
+    assert c["within_tolerance"] and c["discriminates"]  # 6.6 s of transfer > 4.16 s of tolerance
+    assert c["model_without_transfer_seconds"] == pytest.approx(25.0)
+    f = fast["calibrated_round"]
+    assert f["within_tolerance"] and not f["discriminates"]  # 0.66 s of transfer is inside the tolerance
+    # a measurement that ignores the link fails at the discriminating point
+    assert not wrong["calibrated_round"]["within_tolerance"]
+    # the client level is calibrated the same way, from the client span
+    assert slow["calibrated_client"]["model_seconds"] == pytest.approx(22.0 + 0.4 + 6.6 - 0.4)
+    # no unthrottled run of that method: no calibrated model
+    assert "calibrated_round" not in no_base
+
+
+def test_within_is_the_stated_tolerance() -> None:
+    assert link_check.within(11.0 + 2.0, 11.0)  # 0.1 * 11 + 1 = 2.1
+    assert not link_check.within(11.0 + 2.2, 11.0)
+    assert not link_check.within(11.0 - 2.2, 11.0)
+
+
+def test_recompute_and_markdown_from_rows_only(tmp_path: Path) -> None:
+    rows = [{"round": r, "round_seconds": 25.0 + r, "client_span_seconds": 20.0 + r} for r in (2, 3, 4, 5)]
+    runs = [{**_run("efsgd", 0.0, 28.5), "rounds": rows}, {**_run("efsgd", 1.0, 35.0), "rounds": rows},
+            {"method": "sgd", "mbit": 1.0, "error": "flwr run exited with 1"}]
+    for r in runs[:2]:
+        r.pop("round_seconds_spread")
+    results = link_check.recompute({"tolerance": {}, "runs": runs})
+    assert results["runs"][0]["round_seconds_spread"]["n"] == 4
+    assert results["runs"][0]["round_seconds_spread"]["mean"] == pytest.approx(28.5)
+    assert results["tolerance"]["round_fraction"] == link_check.ROUND_TOLERANCE
+    md = link_check.markdown(results)
+    lines = [ln for ln in md.splitlines() if ln.startswith("| efsgd") or ln.startswith("| sgd")]
+    assert len(lines) == 3
+    assert "calibration" in lines[0] and "1 Mbit/s" in lines[1] and "failed" in lines[2]
+    # the CLI's --report prints the same table from a JSON file
+    p = tmp_path / "lc.json"
+    p.write_text(json.dumps({"tolerance": {}, "runs": runs}))
+    assert link_check.main(["--report", str(p)]) == 0
+
+
+def test_load_sampler_records_load_averages() -> None:
+    with link_check.LoadSampler(every=0.01) as load:
+        pass
+    s = load.summary()
+    assert len(s["samples"]) >= 2 and all(len(x) == 4 for x in s["samples"])
+    assert s["one_minute_min"] <= s["one_minute_mean"] <= s["one_minute_max"]
+
+
+@pytest.mark.parametrize("argv", [["--rounds", "5", "--out", "x.json"], ["--task-poll", "0.001", "--out", "x.json"],
+                                  ["--methods", "nope", "--out", "x.json"], []])
+def test_cli_refuses_bad_settings_before_starting_anything(argv: list[str], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_run(*a: object, **k: object) -> None:
+        raise AssertionError("a deployment was started")
+
+    monkeypatch.setattr(link_check, "run_one", no_run)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        link_check.main(argv)
+    assert exc.value.code == 2
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_run_deployment_passes_extra_env_and_closes_on_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+
+    class FakeProcesses:
+        def __init__(self, home: Path | None) -> None:
+            self.home = Path("/nonexistent")
+            self.extra_env: dict[str, str] = {}
+            seen["fp"] = self
+
+        def start_superlink(self, **kw: object) -> str:
+            seen["env_at_start"] = dict(self.extra_env)
+            raise RuntimeError("SuperLink refused to start (test)")
+
+        def close(self) -> list[int]:
+            seen["closed"] = True
+            return []
+
+    monkeypatch.setattr(deploy, "FlowerProcesses", FakeProcesses)
+    monkeypatch.setattr(deploy, "run_config_for", lambda cfg, n: (dict(cfg), Path("/nonexistent/run")))
+    with pytest.raises(RuntimeError, match="refused"):
+        deploy.run_deployment({}, num_supernodes=2, extra_env={"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"})
+    assert seen["env_at_start"] == {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
+    assert seen["closed"]
