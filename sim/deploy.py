@@ -141,7 +141,8 @@ def run_deployment(
     unregistered: int = 0, timeout: float | None = None, log_file: Path | None = None, home: Path | None = None,
     node_configs: Sequence[Mapping[str, Any]] = (),
     throttle_mbit: float | None = None, throttle_down_mbit: float | None = None,
-    throttle_events: Path | None = None, extra_env: Mapping[str, str] | None = None,
+    throttle_events: Path | None = None, throttle_alternate: bool = False,
+    extra_env: Mapping[str, str] | None = None,
 ) -> DeploymentResult:
     """Start a SuperLink and ``num_supernodes`` SuperNodes on loopback, run the app, stop everything.
 
@@ -170,6 +171,9 @@ def run_deployment(
         the same; 0 = unlimited, the proxy still counts bytes). TLS passes through unchanged.
     throttle_events:
         Where the proxy writes its byte counts and chunk log at the end (with ``throttle_mbit``).
+    throttle_alternate:
+        With ``throttle_mbit``: each link switches between unlimited and the rate at every exchange
+        (:class:`sim.throttle.Alternation`; rounds 1, 3, ... unlimited, 2, 4, ... throttled).
     extra_env:
         Environment variables for every process started (SuperLink, SuperNodes and what they start, ``flwr
         run``), e.g. ``{"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}``: how often each SuperNode's SuperExec
@@ -202,7 +206,8 @@ def run_deployment(
         root = tls_files.ca_cert if tls_files is not None else None
         addresses = [None] * num_supernodes
         if throttle_mbit is not None:
-            addresses = start_throttle(fp, num_supernodes, throttle_mbit, throttle_down_mbit, throttle_events)
+            addresses = start_throttle(fp, num_supernodes, throttle_mbit, throttle_down_mbit, throttle_events,
+                                       alternate=throttle_alternate)
         nodes = []
         for i in range(num_supernodes):
             key = None
@@ -250,7 +255,7 @@ def run_deployment(
 
 
 def start_throttle(fp: FlowerProcesses, links: int, mbit: float, down_mbit: float | None,
-                   events: Path | None, timeout: float = 60.0) -> list[str]:
+                   events: Path | None, timeout: float = 60.0, *, alternate: bool = False) -> list[str]:
     """Start a :mod:`sim.throttle` proxy in front of ``fp``'s SuperLink (stopped by ``fp.close``, by PID);
     return one ``127.0.0.1:port`` per link once it listens."""
     if fp.superlink_address is None:
@@ -262,6 +267,8 @@ def start_throttle(fp: FlowerProcesses, links: int, mbit: float, down_mbit: floa
         args += ["--down-mbit", str(down_mbit)]
     if events is not None:
         args += ["--events-file", str(Path(events).resolve())]
+    if alternate:
+        args.append("--alternate")
     proc = fp.start("throttle", args)
     deadline = time.monotonic() + timeout
     while not ready.exists():

@@ -36,6 +36,20 @@ ROUND_SLACK_SECONDS`` for the mean over the analysed rounds (stated in the JSON'
 ``up/B + down/B`` is larger than that tolerance: otherwise the model without the link
 (``overhead + c``) would pass as well and the point cannot show the bandwidth term wrong.
 
+**Alternating links** (``--alternate``, :func:`analyse_alternating`). The overhead drifts
+with the machine's load between deployments minutes apart, so a separate unthrottled
+calibration run can be off by more than the link's effect. With ``--alternate`` one
+deployment per method and bandwidth switches every link between unlimited (rounds 1, 3,
+5, ...) and throttled (2, 4, 6, ...; :class:`sim.throttle.Alternation`), and each
+throttled round is compared with the mean of its two unlimited neighbours plus its
+``up/B + down/B``: the calibration is measured a round before and after, and a load that
+drifts linearly cancels. Same tolerance, on the mean over the paired rounds
+(``--rounds 12``: rounds 4, 6, 8, 10)::
+
+    flock /tmp/conef-heavy.lock python -m sim.link_check --alternate --mbit 1,10 --methods efsgd,sgd \
+        --rounds 12 --task-poll 0.2 --compute docs/results/experiments/time-to-accuracy/compute.json \
+        --out docs/results/experiments/link-check/link_check_alternating.json
+
 The first round (start-up) and the last (evaluation) are left out. Whether each check
 passed is reported, not asserted. The machine's load average is sampled during each
 deployment (``load_average``).
@@ -148,6 +162,8 @@ def add_calibrated_model(runs: list[dict[str, Any]]) -> None:
             if r.get("mbit") == 0 and r.get(measured_key) is not None and r.get(compute_key) is not None:
                 base[r["method"]] = r
         for r in runs:
+            if r.get("alternate"):
+                continue  # calibrated in the same deployment (analyse_alternating)
             b = base.get(r.get("method", ""))
             if b is None or r.get(measured_key) is None or r.get(compute_key) is None:
                 continue
@@ -172,6 +188,113 @@ def add_calibrated_model(runs: list[dict[str, Any]]) -> None:
                 "model_without_transfer_seconds": overhead + compute,
                 "discriminates": transfer > ROUND_TOLERANCE * model + ROUND_SLACK_SECONDS,
             }
+
+
+def link_states(events: Sequence[Sequence[Any]]) -> list[tuple[float, int]]:
+    """The ``--alternate`` switches of a link's chunk log: ``(time, 1 throttled | 0 unlimited)``, in order."""
+    return [(float(t), int(n)) for t, d, n in events if d == "state"]
+
+
+def state_at(states: Sequence[tuple[float, int]], t: float) -> int:
+    """The link's state at time ``t`` (unlimited before the first switch)."""
+    cur = 0
+    for ts, st in states:
+        if ts > t:
+            break
+        cur = st
+    return cur
+
+
+def round_states(rounds: Sequence[Mapping[str, Any]], links: Sequence[Mapping[str, Any]]) -> list[int | None]:
+    """Per round: 1 if every link was throttled for the whole exchange (download start to reply end), 0 if
+    unlimited throughout, None if the links disagree, a switch fell inside an exchange, or a transfer is
+    missing."""
+    reply_min = REPLY_MIN_FRACTION * min((round_bytes(r)[0] for r in rounds), default=0.0)
+    per_link = [(pair_transfers(link["events"], reply_min), link_states(link["events"])) for link in links]
+    out: list[int | None] = []
+    for i in range(len(rounds)):
+        seen: set[int] = set()
+        ok = bool(per_link)
+        for pairs, states in per_link:
+            if i >= len(pairs) or pairs[i]["up"] is None:
+                ok = False
+                break
+            start, end = pairs[i]["down"]["start"], pairs[i]["up"]["end"]
+            if any(start < ts <= end for ts, _ in states):
+                ok = False
+                break
+            seen.add(state_at(states, start))
+        out.append(seen.pop() if ok and len(seen) == 1 else None)
+    return out
+
+
+def analyse_alternating(rounds: Sequence[Mapping[str, Any]], links: Sequence[Mapping[str, Any]], mbit: float,
+                        client_seconds: float | None, server_seconds: float | None) -> dict[str, Any]:
+    """One ``--alternate`` deployment: each throttled round against the mean of its two unlimited neighbours.
+
+    Per level (``round``: the ServerApp's round time; ``client``: the proxy's client span), for every
+    analysed throttled round whose previous and next rounds are analysed and unlimited,
+    ``model = mean(neighbours) + up/B + down/B`` (the neighbours' mean is ``overhead + compute``
+    measured a round before and after, so a load that drifts linearly cancels); the check is on the means
+    over those rounds, with :func:`within`'s tolerance. The unpaired variant (mean of every analysed
+    unlimited round + transfer) is reported too.
+    """
+    if not mbit > 0:
+        raise ValueError(f"mbit={mbit} is out of range; allowed: > 0 with --alternate")
+    a = analyse(rounds, links, mbit, client_seconds, server_seconds)
+    states = round_states(rounds, links)
+    bps = mbit * 1e6 / 8.0
+    by_round = {row["round"]: row for row in a["rounds"]}
+    idx = [row.get("round") for row in rounds]
+    for i, st in enumerate(states):
+        if idx[i] in by_round:
+            by_round[idx[i]]["throttled"] = st
+    analysed = {i for i in range(1, len(rounds) - 1) if idx[i] in by_round}
+    a["alternate"] = True
+    a["round_states"] = states
+    rates = [by_round[idx[i]].get("measured_rate_bytes_per_s") for i in analysed if states[i] == 1]
+    rates = [r for r in rates if r is not None]
+    a["measured_rate_bytes_per_s_mean"] = statistics.fmean(rates) if rates else None
+    if rates:
+        a["rate_error"] = a["measured_rate_bytes_per_s_mean"] / bps - 1.0
+        a["rate_within_tolerance"] = abs(a["rate_error"]) <= RATE_TOLERANCE
+    for level, key in (("round", "round_seconds"), ("client", "client_span_seconds")):
+        paired = []
+        for i in sorted(analysed):
+            if states[i] != 1 or i - 1 not in analysed or i + 1 not in analysed:
+                continue
+            if states[i - 1] != 0 or states[i + 1] != 0:
+                continue
+            row, prev, nxt = by_round[idx[i]], by_round[idx[i - 1]], by_round[idx[i + 1]]
+            if any(r.get(key) is None for r in (row, prev, nxt)):
+                continue
+            transfer = (row["model_uplink_bytes"] + row["model_downlink_bytes"]) / bps
+            base = (prev[key] + nxt[key]) / 2.0
+            paired.append({"round": idx[i], "measured": row[key], "neighbours": base, "transfer": transfer,
+                           "model": base + transfer, "difference": row[key] - base - transfer})
+        unl = [by_round[idx[i]][key] for i in analysed if states[i] == 0 and by_round[idx[i]].get(key) is not None]
+        thr = [by_round[idx[i]] for i in analysed if states[i] == 1 and by_round[idx[i]].get(key) is not None]
+        res: dict[str, Any] = {"paired_rounds": paired, "unlimited": spread(unl),
+                               "throttled": spread([r[key] for r in thr])}
+        if paired:
+            measured = statistics.fmean(p["measured"] for p in paired)
+            model = statistics.fmean(p["model"] for p in paired)
+            transfer = statistics.fmean(p["transfer"] for p in paired)
+            res.update({
+                "n": len(paired), "measured_seconds": measured, "model_seconds": model,
+                "transfer_seconds": transfer, "overhead_plus_compute_seconds": model - transfer,
+                "error": measured / model - 1.0, "tolerance_seconds": ROUND_TOLERANCE * model + ROUND_SLACK_SECONDS,
+                "within_tolerance": within(measured, model),
+                "discriminates": transfer > ROUND_TOLERANCE * model + ROUND_SLACK_SECONDS,
+                "difference_spread": spread([p["difference"] for p in paired]),
+            })
+        if unl and thr:
+            transfer_all = statistics.fmean((r["model_uplink_bytes"] + r["model_downlink_bytes"]) / bps for r in thr)
+            model_all = statistics.fmean(unl) + transfer_all
+            res["unpaired"] = {"measured_seconds": statistics.fmean(r[key] for r in thr), "model_seconds": model_all,
+                               "within_tolerance": within(statistics.fmean(r[key] for r in thr), model_all)}
+        a[f"calibrated_{level}"] = res
+    return a
 
 
 def measured_rate(tr: Mapping[str, float]) -> float | None:
@@ -301,10 +424,11 @@ class LoadSampler:
 
 
 def run_one(method: str, mbit: float, *, supernodes: int, rounds: int, extra: Mapping[str, Any],
-            task_poll: float | None = None) -> dict[str, Any]:
+            task_poll: float | None = None, alternate: bool = False) -> dict[str, Any]:
     """One throttled deployment; returns its rounds, the proxy's per-link log and the load average meanwhile.
 
-    ``task_poll`` (seconds) sets ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` for the SuperNodes' SuperExecs.
+    ``task_poll`` (seconds) sets ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` for the SuperNodes' SuperExecs;
+    ``alternate``: the links switch between unlimited and ``mbit`` at every exchange.
     """
     from sim import experiments as ex
     from sim.deploy import run_deployment
@@ -317,7 +441,8 @@ def run_one(method: str, mbit: float, *, supernodes: int, rounds: int, extra: Ma
         cfg.pop("num-partitions", None)
         events = Path(tmp) / "throttle.json"
         res = run_deployment(cfg, num_supernodes=supernodes, throttle_mbit=mbit, throttle_events=events,
-                             timeout=60.0 + rounds * 90.0, log_file=Path(tmp) / "flwr.log", extra_env=env)
+                             timeout=60.0 + rounds * 90.0, log_file=Path(tmp) / "flwr.log", extra_env=env,
+                             throttle_alternate=alternate)
         links = json.loads(events.read_text())["links"] if events.exists() else []
     return {"rounds": res.rounds, "links": links, "seconds": res.seconds, "stopped_pids": res.stopped_pids,
             "load_average": load.summary()}
@@ -326,6 +451,8 @@ def run_one(method: str, mbit: float, *, supernodes: int, rounds: int, extra: Ma
 def recompute(results: dict[str, Any]) -> dict[str, Any]:
     """Fill the spreads and the calibrated model from the per-round rows (for a JSON written before they
     existed); the tolerance block is left as recorded, the calibrated tolerance added if missing."""
+    if results.get("alternate"):
+        return results
     for r in results.get("runs", []):
         rows = r.get("rounds", [])
         for key in ("round_seconds", "client_span_seconds"):
@@ -340,6 +467,43 @@ def _fmt(x: float | None, spec: str = ".2f") -> str:
     return "–" if x is None else format(x, spec)
 
 
+def markdown_alternating(results: Mapping[str, Any]) -> str:
+    """The ``--alternate`` check as a markdown table: per method and link, throttled rounds vs the model
+    calibrated on their unlimited neighbours."""
+    tol = results.get("tolerance", {})
+    lines = [f"Alternating links: each throttled round vs the mean of its two unlimited neighbours + up/B + down/B; "
+             f"tolerance ±{100 * tol.get('round_fraction', ROUND_TOLERANCE):.0f} % of the model "
+             f"+ {tol.get('round_slack_seconds', ROUND_SLACK_SECONDS):g} s, on the mean over the paired rounds.", "",
+             "| method | link | level | paired rounds | unlimited rounds: mean ± std (s) | throttled: measured (s) | "
+             "model (s) | transfer (s) | error | within | discriminates | measured − model per round: mean ± std "
+             "[min, max] (s) | rate / configured | load avg (1 min) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    yes = {True: "yes", False: "**no**", None: "–"}
+    for r in results.get("runs", []):
+        if not r.get("alternate") and not r.get("error"):
+            continue
+        link = f"{r['mbit']:g} Mbit/s"
+        if r.get("error"):
+            lines.append(f"| {r['method']} | {link} | failed: {str(r['error'])[:80]} |" + " |" * 11)
+            continue
+        la = r.get("load_average", {})
+        rate = r.get("rate_error")
+        for level in ("round", "client"):
+            c = r.get(f"calibrated_{level}", {})
+            u, d = c.get("unlimited", {}), c.get("difference_spread", {})
+            lines.append(
+                f"| {r['method']} | {link} | {level} | {c.get('n', 0)} | "
+                f"{_fmt(u.get('mean'))} ± {_fmt(u.get('std'))} | "
+                f"{_fmt(c.get('measured_seconds'))} | {_fmt(c.get('model_seconds'))} | "
+                f"{_fmt(c.get('transfer_seconds'))} | "
+                f"{_fmt(100 * c['error'] if 'error' in c else None, '+.1f')} % | {yes[c.get('within_tolerance')]} | "
+                f"{'yes' if c.get('discriminates') else 'no'} | {_fmt(d.get('mean'), '+.2f')} ± {_fmt(d.get('std'))} "
+                f"[{_fmt(d.get('min'), '+.1f')}, {_fmt(d.get('max'), '+.1f')}] | "
+                f"{_fmt(None if rate is None else 1.0 + rate, '.3f')} | "
+                f"{_fmt(la.get('one_minute_min'), '.1f')}–{_fmt(la.get('one_minute_max'), '.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results: Mapping[str, Any]) -> str:
     """The calibrated check as a markdown table: per method and link, measured vs model, within tolerance."""
     tol = results.get("tolerance", {})
@@ -349,6 +513,8 @@ def markdown(results: Mapping[str, Any]) -> str:
              "| method | link | rounds | round: measured mean ± std [min–max] (s) | model (s) | error | within | "
              "discriminates | client span: measured (s) | model (s) | within | load avg (1 min) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    if results.get("alternate"):
+        return markdown_alternating(results)
     for r in results.get("runs", []):
         link = "unlimited" if not r.get("mbit") else f"{r['mbit']:g} Mbit/s"
         if r.get("error"):
@@ -383,6 +549,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--task-poll", type=float, default=None,
                     help="seconds between the SuperExecs' task polls (FLWR_SUPEREXEC_TASK_POLL_INTERVAL; "
                          "Flower's default 1)")
+    ap.add_argument("--alternate", action="store_true",
+                    help="one deployment per method and bandwidth whose links switch between unlimited and the "
+                         "bandwidth every round; each throttled round is checked against its unlimited neighbours "
+                         f"(needs --rounds >= {2 * MIN_ANALYSED_ROUNDS + 4} and bandwidths > 0)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", type=Path, help="JSON to write (after every deployment)")
     ap.add_argument("--report", type=Path, help="only print the markdown table of this JSON")
@@ -398,6 +568,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rounds < 2 + MIN_ANALYSED_ROUNDS:
         ap.error(f"--rounds={args.rounds} is out of range; allowed: >= {2 + MIN_ANALYSED_ROUNDS} "
                  f"(start-up and evaluated rounds are dropped, {MIN_ANALYSED_ROUNDS} must remain)")
+    if args.alternate and args.rounds < 2 * MIN_ANALYSED_ROUNDS + 4:
+        ap.error(f"--rounds={args.rounds} is out of range with --alternate; allowed: >= {2 * MIN_ANALYSED_ROUNDS + 4} "
+                 f"({MIN_ANALYSED_ROUNDS} throttled rounds with unlimited rounds on both sides)")
     if args.task_poll is not None and not 0.01 <= args.task_poll <= 60:
         ap.error(f"--task-poll={args.task_poll} is out of range; allowed: 0.01 to 60 (Flower's limits)")
     methods = [m for m in args.methods.split(",") if m]
@@ -409,6 +582,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra = parse_set(args.set)
     except ValueError as exc:
         ap.error(str(exc))
+    if args.alternate and not all(b > 0 for b in bandwidths):
+        ap.error(f"--mbit={args.mbit} is out of range with --alternate; allowed: bandwidths > 0 (every deployment "
+                 "has its unlimited rounds)")
     compute = json.loads(args.compute.read_text())["methods"] if args.compute else {}
     results: dict[str, Any] = {
         "tolerance": {"rate_fraction": RATE_TOLERANCE, "client_fraction": CLIENT_TOLERANCE,
@@ -416,6 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "min_transfer_bytes": MIN_TRANSFER_BYTES, "round_fraction": ROUND_TOLERANCE,
                       "round_slack_seconds": ROUND_SLACK_SECONDS, "reply_min_fraction": REPLY_MIN_FRACTION},
         "supernodes": args.supernodes, "rounds": args.rounds, "task_poll_seconds": args.task_poll,
+        "alternate": args.alternate,
         "compute": str(args.compute) if args.compute else None, "runs": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for method in methods:
@@ -424,12 +601,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("%s at %g Mbit/s", method, mbit)
             try:
                 raw = run_one(method, mbit, supernodes=args.supernodes, rounds=args.rounds, extra=extra,
-                              task_poll=args.task_poll)
+                              task_poll=args.task_poll, alternate=args.alternate)
             except (RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
                 log.error("%s at %g Mbit/s failed: %s", method, mbit, exc)
                 results["runs"].append({"method": method, "mbit": mbit, "error": str(exc)[-2000:]})
                 continue
-            a = analyse(raw["rounds"], raw["links"], mbit, c.get("client_seconds"), c.get("server_seconds"))
+            study = analyse_alternating if args.alternate else analyse
+            a = study(raw["rounds"], raw["links"], mbit, c.get("client_seconds"), c.get("server_seconds"))
             a.update({"method": method, "deployment_seconds": raw["seconds"], "load_average": raw["load_average"],
                       "link_bytes": [{k: v for k, v in link.items() if k != "events"} for link in raw["links"]],
                       "link_transfers": [{d: transfers(link["events"], d) for d in ("down", "up")}
@@ -439,8 +617,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                      method, mbit, a["round_seconds_mean"] or float("nan"), a.get("model_round_seconds_mean"),
                      a.get("client_span_seconds_mean"), a.get("rate_error"),
                      raw["load_average"].get("one_minute_max"))
-            add_unthrottled_model(results["runs"])
-            add_calibrated_model(results["runs"])
+            if not args.alternate:
+                add_unthrottled_model(results["runs"])
+                add_calibrated_model(results["runs"])
             args.out.write_text(json.dumps(results, indent=2))
     log.info("calibrated check:\n%s", markdown(results))
     return 0

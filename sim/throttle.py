@@ -12,6 +12,15 @@ once listening. On SIGTERM / SIGINT the proxy closes every socket and writes
 ``--events-file``: per listener the bytes in each direction and, with ``--record``,
 every forwarded chunk as ``[seconds since start, "up"|"down", bytes]``.
 
+With ``--alternate`` each link switches between unlimited and the ``--mbit`` rate at
+every exchange: it starts unlimited, and after each reply (an uplink burst of at least
+``--exchange-bytes`` with gaps under ``TOGGLE_GAP`` s) it switches at the first
+downlink chunk that comes ``TOGGLE_GAP`` s or more after that burst, i.e. before the
+next message is fetched. So in a deployment where a SuperNode answers one message per
+round, rounds 1, 3, 5, ... run unlimited and 2, 4, 6, ... throttled, interleaved in
+time (``sim.link_check --alternate`` calibrates each throttled round on its unlimited
+neighbours). Each switch is logged as ``[seconds, "state", 1 (throttled) | 0]``.
+
 Used by ``sim.deploy`` (``throttle_mbit``) between SuperNodes and the SuperLink's
 Fleet API, and by ``sim.link_check`` to compare measured round times with the
 time-to-accuracy model.
@@ -35,6 +44,12 @@ log = logging.getLogger("sim.throttle")
 
 #: Largest chunk read and forwarded at once (bytes); also the token bucket's default capacity.
 CHUNK = 16 * 1024
+#: ``--alternate``: seconds without uplink chunks that end a burst, and that must pass after a reply before
+#: the link switches.
+TOGGLE_GAP = 0.5
+#: ``--alternate``: an uplink burst of at least this many bytes is a reply (a SuperNode's requests while
+#: it fetches one message are ~20 KB).
+EXCHANGE_BYTES = 50_000
 
 
 class TokenBucket:
@@ -88,6 +103,56 @@ class Link:
     bytes_down: int = 0
     connections: int = 0
     events: list[tuple[float, str, int]] = field(default_factory=list)
+    alternate: Alternation | None = None
+
+
+class Alternation:
+    """Switches a link between unlimited and its configured rates at every exchange (``--alternate``).
+
+    Parameters
+    ----------
+    up_rate, down_rate:
+        The throttled rates, bytes per second (None: unlimited in that direction).
+    exchange_bytes:
+        An uplink burst of at least this many bytes is a reply.
+    gap:
+        Seconds without uplink chunks that end a burst; the switch happens at the first downlink
+        chunk ``gap`` seconds or more after the reply's last chunk.
+    """
+
+    def __init__(self, up_rate: float | None, down_rate: float | None, exchange_bytes: int = EXCHANGE_BYTES,
+                 gap: float = TOGGLE_GAP) -> None:
+        if exchange_bytes < 1:
+            raise ValueError(f"exchange_bytes={exchange_bytes} is out of range; allowed: >= 1")
+        if not gap > 0:
+            raise ValueError(f"gap={gap} is out of range; allowed: > 0 seconds")
+        self.rates = (up_rate, down_rate)
+        self.exchange_bytes = exchange_bytes
+        self.gap = gap
+        self.throttled = False
+        self._burst = 0
+        self._last_up: float | None = None
+        self._reply_end: float | None = None
+
+    def rates_now(self) -> tuple[float | None, float | None]:
+        """(up, down) bytes per second in the current state."""
+        return self.rates if self.throttled else (None, None)
+
+    def on_chunk(self, t: float, direction: str, n: int) -> bool:
+        """Account a chunk about to pass at time ``t``; return True when the link switches before it."""
+        if direction == "up":
+            if self._last_up is None or t - self._last_up >= self.gap:
+                self._burst = 0
+            self._burst += n
+            self._last_up = t
+            if self._burst >= self.exchange_bytes:
+                self._reply_end = t
+            return False
+        if self._reply_end is not None and t - self._reply_end >= self.gap:
+            self._reply_end = None
+            self.throttled = not self.throttled
+            return True
+        return False
 
 
 class ThrottleProxy:
@@ -106,12 +171,18 @@ class ThrottleProxy:
     """
 
     def __init__(self, target: tuple[str, int], listeners: int, up_rate: float | None, down_rate: float | None,
-                 *, record: bool = False, capacity: int = CHUNK) -> None:
+                 *, record: bool = False, capacity: int = CHUNK, alternate: bool = False,
+                 exchange_bytes: int = EXCHANGE_BYTES) -> None:
         if listeners < 1:
             raise ValueError(f"listeners={listeners} is out of range; allowed: >= 1")
         self.target = target
         self.record = record
-        self.links = [Link(TokenBucket(up_rate, capacity), TokenBucket(down_rate, capacity)) for _ in range(listeners)]
+        if alternate:  # start unlimited; Alternation switches to the rates after the first reply
+            self.links = [Link(TokenBucket(None, capacity), TokenBucket(None, capacity),
+                               alternate=Alternation(up_rate, down_rate, exchange_bytes)) for _ in range(listeners)]
+        else:
+            self.links = [Link(TokenBucket(up_rate, capacity), TokenBucket(down_rate, capacity))
+                          for _ in range(listeners)]
         self._servers: list[asyncio.base_events.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -161,6 +232,16 @@ class ThrottleProxy:
                 data = await reader.read(CHUNK)
                 if not data:
                     break
+                if link.alternate is not None:
+                    now = time.monotonic()
+                    if link.alternate.on_chunk(now, direction, len(data)):
+                        up_rate, down_rate = link.alternate.rates_now()
+                        link.up.rate, link.down.rate = up_rate, down_rate
+                        for b in (link.up, link.down):
+                            b.tokens, b.stamp = float(b.capacity), now
+                        if self.record:
+                            link.events.append((round(now - self.t0, 6), "state", int(link.alternate.throttled)))
+                    bucket = link.up if direction == "up" else link.down
                 await bucket.take(len(data))
                 writer.write(data)
                 await writer.drain()
@@ -207,7 +288,7 @@ async def _serve(args: argparse.Namespace) -> int:
     host, _, port = args.target.rpartition(":")
     proxy = ThrottleProxy((host or "127.0.0.1", int(port)), args.listeners, mbit_to_bytes(args.mbit),
                           mbit_to_bytes(args.down_mbit if args.down_mbit is not None else args.mbit),
-                          record=args.record)
+                          record=args.record, alternate=args.alternate, exchange_bytes=args.exchange_bytes)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -233,7 +314,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ready-file", type=Path, help="JSON with the ports, written once listening")
     ap.add_argument("--events-file", type=Path, help="JSON with byte counts (and chunk log), written at exit")
     ap.add_argument("--record", action="store_true", help="log every forwarded chunk (time, direction, bytes)")
+    ap.add_argument("--alternate", action="store_true",
+                    help="switch each link between unlimited and the rate at every exchange (starts unlimited)")
+    ap.add_argument("--exchange-bytes", type=int, default=EXCHANGE_BYTES,
+                    help="with --alternate: an uplink burst of at least this many bytes is a reply")
     args = ap.parse_args(argv)
+    if args.exchange_bytes < 1:
+        ap.error(f"--exchange-bytes={args.exchange_bytes} is out of range; allowed: >= 1")
     if args.listeners < 1:
         ap.error(f"--listeners={args.listeners} is out of range; allowed: >= 1")
     if args.mbit < 0 or (args.down_mbit is not None and args.down_mbit < 0):

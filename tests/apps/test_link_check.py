@@ -142,3 +142,70 @@ def test_run_deployment_passes_extra_env_and_closes_on_failure(monkeypatch: pyte
         deploy.run_deployment({}, num_supernodes=2, extra_env={"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"})
     assert seen["env_at_start"] == {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
     assert seen["closed"]
+
+
+def _alternating(n: int, *, mbit: float, base: float = 20.0, extra: float = 0.0,
+                 switch_inside: int | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Synthetic rounds.json rows and two links' chunk logs of an ``--alternate`` deployment: round r (1-based)
+    is throttled when r is even; a throttled round lasts ``base + transfer + extra`` seconds."""
+    up, down = 80_000, 740_000
+    transfer = (up + down) / (mbit * 1e6 / 8.0)
+    rows, events, t = [], [], 0.0
+    for r in range(1, n + 1):
+        throttled = r % 2 == 0
+        dur = base + (transfer + extra if throttled else 0.0)
+        rows.append({"round": r, "sampled": 2, "accepted": 2, "uplink_record_bytes_total": 2 * up,
+                     "downlink_bytes_total": 2 * down, "round_seconds": dur})
+        start = t + 1.0
+        events += [[start + 0.01 * i, "down", down // 10] for i in range(10)]
+        events += [[start + 0.01 * i, "up", 2_000] for i in range(10)]  # requests while downloading
+        reply = start + dur - 2.0
+        events += [[reply + 0.01 * i, "up", up // 4] for i in range(4)]
+        if switch_inside == r:
+            events.append([start + 1.0, "state", int(not throttled)])
+        events.append([reply + 0.7, "state", int(not throttled)])
+        t += dur
+    events.sort(key=lambda e: e[0])
+    return rows, [{"events": events}, {"events": events}]
+
+
+def test_alternating_check_pairs_each_throttled_round_with_its_unlimited_neighbours() -> None:
+    rows, links = _alternating(12, mbit=1.0)
+    assert link_check.round_states(rows, links) == [0, 1] * 6
+    a = link_check.analyse_alternating(rows, links, 1.0, 0.4, 0.05)
+    c = a["calibrated_round"]
+    assert [p["round"] for p in c["paired_rounds"]] == [4, 6, 8, 10] and c["n"] == 4
+    assert c["transfer_seconds"] == pytest.approx(820_000 / 125_000)
+    assert c["model_seconds"] == pytest.approx(20.0 + 6.56) and c["measured_seconds"] == pytest.approx(26.56)
+    assert c["within_tolerance"] and c["discriminates"]
+    assert c["unlimited"]["n"] == 5 and c["throttled"]["n"] == 5  # rounds 3..11 and 2..10
+    assert c["unpaired"]["within_tolerance"]
+    # a deployment whose throttled rounds are as fast as its unlimited ones fails the check
+    rows_fast, links_fast = _alternating(12, mbit=1.0, extra=-6.56)
+    assert not link_check.analyse_alternating(rows_fast, links_fast, 1.0, 0.4, 0.05)["calibrated_round"][
+        "within_tolerance"]
+    # at 10 Mbit/s the transfer (0.66 s) is inside the tolerance: the point does not discriminate
+    rows10, links10 = _alternating(12, mbit=10.0)
+    c10 = link_check.analyse_alternating(rows10, links10, 10.0, 0.4, 0.05)["calibrated_round"]
+    assert c10["within_tolerance"] and not c10["discriminates"]
+    with pytest.raises(ValueError, match="out of range"):
+        link_check.analyse_alternating(rows, links, 0.0, 0.4, 0.05)
+
+
+def test_alternating_check_drops_rounds_with_a_switch_inside_the_exchange() -> None:
+    rows, links = _alternating(12, mbit=1.0, switch_inside=6)
+    states = link_check.round_states(rows, links)
+    assert states[5] is None  # round 6
+    c = link_check.analyse_alternating(rows, links, 1.0, 0.4, 0.05)["calibrated_round"]
+    assert 6 not in [p["round"] for p in c["paired_rounds"]]
+    md = link_check.markdown({"alternate": True, "tolerance": {}, "runs": [
+        {**link_check.analyse_alternating(rows, links, 1.0, 0.4, 0.05), "method": "efsgd"}]})
+    assert md.count("| efsgd | 1 Mbit/s |") == 2
+
+
+def test_cli_alternate_needs_enough_rounds_and_a_bandwidth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(link_check, "run_one", lambda *a, **k: (_ for _ in ()).throw(AssertionError("started")))
+    for argv in (["--alternate", "--rounds", "11", "--mbit", "1"], ["--alternate", "--rounds", "12", "--mbit", "0,1"]):
+        with pytest.raises(SystemExit) as exc:
+            link_check.main([*argv, "--out", str(tmp_path / "x.json")])
+        assert exc.value.code == 2
