@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from conef_fl.compressors import make_compressor
@@ -55,7 +56,9 @@ def expected_spec(compressor: Compressor, shape: tuple[int, ...], *, seed: int, 
     marked variable.
     """
     probe = _fresh_probe(compressor)
-    x = torch.zeros(shape, dtype=torch.float32)
+    # zeros as a stride-0 view of one scalar: the probe allocates no input of the tensor's size
+    # (compressors never write into their input); ATOMO: a rank-1 probe of ones, for the layout
+    x = torch.zeros((), dtype=torch.float32).expand(shape)
     if compressor.name == "atomo":
         # ATOMO: a random rank-1 probe yields the array layout; atom count is variable
         x = torch.ones(shape, dtype=torch.float32)
@@ -95,7 +98,17 @@ def _fresh_probe(compressor: Compressor) -> Compressor:
 
 
 def validate_payload(payload: Payload, spec: PayloadSpec, *, key: str) -> None:
-    """Check ``payload`` against ``spec``; raise :class:`PayloadError` naming ``key`` and the problem."""
+    """Check ``payload`` against ``spec``; raise :class:`PayloadError` naming ``key`` and the problem.
+
+    The structure (:func:`validate_structure`), then the values: no NaN/Inf in any float
+    array, indices in range and strictly increasing (:func:`check_values`).
+    """
+    validate_structure(payload, spec, key=key)
+    _check_values_of(payload, f"tensor {key!r}")
+
+
+def validate_structure(payload: Payload, spec: PayloadSpec, *, key: str) -> None:
+    """Every check of :func:`validate_payload` that does not read the values (kind, shapes, dtypes, metadata)."""
     where = f"tensor {key!r}"
     if payload.kind != spec.kind:
         raise PayloadError(f"{where}: compressor {payload.kind!r}, expected {spec.kind!r}")
@@ -120,10 +133,6 @@ def validate_payload(payload: Payload, spec: PayloadSpec, *, key: str) -> None:
                     )
             elif got != exp:
                 raise PayloadError(f"{where}: array {name!r} has shape {tuple(t.shape)}, expected {aspec.shape}")
-        if t.is_floating_point() and t.numel() and not bool(
-            torch.isfinite(torch.linalg.vector_norm(t.float(), ord=float("inf")))
-        ):
-            raise PayloadError(f"{where}: array {name!r} contains NaN or Inf")
     variable = [n for n, a in spec.arrays.items() if None in a.shape]
     if len(variable) > 1:  # ATOMO: every variable dim must agree (same number of atoms)
         counts = {n: payload.arrays[n].shape[[i for i, d in enumerate(spec.arrays[n].shape) if d is None][0]]
@@ -141,8 +150,82 @@ def validate_payload(payload: Payload, spec: PayloadSpec, *, key: str) -> None:
             raise PayloadError(f"{where}: metadata {mkey!r}={got!r} has the wrong type")
         if got != mval:
             raise PayloadError(f"{where}: metadata {mkey}={got!r}, expected {mval!r}")
+
+
+def check_values(payloads: Mapping[str, Payload]) -> None:
+    """The value checks of :func:`validate_payload` for all tensors of one reply, batched.
+
+    No NaN/Inf in any float array: one max-abs reduction per float dtype over all
+    the reply's arrays of that dtype. ``"indices"`` arrays in range and strictly
+    increasing: one pass over all of them, shifted to disjoint ranges with a sentinel
+    between neighbours (numpy; CPU tensors). Only when one of these fails are the
+    tensors checked one by one, in order, for the message that names the tensor.
+
+    Raises
+    ------
+    PayloadError
+        Naming the first tensor (in ``payloads`` order) whose values are bad.
+    """
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    segments: list[tuple[torch.Tensor, int]] = []
+    for p in payloads.values():
+        for t in p.arrays.values():
+            if t.is_floating_point() and t.numel():
+                by_dtype.setdefault(t.dtype, []).append(t.reshape(-1))
+        if "indices" in p.arrays:
+            segments.append((p.arrays["indices"], p.numel))
+    ok = all(_all_finite(ts) for ts in by_dtype.values()) and _indices_ok(segments)
+    if ok:
+        return
+    for key, p in payloads.items():
+        _check_values_of(p, f"tensor {key!r}")
+    raise PayloadError("payload values are invalid (NaN/Inf or bad indices)")  # not reached: a tensor raised
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """No NaN/Inf in any of the flat ``tensors`` (one dtype): one max-abs reduction over them all."""
+    x = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+    if x.dtype != torch.float32:
+        x = x.float()
+    return bool(torch.isfinite(torch.linalg.vector_norm(x, ord=float("inf"))))
+
+
+def _indices_ok(segments: list[tuple[torch.Tensor, int]]) -> bool:
+    """Whether every ``(indices, numel)`` segment lies in ``[0, numel)`` and strictly increases.
+
+    The segments are written one after another into one int64 array, segment ``i``
+    shifted by ``base_i`` (``base_{i+1} = base_i + numel_i + 1``) and framed by the
+    sentinels ``base_i - 1`` and ``base_i + numel_i``: the whole array strictly
+    increases exactly when every segment is valid.
+    """
+    if not segments:
+        return True
+    if any(t.device.type != "cpu" for t, _ in segments):
+        return False  # checked tensor by tensor
+    g = np.empty(sum(t.numel() for t, _ in segments) + len(segments) + 1, dtype=np.int64)
+    g[0] = -1
+    pos, base = 1, 0
+    for idx, numel in segments:
+        k = idx.numel()
+        seg = g[pos : pos + k]
+        seg[...] = idx.reshape(-1).numpy()
+        seg += base
+        base += numel + 1
+        pos += k
+        g[pos] = base - 1
+        pos += 1
+    return bool((g[1:] > g[:-1]).all())
+
+
+def _check_values_of(payload: Payload, where: str) -> None:
+    """NaN/Inf in float arrays and bad indices of one payload (PayloadError naming ``where``)."""
+    for name, t in payload.arrays.items():
+        if t.is_floating_point() and t.numel() and not bool(
+            torch.isfinite(torch.linalg.vector_norm(t.float(), ord=float("inf")))
+        ):
+            raise PayloadError(f"{where}: array {name!r} contains NaN or Inf")
     if "indices" in payload.arrays:
-        _check_indices(payload.arrays["indices"], math.prod(spec.shape), where)
+        _check_indices(payload.arrays["indices"], payload.numel, where)
 
 
 def _check_indices(idx: torch.Tensor, numel: int, where: str) -> None:

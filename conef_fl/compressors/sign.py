@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from conef_fl.bitpack import bits_of_bytes_table, pack_bits, pack_mask_into, packed_nbytes
@@ -71,14 +72,24 @@ class ScaledSign(DecompressByAdding, Compressor):
         return signs, scale.to(signs.device, torch.float32)
 
     def decompress_add_(self, payload: Payload, target: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-        """``target += alpha * Q(x)``, chunk by chunk (no dense float temporary)."""
+        """``target += alpha * Q(x)``, chunk by chunk (no dense float temporary).
+
+        Every entry gets ``±s`` added with ``s = float32(scale · alpha)``, rounded once:
+        on a contiguous float32 CPU target through numpy (a lookup table of ``±s`` per
+        byte, gathered into a reused chunk buffer; the same sums bit for bit as the
+        torch path, which adds ``±1`` with ``alpha=s``, used everywhere else).
+        """
         signs, scale = self._check(payload)
         flat = flat_target(payload, target)
         s = float(scale) * alpha
+        signs = signs.to(flat.device)
+        if flat.device.type == "cpu" and flat.dtype == torch.float32 and flat.is_contiguous() \
+                and not flat.requires_grad:
+            _add_signs_numpy(signs, flat, s)
+            return target
         d = payload.numel
         # row b: the ±1 of the eight entries of byte b (bit 1 -> +1, bit 0 -> -1)
         table = bits_of_bytes_table(flat.device).to(torch.float32).mul_(2).sub_(1)
-        signs = signs.to(flat.device)
         step = _chunk(d)
         pm = torch.empty((packed_nbytes(min(step, d), 1), 8), dtype=torch.float32, device=flat.device)
         for lo in range(0, d, step):
@@ -96,3 +107,31 @@ class ScaledSign(DecompressByAdding, Compressor):
     def expected_nbytes(self, shape: tuple[int, ...]) -> int:
         """``ceil(d / 8) + 4`` bytes."""
         return packed_nbytes(math.prod(shape), 1) + 4
+
+
+#: Row ``b``: the ±1 of the eight entries of byte ``b`` (bit 1 -> +1, bit 0 -> -1), float32.
+_PM_TABLE = bits_of_bytes_table("cpu").numpy().astype(np.float32) * np.float32(2) - np.float32(1)
+
+
+def _add_signs_numpy(signs: torch.Tensor, flat: torch.Tensor, s: float) -> None:
+    """``flat += ±s`` per bit of ``signs`` (CPU, contiguous float32 ``flat``), in chunks.
+
+    ``±1 · float32(s)`` is exact, so each entry is ``fl(flat + (±s))``: the torch path's
+    ``add_(±1, alpha=s)`` bit for bit. The chunk buffers (int64 byte values, float32
+    ``±s``) are torch tensors, so memory measurements see them; numpy only computes.
+    """
+    d = flat.numel()
+    table = _PM_TABLE * np.float32(s)  # (256, 8): ±s, exact
+    step = _chunk(d)
+    nb_max = packed_nbytes(min(step, d), 1)
+    idx = torch.empty(nb_max, dtype=torch.int64).numpy()
+    pm = torch.empty((nb_max, 8), dtype=torch.float32).numpy()
+    src = signs.numpy()
+    out = flat.detach().numpy()
+    for lo in range(0, d, step):
+        c = min(step, d - lo)
+        nb = packed_nbytes(c, 1)
+        idx[:nb] = src[lo // 8 : lo // 8 + nb]
+        np.take(table, idx[:nb], axis=0, out=pm[:nb], mode="clip")  # byte values are 0..255
+        part = out[lo : lo + c]
+        np.add(part, pm[:nb].reshape(-1)[:c], out=part)

@@ -24,7 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.common.constant import SType
 
 from conef_fl.compressors.base import Payload
-from conef_fl.validation import PayloadError, PayloadSpec, validate_payload
+from conef_fl.validation import PayloadError, PayloadSpec, check_values, validate_structure
 
 SEP = "::"
 KIND = "__kind__"
@@ -213,6 +213,7 @@ def decode_payloads(
                 t = t.view(torch.bfloat16)
             tensors[name] = t
         payload = Payload(kinds[tensor], spec.shape, tensors, metas[tensor])
-        validate_payload(payload, spec, key=tensor)
+        validate_structure(payload, spec, key=tensor)
         out[tensor] = payload
+    check_values(out)  # NaN/Inf and indices of all tensors at once (the same checks as validate_payload)
     return out

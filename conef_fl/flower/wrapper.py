@@ -36,6 +36,7 @@ Evaluation passes through to the inner strategy.
 from __future__ import annotations
 
 import array
+import gc
 import logging
 import math
 import time
@@ -222,7 +223,9 @@ class _WeightedMean:
     """``Σ w_i Δ_i / Σ w_i`` over payloads added one at a time; in compressed space when Q is all-reducible.
 
     Memory: one running compressed sum per tensor (all-reducible Q: ``Compressor.sum_into_``, added
-    in place) or one dense float32 accumulator; nothing per reply.
+    in place) or one dense float32 accumulator; nothing per reply. The dense accumulator is
+    allocated through numpy, so that ``tracemalloc`` sees it on one timeline with the encoded new
+    model that replaces it tensor by tensor (:meth:`release`).
     """
 
     def __init__(self, compressor: Compressor, specs: Mapping[str, PayloadSpec]) -> None:
@@ -230,7 +233,7 @@ class _WeightedMean:
         self.total = 0.0
         self.running: dict[str, Payload] = {}
         self.acc = None if compressor.all_reducible else {
-            k: torch.zeros(s.shape, dtype=torch.float32) for k, s in specs.items()}
+            k: torch.from_numpy(np.zeros(s.shape, dtype=np.float32)) for k, s in specs.items()}
 
     def add(self, payloads: Mapping[str, Payload], weight: float) -> None:
         if self.acc is None:
@@ -253,7 +256,14 @@ class _WeightedMean:
     def mean(self) -> dict[str, torch.Tensor]:
         """Dense float32 mean per payload key."""
         keys = self.running if self.acc is None else self.acc
-        return {k: self.mean_of(k) for k in keys}
+        return {k: self.mean_of(k) for k in list(keys)}
+
+    def release(self, key: str) -> None:
+        """Drop the sum of ``key`` (its mean has been used): its memory goes back before the next tensor's."""
+        if self.acc is None:
+            self.running.pop(key, None)
+        else:
+            self.acc.pop(key, None)
 
 
 def aggregation_mode(strategy: Strategy) -> str:
@@ -303,7 +313,8 @@ class ConEF(Strategy):
         Seeds the round seeds (shared randomness of the compressors) and node sampling.
     norm_guard:
         Refuse replies whose update norm exceeds ``norm_guard`` × the round's (lower)
-        median update norm; ``0`` switches the guard off.
+        median update norm; ``0`` switches the guard off. A round with a single reply
+        compares it with the lower median of the previous round's accepted norms.
     max_update_norm:
         Optional absolute bound on a reply's update norm.
     node_wait_seconds:
@@ -685,22 +696,25 @@ class ConEF(Strategy):
         if self.norm_guard <= 0 or not len(candidates):
             return None
         reference = _median_low(candidates.norms)
-        if len(candidates) < 3 and self._norm_reference is not None:
-            reference = min(reference, self._norm_reference)  # too few replies to out-vote one attacker
+        if len(candidates) == 1 and self._norm_reference is not None:
+            # a lone reply cannot vouch for itself: compare it with the last round's accepted median (two
+            # replies need no history: the lower median is the smaller one, so one huge reply never sets it)
+            reference = min(reference, self._norm_reference)
         stats.norm_reference = reference
         if reference <= 0:
             return None
-        self._norm_reference = reference
         bound = self.norm_guard * reference
-        if max(candidates.norms) <= bound:
+        kept = [i for i, norm in enumerate(candidates.norms) if norm <= bound]
+        if kept:
+            # the next lone reply is judged against what this round accepted (it follows honest growth;
+            # storing the min of the references instead ratcheted down and refused every later update)
+            self._norm_reference = _median_low(array.array("d", (candidates.norms[i] for i in kept)))
+        if len(kept) == len(candidates):
             return None
-        kept = []
         for i, norm in enumerate(candidates.norms):
             if norm > bound:
                 self._reject(stats, server_round, candidates.nodes[i], f"update norm {norm:.4g} exceeds norm_guard × "
                              f"median = {self.norm_guard:g} × {reference:.4g}")
-            else:
-                kept.append(i)
         return kept
 
     def _keep(self, server_round: int, candidates: _Accepted, kept: list[int] | None,
@@ -742,6 +756,7 @@ class ConEF(Strategy):
                 self.downlink.mark_synced(node, self._sent_version[node])
         stats.accepted = len(accepted)
         client_metrics = self._client_metrics(accepted)  # before the new model exists: the two peaks do not add up
+        gc.collect(1)  # flwr's metric_records views are reference cycles: free them before the model is built
         new_arrays: ArrayRecord | None = None
         inner_metrics: MetricRecord | None = None
         if accepted:
@@ -811,6 +826,7 @@ class ConEF(Strategy):
                 return None
             arrays[k] = encode_array(new.numpy().astype(self._global_dtypes.get(k, np.float32), copy=False))
             del d, new
+            sink.release(k)
         stats.update_norm = math.sqrt(math.fsum(squares))
         return ArrayRecord(arrays)
 
