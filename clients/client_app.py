@@ -55,7 +55,7 @@ def train(msg: Message, context: Context) -> Message:
     out = train_local(
         model, x, y,
         epochs=cfg.local_epochs,
-        steps=cfg.local_steps or None,
+        steps=None if cfg.local_epochs else cfg.local_steps,  # local-epochs > 0 wins (see conef_fl.app_config)
         batch_size=cfg.batch_size,
         lr=local_lr_at(cfg, server_round),
         momentum=cfg.local_momentum,

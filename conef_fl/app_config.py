@@ -128,8 +128,10 @@ APP_KEYS: tuple[AppKey, ...] = (
     _k("method", ValueSpec("str", choices=METHODS), "conef-cs", "compression method (see the README's table)"),
     *_method_keys(),
     # local training on clients
-    _k("local-epochs", _int(0, 10_000), 5, "local epochs per round (0: use local-steps)", CLIENT),
-    _k("local-steps", _int(0, 10_000_000), 0, "local SGD steps per round instead of epochs (0 = off)", CLIENT),
+    _k("local-epochs", _int(0, 10_000), 0, "local epochs per round instead of local-steps (0 = use local-steps)",
+       CLIENT),
+    _k("local-steps", _int(0, 10_000_000), 10, "local SGD steps per round while local-epochs = 0 (the same work on any "
+       "partition size)", CLIENT),
     _k("batch-size", _int(1, 1_000_000), 8, "local batch size", CLIENT),
     _k("local-lr", _float(0.0, 100.0, lo_open=True), 0.2, "local learning rate", CLIENT),
     _k("lr-decay-rounds", _STR, "", "rounds from which local-lr is multiplied by lr-decay-factor, e.g. '200,260'",

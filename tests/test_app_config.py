@@ -75,7 +75,7 @@ def test_out_of_range_values_and_unknown_keys_are_named() -> None:
     with pytest.raises(ValueError, match="lr-decay-rounds"):
         ac.read_app_config({"lr-decay-rounds": "200;260"})
     with pytest.raises(ValueError, match="local-epochs=0 and local-steps=0"):
-        ac.read_app_config({"local-epochs": 0})
+        ac.read_app_config({"local-epochs": 0, "local-steps": 0})
 
 
 def test_overrides_parse_like_toml() -> None:

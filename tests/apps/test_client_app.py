@@ -89,3 +89,24 @@ def test_a_bad_partition_is_refused_naming_it() -> None:
     msg = _message(_strategy("conef-cs"), 1, model)
     with pytest.raises(ValueError, match="partition-id=12"):
         client_app(msg, _context(12))
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ({}, {"epochs": 0, "steps": 10}),                                    # the default: 10 steps on any partition size
+    ({"local-epochs": 2}, {"epochs": 2, "steps": None}),                 # epochs, as typed, win over local-steps
+    ({"local-epochs": 0, "local-steps": 3}, {"epochs": 0, "steps": 3}),
+])
+def test_local_work_is_local_steps_unless_local_epochs_is_set(monkeypatch, overrides: dict, expected: dict) -> None:
+    import clients.client_app as ca
+
+    seen: list[dict] = []
+    real = ca.train_local
+    monkeypatch.setattr(ca, "train_local", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    model = build_model(load_task_data("digits"), seed=0)
+    strategy = _strategy("conef-cs")
+    config = {k: v for k, v in RUN_CONFIG.items() if k != "local-epochs"} | overrides
+    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 3, "num-partitions": 10}, state=RecordDict(),
+                  run_config=config)
+    reply = client_app(_message(strategy, 1, model), ctx)
+    assert not reply.has_error()
+    assert {k: seen[0][k] for k in ("epochs", "steps")} == expected

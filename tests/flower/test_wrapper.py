@@ -349,6 +349,39 @@ def test_the_norm_guard_refuses_a_huge_update_that_would_move_the_model() -> Non
     assert max(float(np.abs(new[k].numpy()).max()) for k in SHAPES) > 1e20
 
 
+def _scaled_round(strategy: ConEF, server_round: int, g, scales: list[float]) -> tuple[object, dict]:
+    """One round whose first ``len(scales)`` sampled nodes reply with updates of these scales (sgd: no error)."""
+    msgs = list(strategy.configure_train(server_round, _record(g), ConfigRecord(), _grid()))
+    replies = [_reply(m.metadata.dst_node_id, _client_payloads(m, seed=server_round * 10 + i, scale=sc), 1.0,
+                      server_round) for i, (m, sc) in enumerate(zip(msgs, scales))]
+    new, metrics = strategy.aggregate_train(server_round, replies)
+    return new, dict(metrics)
+
+
+def test_the_norm_guard_follows_honest_growth_with_two_replies_per_round() -> None:
+    # Two clients per round whose updates grow 5x a round (training leaving a plateau): the lower median of two
+    # replies is the smaller one, so every round's own replies set the bound and none is refused. (The guard used
+    # to keep the smallest reference it had ever seen once rounds had < 3 replies, and refused all from round 3.)
+    strategy, g = _wrap(method="sgd"), _global()
+    _scaled_round(strategy, 1, g, [0.01, 0.01, 0.01])
+    for rnd, scale in zip(range(2, 7), (0.05, 0.25, 1.25, 6.25, 31.25)):
+        new, metrics = _scaled_round(strategy, rnd, g, [scale, 1.1 * scale])
+        assert metrics["conef.rejected"] == 0 and metrics["conef.accepted"] == 2, (rnd, strategy.history[-1])
+
+
+def test_with_two_replies_the_huge_one_is_refused_and_a_lone_reply_is_judged_by_the_last_round() -> None:
+    strategy, g = _wrap(method="sgd"), _global()
+    _scaled_round(strategy, 1, g, [0.01, 0.01, 0.01])
+    _, metrics = _scaled_round(strategy, 2, g, [0.01, 1e6])
+    assert metrics["conef.rejected"] == 1 and "norm_guard" in strategy.history[-1].rejections[0]
+    _, metrics = _scaled_round(strategy, 3, g, [1e6])  # a lone reply cannot vouch for itself
+    assert metrics["conef.rejected"] == 1 and metrics["conef.accepted"] == 0
+    _, metrics = _scaled_round(strategy, 4, g, [0.05])  # 5x the last accepted median: inside the guard
+    assert metrics["conef.rejected"] == 0 and metrics["conef.accepted"] == 1
+    _, metrics = _scaled_round(strategy, 5, g, [0.4])  # 8x the lone reply accepted in round 4: it follows growth
+    assert metrics["conef.rejected"] == 0 and metrics["conef.accepted"] == 1
+
+
 def test_error_replies_are_counted_as_failed() -> None:
     strategy = _wrap()
     msgs, _, replies = _round(strategy, 1, _global())
