@@ -540,9 +540,6 @@ class CountSketch(ErrorStore):
                 else:
                     crow, col, val = h.transposed(u0, u1)
                     table.addmm_(_csr(crow, col, val, (g.buckets, u1 - u0)), x_units, alpha=alpha)
-            elif u1 > u0 and u1 - u0 >= g.buckets:  # 16-bit table, a range at least the table's size:
-                self._scatter_columns(table, h, x_units, u0, u1, alpha, tail)  # fp32 kernel per column block
-                continue
             elif u1 > u0:  # 16-bit table: float32 scratch per block of buckets, rounded into the table once
                 self._scatter_blocks(table, h, x_units, u0, u1, alpha, tail)
                 continue
@@ -571,64 +568,6 @@ class CountSketch(ErrorStore):
                 assert tail is not None
                 s[h.tail_bucket - b0, : tail.numel()].add_(tail, alpha=alpha * h.tail_sign)
             table[b0:b1].copy_(s)
-
-    def _column_block(self) -> int:
-        """Columns per block of a 16-bit table's float32 scratch (all buckets × this many columns)."""
-        g = self.geometry
-        return max(1, min(g.unit, max(_SCRATCH_MIN, int(g.numel * _BLOCK_FRACTION)) // g.buckets))
-
-    def _scatter_columns(self, table: torch.Tensor, h: _RowHash, x_units: torch.Tensor, u0: int, u1: int,
-                         alpha: float, tail: torch.Tensor | None) -> None:
-        """``table += alpha · Pᵀ x`` for a 16-bit ``table``, one block of columns at a time.
-
-        Columns are independent in the sketch (a bucket's column ``c`` only ever receives
-        column ``c`` of its units), so each block of columns of the whole table is widened
-        into a float32 scratch, gets the float32 sparse product of every unit's same columns
-        (the kernel of float32 tables, one call per block) and is rounded into the table once:
-        bit for bit what a float32 table holding the same values computes, rounded.
-        """
-        g = self.geometry
-        if u0 == 0 and u1 == h.full:
-            pt = h.pt()
-        else:
-            crow, col, val = h.transposed(u0, u1)
-            pt = _csr(crow, col, val, (g.buckets, u1 - u0))
-        cb = self._column_block()
-        scratch = torch.empty(g.buckets * min(cb, g.unit), dtype=torch.float32, device=table.device)
-        nt = 0 if tail is None else tail.numel()
-        for c0 in range(0, g.unit, cb):
-            c1 = min(g.unit, c0 + cb)
-            s = scratch[: g.buckets * (c1 - c0)].view(g.buckets, c1 - c0)
-            s.copy_(table[:, c0:c1])
-            s.addmm_(pt, x_units[:, c0:c1], alpha=alpha)
-            if tail is not None and c0 < nt:
-                s[h.tail_bucket, : min(c1, nt) - c0].add_(tail[c0 : min(c1, nt)], alpha=alpha * h.tail_sign)
-            table[:, c0:c1].copy_(s)
-
-    def _estimate_columns_add_(self, x_units: torch.Tensor, u0: int, alpha: float) -> None:
-        """``x_units += alpha · P S`` for one 16-bit row, one block of columns of the table at a time.
-
-        Each block of columns is widened into a float32 scratch and goes through the float32
-        sparse product (exact widening: the same sums as a float32 table of the same values).
-        """
-        g = self.geometry
-        n = x_units.shape[0]
-        h = self._hashes()[0]
-        if u0 == 0 and n == h.full:
-            p = h.p()
-        else:
-            col = h.unit_buckets(u0, u0 + n)
-            if col.dtype != torch.int32:
-                col = col.to(torch.int32)
-            p = _csr(_arange_i32(n + 1, self.table.device), col, h.unit_signs(u0, u0 + n), (n, g.buckets))
-        cb = self._column_block()
-        table = self.table[0]
-        scratch = torch.empty(g.buckets * min(cb, g.unit), dtype=torch.float32, device=table.device)
-        for c0 in range(0, g.unit, cb):
-            c1 = min(g.unit, c0 + cb)
-            s = scratch[: g.buckets * (c1 - c0)].view(g.buckets, c1 - c0)
-            s.copy_(table[:, c0:c1])
-            x_units[:, c0:c1].addmm_(p, s, alpha=alpha)
 
     def _scatter_index(self, table: torch.Tensor, h: _RowHash, x_units: torch.Tensor, u0: int, alpha: float) -> None:
         """Fallback when ``x`` is not in the compute dtype: convert chunk by chunk, ``index_add_``."""
@@ -679,10 +618,6 @@ class CountSketch(ErrorStore):
                 col = col.to(torch.int32)
             p = _csr(crow, col, h.unit_signs(u0, u0 + n), (n, g.buckets))
             x_units.addmm_(p, self.table[0], alpha=alpha)
-            return
-        if g.rows == 1 and not self._use_sparse() and x_units.dtype == torch.float32 and n >= g.buckets:
-            # a 16-bit row and a range at least the table's size: the float32 kernel per block of columns
-            self._estimate_columns_add_(x_units, u0, alpha)
             return
         if g.rows == 1:  # gather bucket rows in the table's dtype into one buffer; signs, scale in float32
             h = hashes[0]
