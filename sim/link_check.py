@@ -61,6 +61,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -122,12 +123,33 @@ def pair_transfers(events: Sequence[Sequence[Any]], reply_min_bytes: float = 0.0
     The reply is the first uplink transfer that starts after the download ended (requests sent while
     downloading belong to the download) and carries at least ``reply_min_bytes``.
     """
-    downs, ups = transfers(events, "down"), transfers(events, "up")
+    return pair_from_transfers(transfers(events, "down"), transfers(events, "up"), reply_min_bytes)
+
+
+def pair_from_transfers(downs: Sequence[Mapping[str, float]], ups: Sequence[Mapping[str, float]],
+                        reply_min_bytes: float = 0.0) -> list[dict[str, Any]]:
+    """:func:`pair_transfers` on transfers already grouped (e.g. a JSON's ``link_transfers``)."""
     pairs = []
     for d in downs:
         u = next((x for x in ups if x["start"] >= d["end"] and x["bytes"] >= reply_min_bytes), None)
-        pairs.append({"down": d, "up": u})
+        pairs.append({"down": dict(d), "up": None if u is None else dict(u)})
     return pairs
+
+
+def round_pairs(link: Mapping[str, Any], n_rounds: int, reply_min_bytes: float = 0.0) -> list[dict[str, Any]]:
+    """One ``{"down", "up"}`` pair per round of a link, from its chunk log (``events``) or its grouped
+    ``transfers`` (``{"down": [...], "up": [...]}``).
+
+    A SuperNode downloads the app (FAB) before the first message's objects, a separate transfer when the
+    two are a second or more apart; the rounds' messages are the last ``n_rounds`` downloads (the
+    protocol evaluates centrally: no evaluate messages), so earlier ones are dropped.
+    """
+    if "events" in link:
+        pairs = pair_transfers(link["events"], reply_min_bytes)
+    else:
+        tr = link.get("transfers", {})
+        pairs = pair_from_transfers(tr.get("down", []), tr.get("up", []), reply_min_bytes)
+    return pairs[-n_rounds:] if len(pairs) > n_rounds else pairs
 
 
 def spread(values: Sequence[float]) -> dict[str, Any]:
@@ -210,7 +232,8 @@ def round_states(rounds: Sequence[Mapping[str, Any]], links: Sequence[Mapping[st
     unlimited throughout, None if the links disagree, a switch fell inside an exchange, or a transfer is
     missing."""
     reply_min = REPLY_MIN_FRACTION * min((round_bytes(r)[0] for r in rounds), default=0.0)
-    per_link = [(pair_transfers(link["events"], reply_min), link_states(link["events"])) for link in links]
+    per_link = [(round_pairs(link, len(rounds), reply_min), link_states(link.get("events", [])))
+                for link in links]
     out: list[int | None] = []
     for i in range(len(rounds)):
         seen: set[int] = set()
@@ -307,10 +330,11 @@ def analyse(rounds: Sequence[Mapping[str, Any]], links: Sequence[Mapping[str, An
             client_seconds: float | None, server_seconds: float | None) -> dict[str, Any]:
     """Compare one deployment's measured rounds and link transfers with the model."""
     bps = mbit * 1e6 / 8.0 if mbit else None
-    # transfers per link; round r (1-based) = the r-th downlink transfer and the first uplink after it
+    # transfers per link; round r (1-based) = the r-th of the last len(rounds) downlink transfers (the FAB
+    # download before the first message is dropped) and the first reply-sized uplink after it
     reply_min = REPLY_MIN_FRACTION * min((round_bytes(r)[0] for r in rounds), default=0.0)
-    per_link = [pair_transfers(link["events"], reply_min) for link in links]
     n_rounds = len(rounds)
+    per_link = [round_pairs(link, n_rounds, reply_min) for link in links]
     rows = []
     for i, row in enumerate(rounds):
         if i == 0 or i == n_rounds - 1:
@@ -558,6 +582,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--report", type=Path, help="only print the markdown table of this JSON")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Ctrl-C must stop the deployments even when started with SIGINT ignored (a background job)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    from sim.deploy import signals_raise
     from sim.experiments import METHODS, parse_set
 
     if args.report is not None:
@@ -600,8 +627,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for mbit in bandwidths:
             log.info("%s at %g Mbit/s", method, mbit)
             try:
-                raw = run_one(method, mbit, supernodes=args.supernodes, rounds=args.rounds, extra=extra,
-                              task_poll=args.task_poll, alternate=args.alternate)
+                with signals_raise():  # SIGTERM / SIGHUP: the deployment's processes are stopped by PID
+                    raw = run_one(method, mbit, supernodes=args.supernodes, rounds=args.rounds, extra=extra,
+                                  task_poll=args.task_poll, alternate=args.alternate)
             except (RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
                 log.error("%s at %g Mbit/s failed: %s", method, mbit, exc)
                 results["runs"].append({"method": method, "mbit": mbit, "error": str(exc)[-2000:]})
@@ -611,7 +639,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             a.update({"method": method, "deployment_seconds": raw["seconds"], "load_average": raw["load_average"],
                       "link_bytes": [{k: v for k, v in link.items() if k != "events"} for link in raw["links"]],
                       "link_transfers": [{d: transfers(link["events"], d) for d in ("down", "up")}
-                                         for link in raw["links"]]})
+                                         for link in raw["links"]],
+                      "link_states": [link_states(link["events"]) for link in raw["links"]]})
             results["runs"].append(a)
             log.info("%s %g Mbit/s: round %.2f s (model in process %s), client span %s s, rate error %s, load %s",
                      method, mbit, a["round_seconds_mean"] or float("nan"), a.get("model_round_seconds_mean"),

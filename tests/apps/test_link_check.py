@@ -150,7 +150,8 @@ def _alternating(n: int, *, mbit: float, base: float = 20.0, extra: float = 0.0,
     is throttled when r is even; a throttled round lasts ``base + transfer + extra`` seconds."""
     up, down = 80_000, 740_000
     transfer = (up + down) / (mbit * 1e6 / 8.0)
-    rows, events, t = [], [], 0.0
+    rows, t = [], 5.0
+    events: list[list[Any]] = [[0.1 + 0.01 * i, "down", 85_000] for i in range(10)]  # the FAB, before round 1
     for r in range(1, n + 1):
         throttled = r % 2 == 0
         dur = base + (transfer + extra if throttled else 0.0)
@@ -171,6 +172,9 @@ def _alternating(n: int, *, mbit: float, base: float = 20.0, extra: float = 0.0,
 
 def test_alternating_check_pairs_each_throttled_round_with_its_unlimited_neighbours() -> None:
     rows, links = _alternating(12, mbit=1.0)
+    # 13 downloads (the FAB first) for 12 rounds: the FAB is dropped, round 1 is the first message
+    assert len(link_check.transfers(links[0]["events"], "down")) == 13
+    assert link_check.round_pairs(links[0], 12)[0]["down"]["start"] == pytest.approx(6.0)
     assert link_check.round_states(rows, links) == [0, 1] * 6
     a = link_check.analyse_alternating(rows, links, 1.0, 0.4, 0.05)
     c = a["calibrated_round"]
