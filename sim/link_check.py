@@ -472,6 +472,39 @@ def run_one(method: str, mbit: float, *, supernodes: int, rounds: int, extra: Ma
             "load_average": load.summary()}
 
 
+def reanalyse(results: dict[str, Any]) -> dict[str, Any]:
+    """Analyse a JSON's runs again from what it stored (the analysed rows, ``link_transfers``, ``compute``):
+    for a JSON written before :func:`round_pairs` dropped the FAB download. Rounds 1 and N (not stored)
+    get the bytes of their neighbours and no time; only their transfers matter, to align the pairs."""
+    compute: dict[str, Any] = {}
+    if results.get("compute") and Path(results["compute"]).exists():
+        compute = json.loads(Path(results["compute"]).read_text())["methods"]
+    n = int(results.get("rounds") or 0)
+    for i, run in enumerate(results.get("runs", [])):
+        rows = run.get("rounds", [])
+        if run.get("error") or not rows or "link_transfers" not in run or n < 3:
+            continue
+
+        def raw(row: Mapping[str, Any], r: int, seconds: float | None) -> dict[str, Any]:
+            return {"round": r, "round_seconds": seconds, "sampled": 1, "accepted": 1,
+                    "uplink_record_bytes_total": row["model_uplink_bytes"],
+                    "downlink_bytes_total": row["model_downlink_bytes"]}
+
+        raw_rounds = [raw(rows[0], 1, None), *(raw(x, x["round"], x.get("round_seconds")) for x in rows),
+                      raw(rows[-1], n, None)]
+        links = [{"transfers": lt} for lt in run["link_transfers"]]
+        c = compute.get(run["method"], {})
+        study = analyse_alternating if run.get("alternate") else analyse
+        a = study(raw_rounds, links, run["mbit"], c.get("client_seconds"), c.get("server_seconds"))
+        keep = {k: run[k] for k in ("method", "deployment_seconds", "load_average", "link_bytes", "link_transfers",
+                                     "link_states") if k in run}
+        results["runs"][i] = {**a, **keep, "reanalysed": True}
+    if not results.get("alternate"):
+        add_unthrottled_model(results["runs"])
+        add_calibrated_model(results["runs"])
+    return results
+
+
 def recompute(results: dict[str, Any]) -> dict[str, Any]:
     """Fill the spreads and the calibrated model from the per-round rows (for a JSON written before they
     existed); the tolerance block is left as recorded, the calibrated tolerance added if missing."""
@@ -580,6 +613,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", type=Path, help="JSON to write (after every deployment)")
     ap.add_argument("--report", type=Path, help="only print the markdown table of this JSON")
+    ap.add_argument("--reanalyse", action="store_true",
+                    help="with --report: analyse its runs again from the stored transfers and rewrite the JSON")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # Ctrl-C must stop the deployments even when started with SIGINT ignored (a background job)
@@ -588,7 +623,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sim.experiments import METHODS, parse_set
 
     if args.report is not None:
-        sys.stdout.write(markdown(recompute(json.loads(args.report.read_text()))))
+        results = json.loads(args.report.read_text())
+        if args.reanalyse:
+            results = reanalyse(results)
+            args.report.write_text(json.dumps(results, indent=2))
+        sys.stdout.write(markdown(recompute(results)))
         return 0
     if args.out is None:
         ap.error("--out is required (or --report)")
