@@ -44,6 +44,8 @@ MAX_ROUND = 10_000_000
 #: Magic of a state file and of a round pointer file.
 STATE_MAGIC = b"CONEFST2"
 POINTER_MAGIC = b"CONEFPT1"
+#: Magic of a file holding the global model a compressed-downlink client last received.
+MODEL_MAGIC = b"CONEFMD1"
 #: Temporary files of other owners older than this (seconds) are removed at start.
 STALE_TEMP_SECONDS = 600.0
 
@@ -56,7 +58,7 @@ _RUN_KEY_MAX = 64
 _OWNER_RE = re.compile(r"^(?:partition|node)-\d+$")
 _RUN_KEY_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 _STATE_RE = re.compile(r"^(?P<owner>(?:partition|node)-\d+)\.r(?P<round>\d+)\.state$")
-_TEMP_RE = re.compile(r"^\.(?P<owner>(?:partition|node)-\d+)\.(?:r\d+|last)\.\d+\.[0-9a-f]{16}\.tmp$")
+_TEMP_RE = re.compile(r"^\.(?P<owner>(?:partition|node)-\d+)\.(?:r\d+|last|model)\.\d+\.[0-9a-f]{16}\.tmp$")
 _LEGACY_TEMP_RE = re.compile(r"^(?P<owner>partition-\d+)\.r\d+\.tmp\d+$")  # clients/state.py's temporaries
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
@@ -268,6 +270,72 @@ def save_worker(
     return result
 
 
+def save_model_file(context: Context, version: int, blob: bytes, *, state_dir: str, max_bytes: int) -> None:
+    """Write ``blob`` (a serialized global model of ``version``) atomically to ``<owner>.model`` in the run folder.
+
+    The compressed downlink's model copy, kept on disk like the error state so that
+    the process's memory does not hold it between rounds and a restarted SuperNode
+    still holds it. Same file protocol as the state files (checksummed header, a new
+    temporary file moved into place, the folder fsynced).
+
+    Raises
+    ------
+    OSError, StateFileError
+        If the file cannot be written or would exceed ``max_bytes``.
+    """
+    _check_max_bytes(max_bytes)
+    owner = StateOwner.from_context(context)
+    meta = {"kind": "model", "run_key": owner.run_key, "owner": owner.owner, "version": int(version)}
+    header, meta_bytes = _pack(MODEL_MAGIC, meta, blob)
+    size = len(header) + len(meta_bytes) + len(blob)
+    if size > max_bytes:
+        raise StateFileError(f"the model file would be {size} bytes, over state-max-bytes={max_bytes}")
+    dir_fd = _open_run_dir(state_dir, owner, create=True)
+    try:
+        tmp: str | None = _write_temp(dir_fd, f"{owner.owner}.model", (header, meta_bytes, blob))
+        try:
+            os.replace(tmp, _model_name(owner), src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            tmp = None
+        finally:
+            if tmp is not None:
+                _unlink_quietly(dir_fd, tmp)
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_model_file(context: Context, *, state_dir: str, max_bytes: int) -> tuple[int, memoryview] | None:
+    """``(version, blob)`` of this owner's model file, or None when there is none.
+
+    Raises
+    ------
+    OSError, StateFileError
+        If the file is refused (corrupt, truncated, too large, a symlink or not a
+        regular file, another run's or owner's) or cannot be read.
+    """
+    _check_max_bytes(max_bytes)
+    owner = StateOwner.from_context(context)
+    try:
+        dir_fd = _open_run_dir(state_dir, owner, create=False)
+    except FileNotFoundError:
+        return None
+    try:
+        name = _model_name(owner)
+        try:
+            meta, payload = _unpack(_read_bounded(dir_fd, name, max_bytes), MODEL_MAGIC, name)
+        except FileNotFoundError:
+            return None
+    finally:
+        os.close(dir_fd)
+    if meta.get("kind") != "model" or (meta.get("run_key"), meta.get("owner")) != (owner.run_key, owner.owner):
+        raise StateFileError(f"{name} belongs to {meta.get('run_key')}/{meta.get('owner')} "
+                             f"({meta.get('kind')}), not the model of {owner.run_key}/{owner.owner}")
+    version = meta.get("version")
+    if type(version) is not int or version < 0:
+        raise StateFileError(f"{name}: invalid model version {version!r}")
+    return version, payload
+
+
 # --- names and values -------------------------------------------------------------------------
 
 
@@ -307,6 +375,10 @@ def _check_max_bytes(max_bytes: int) -> None:
 
 def _state_name(owner: StateOwner, rnd: int) -> str:
     return f"{owner.owner}.r{rnd}.state"
+
+
+def _model_name(owner: StateOwner) -> str:
+    return f"{owner.owner}.model"
 
 
 def _pointer_name(owner: StateOwner) -> str:

@@ -146,7 +146,8 @@ def _read_request(msg: Message, config: ConfigRecord, ctxt: Context) -> TrainReq
     if not isinstance(key, str):
         raise ModRefusal(f"{P.ARRAYS_KEY_KEY}={key!r} is not a string")
     if P.DOWNLINK_MODE_KEY in config:
-        msg.content[key] = receive_global_model(msg, config, ctxt)
+        state_dir, max_bytes = _settings(ctxt)
+        msg.content[key] = receive_global_model(msg, config, ctxt, state_dir=state_dir, max_bytes=max_bytes)
     arrays = msg.content.array_records.get(key)
     if arrays is None:
         raise ModRefusal(f"the train message has no ArrayRecord {key!r} (has {sorted(msg.content.keys())})")

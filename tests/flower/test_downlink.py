@@ -110,3 +110,74 @@ def test_catch_up_plan() -> None:
     for _ in range(11):
         big.step({"w": torch.ones(100, 100)})
     assert big.plan(1).dense
+
+
+# ---------------------------------------------------------------------------- the model copy on disk (state-dir)
+def _ctx(partition: int = 0, state=None) -> "Context":
+    from flwr.app import Context, RecordDict
+
+    return Context(run_id=1, node_id=9, node_config={"partition-id": partition},
+                   state=state if state is not None else RecordDict(), run_config={"run-name": "dl"})
+
+
+def _copy() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return {"w": torch.randn(20, 5, generator=g), "b": torch.randn(5, generator=g)}
+
+
+def test_with_a_state_dir_the_model_copy_is_on_disk_and_survives_a_restart(tmp_path: Path) -> None:
+    from conef_fl.flower.downlink_client import MODEL_KEY, store_model
+
+    where = {"state_dir": str(tmp_path), "max_bytes": 1 << 20}
+    ctx, model = _ctx(), _copy()
+    store_model(ctx, 7, model, **where)
+    assert "blob" not in ctx.state[MODEL_KEY] and ctx.state[MODEL_KEY]["version"] == 7  # memory: a pointer only
+    assert (tmp_path / "dl" / "partition-0.model").is_file()
+    for context in (ctx, _ctx()):  # the same process, and a restarted SuperNode (empty context.state)
+        version, held = stored_model(context, **where)
+        assert version == 7 and all(torch.equal(held[k], model[k]) for k in model)
+    assert stored_model(_ctx(partition=1), **where) is None  # another client's copy is not this one's
+    assert not list((tmp_path / "dl").glob(".*.tmp"))
+
+
+def test_a_refused_model_file_makes_the_client_refuse_and_an_unwritable_one_stays_in_memory(tmp_path: Path) -> None:
+    from conef_fl.flower.downlink_client import MODEL_KEY, store_model
+
+    where = {"state_dir": str(tmp_path), "max_bytes": 1 << 20}
+    store_model(_ctx(), 7, _copy(), **where)
+    path = tmp_path / "dl" / "partition-0.model"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        stored_model(_ctx(), **where)
+    store_model(_ctx(partition=1), 7, _copy(), **where)
+    (tmp_path / "dl" / "partition-1.model").replace(path)  # another client's file under this client's name
+    with pytest.raises(ValueError, match="belongs to dl/partition-1"):
+        stored_model(_ctx(), **where)
+    path.unlink()
+    path.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="symbolic link"):
+        stored_model(_ctx(), **where)
+    ctx = _ctx()
+    store_model(ctx, 8, _copy(), **where)  # the pointer names version 8 ...
+    store_model(_ctx(), 9, _copy(), **where)  # ... another writer moved the file on
+    with pytest.raises(ValueError, match="holds version 9, the client expected 8"):
+        stored_model(ctx, **where)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    ctx = _ctx()
+    store_model(ctx, 3, _copy(), state_dir=str(blocked), max_bytes=1 << 20)  # cannot write: kept in memory
+    assert isinstance(ctx.state[MODEL_KEY]["blob"], bytes) and stored_model(ctx)[0] == 3
+
+
+def test_a_run_with_a_state_dir_keeps_no_model_copy_in_memory_and_trains_the_same_model(tmp_path: Path) -> None:
+    cfg = {**BASE, "fraction-train": 0.5, "output-dir": str(tmp_path), "downlink": "top-k",
+           "downlink-k-ratio": 0.05, "method": "ef-topk"}
+    run_inmemory({**cfg, "run-name": "mem"}, 4)
+    grid = run_inmemory({**cfg, "run-name": "disk", "state-dir": str(tmp_path / "state")}, 4)
+    a, b = _model(tmp_path / "mem"), _model(tmp_path / "disk")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    held = [ctx for ctx in grid.contexts.values() if "conef-global-model" in ctx.state]
+    assert held and all("blob" not in ctx.state["conef-global-model"] for ctx in held)
+    assert len(list((tmp_path / "state" / "disk").glob("*.model"))) == len(held)
