@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.app import Context, RecordDict
 
 from conef_fl.config import MethodConfig
 from conef_fl.flower.downlink import DownlinkCompressor
@@ -113,9 +114,7 @@ def test_catch_up_plan() -> None:
 
 
 # ---------------------------------------------------------------------------- the model copy on disk (state-dir)
-def _ctx(partition: int = 0, state=None) -> "Context":
-    from flwr.app import Context, RecordDict
-
+def _ctx(partition: int = 0, state=None) -> Context:
     return Context(run_id=1, node_id=9, node_config={"partition-id": partition},
                    state=state if state is not None else RecordDict(), run_config={"run-name": "dl"})
 

@@ -353,7 +353,7 @@ def _scaled_round(strategy: ConEF, server_round: int, g, scales: list[float]) ->
     """One round whose first ``len(scales)`` sampled nodes reply with updates of these scales (sgd: no error)."""
     msgs = list(strategy.configure_train(server_round, _record(g), ConfigRecord(), _grid()))
     replies = [_reply(m.metadata.dst_node_id, _client_payloads(m, seed=server_round * 10 + i, scale=sc), 1.0,
-                      server_round) for i, (m, sc) in enumerate(zip(msgs, scales))]
+                      server_round) for i, (m, sc) in enumerate(zip(msgs, scales, strict=False))]
     new, metrics = strategy.aggregate_train(server_round, replies)
     return new, dict(metrics)
 
@@ -364,7 +364,7 @@ def test_the_norm_guard_follows_honest_growth_with_two_replies_per_round() -> No
     # to keep the smallest reference it had ever seen once rounds had < 3 replies, and refused all from round 3.)
     strategy, g = _wrap(method="sgd"), _global()
     _scaled_round(strategy, 1, g, [0.01, 0.01, 0.01])
-    for rnd, scale in zip(range(2, 7), (0.05, 0.25, 1.25, 6.25, 31.25)):
+    for rnd, scale in zip(range(2, 7), (0.05, 0.25, 1.25, 6.25, 31.25), strict=True):
         new, metrics = _scaled_round(strategy, rnd, g, [scale, 1.1 * scale])
         assert metrics["conef.rejected"] == 0 and metrics["conef.accepted"] == 2, (rnd, strategy.history[-1])
 
