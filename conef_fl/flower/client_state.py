@@ -286,10 +286,7 @@ def save_model_file(context: Context, version: int, blob: bytes, *, state_dir: s
     _check_max_bytes(max_bytes)
     owner = StateOwner.from_context(context)
     meta = {"kind": "model", "run_key": owner.run_key, "owner": owner.owner, "version": int(version)}
-    header, meta_bytes = _pack(MODEL_MAGIC, meta, blob)
-    size = len(header) + len(meta_bytes) + len(blob)
-    if size > max_bytes:
-        raise StateFileError(f"the model file would be {size} bytes, over state-max-bytes={max_bytes}")
+    header, meta_bytes = _pack_bounded(MODEL_MAGIC, meta, blob, max_bytes, "model")
     dir_fd = _open_run_dir(state_dir, owner, create=True)
     try:
         tmp: str | None = _write_temp(dir_fd, f"{owner.owner}.model", (header, meta_bytes, blob))
@@ -459,6 +456,16 @@ def _pack(magic: bytes, meta: Mapping[str, Any], payload: bytes = b"") -> tuple[
     digest = hashlib.sha256(meta_bytes)
     digest.update(payload)
     return _HEADER.pack(magic, len(meta_bytes), len(payload), digest.digest()), meta_bytes
+
+
+def _pack_bounded(magic: bytes, meta: Mapping[str, Any], payload: bytes, max_bytes: int,
+                  what: str) -> tuple[bytes, bytes]:
+    """:func:`_pack`, refusing a file over ``max_bytes`` (``StateFileError`` naming ``what`` it is)."""
+    header, meta_bytes = _pack(magic, meta, payload)
+    size = len(header) + len(meta_bytes) + len(payload)
+    if size > max_bytes:
+        raise StateFileError(f"the {what} file would be {size} bytes, over state-max-bytes={max_bytes}")
+    return header, meta_bytes
 
 
 def _unpack(data: bytearray, magic: bytes, name: str) -> tuple[dict[str, Any], memoryview]:
@@ -750,10 +757,7 @@ def _save_to_disk(
 ) -> None:
     meta = {"kind": "state", "run_key": owner.run_key, "owner": owner.owner, "round": rnd,
             "method": method.to_dict()}
-    header, meta_bytes = _pack(STATE_MAGIC, meta, blob)
-    size = len(header) + len(meta_bytes) + len(blob)
-    if size > max_bytes:
-        raise StateFileError(f"the state file would be {size} bytes, over state-max-bytes={max_bytes}")
+    header, meta_bytes = _pack_bounded(STATE_MAGIC, meta, blob, max_bytes, "state")
     dir_fd = _open_run_dir(state_dir, owner, create=True)
     try:
         rounds, problem = _pointer_at_start(dir_fd, owner, started, os.path.join(state_dir, owner.run_key))
