@@ -56,13 +56,11 @@ def expected_spec(compressor: Compressor, shape: tuple[int, ...], *, seed: int, 
     marked variable.
     """
     probe = _fresh_probe(compressor)
-    # zeros as a stride-0 view of one scalar: the probe allocates no input of the tensor's size
-    # (compressors never write into their input); ATOMO: a rank-1 probe of ones, for the layout
-    x = torch.zeros((), dtype=torch.float32).expand(shape)
     if compressor.name == "atomo":
         # ATOMO: a random rank-1 probe yields the array layout; atom count is variable
-        x = torch.ones(shape, dtype=torch.float32)
-    ref = probe.compress(x, seed=seed, key=key)
+        ref = probe.compress(torch.ones(shape, dtype=torch.float32), seed=seed, key=key)
+    else:  # the compression of zeros, or what the compressor says it sends (top-k: no selection run)
+        ref = probe.payload_structure(tuple(shape), seed=seed, key=key)
     arrays: dict[str, ArraySpec] = {}
     for name, t in ref.arrays.items():
         dims: tuple[int | None, ...] = tuple(int(s) for s in t.shape)

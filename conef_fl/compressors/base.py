@@ -165,6 +165,15 @@ class Compressor(ABC):
         """Exact payload bytes for a tensor of ``shape`` (used to validate replies)."""
         return self.compress(torch.zeros(shape), seed=0, key="__probe__").nbytes
 
+    def payload_structure(self, shape: tuple[int, ...], *, seed: int = 0, key: str = "") -> Payload:
+        """A payload with the kind, array dtypes and shapes and metadata that ``compress`` gives for ``shape``.
+
+        Only its structure is meant (receivers validate replies against it). Default: the
+        compression of zeros, given as a stride-0 view of one scalar (no input of the tensor's
+        size; compressors never write into their input).
+        """
+        return self.compress(torch.zeros((), dtype=torch.float32).expand(shape), seed=seed, key=key)
+
 
 def flat_target(payload: Payload, target: torch.Tensor) -> torch.Tensor:
     """``target`` as a flat view, after checking it has the payload's number of elements (``ValueError``)."""

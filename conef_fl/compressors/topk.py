@@ -237,6 +237,17 @@ class TopK(DecompressByAdding, KeepsRatio, Compressor):
             self.name, tuple(int(s) for s in x.shape), arrays, {"k": k, "value_dtype": self.value_dtype}
         )
 
+    def payload_structure(self, shape: tuple[int, ...], *, seed: int = 0, key: str = "") -> Payload:
+        """What :meth:`compress` sends for ``shape`` (arrays as stride-0 views: no selection is run)."""
+        d = math.prod(shape)
+        if d > _INT32_MAX:
+            raise ValueError(f"tensor has {d} elements; top-k's int32 indices allow at most {_INT32_MAX}")
+        k = self.k_for(d)
+        n = d if k >= d else k
+        arrays = {"indices": torch.zeros((), dtype=torch.int32).expand(n),
+                  "values": torch.zeros((), dtype=self._dtype).expand(n)}
+        return Payload(self.name, tuple(int(s) for s in shape), arrays, {"k": k, "value_dtype": self.value_dtype})
+
     def _check(self, payload: Payload) -> tuple[torch.Tensor, torch.Tensor]:
         if payload.kind != self.name:
             raise ValueError(f"payload kind {payload.kind!r} does not match compressor {self.name!r}")
@@ -247,8 +258,10 @@ class TopK(DecompressByAdding, KeepsRatio, Compressor):
                 f"top-k payload has {idx.numel()} {idx.dtype} indices and {values.numel()} values; "
                 f"expected {k} int32 indices and values for shape {payload.shape}"
             )
-        if k and (int(idx.min()) < 0 or int(idx.max()) >= payload.numel):
-            raise ValueError(f"top-k indices out of range [0, {payload.numel})")
+        if k:
+            a = idx.numpy() if idx.device.type == "cpu" else idx  # numpy: no torch call per reduction
+            if int(a.min()) < 0 or int(a.max()) >= payload.numel:
+                raise ValueError(f"top-k indices out of range [0, {payload.numel})")
         return idx, values
 
     def decompress_add_(self, payload: Payload, target: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:

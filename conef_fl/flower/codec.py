@@ -217,3 +217,89 @@ def decode_payloads(
         out[tensor] = payload
     check_values(out)  # NaN/Inf and indices of all tensors at once (the same checks as validate_payload)
     return out
+
+
+class ReplyDecoder:
+    """Decodes replies against one round's specs, with the structure checks compiled once.
+
+    :meth:`decode` gives exactly what :func:`decode_payloads` gives and refuses exactly
+    what it refuses. When a spec has no variable dimension (every Q but ATOMO), the
+    expected reply is known in full: its array keys, each array's declared dtype, shape
+    and ``.npy`` header, and its whole metadata record. A reply equal to that (one key-set
+    and one dict comparison, then each array's declared dtype, shape, header and length)
+    passes every structure check :func:`decode_payloads` makes; its values then get the
+    same :func:`~conef_fl.validation.check_values`. Anything else goes through
+    :func:`decode_payloads`, which accepts it or says what is wrong.
+    """
+
+    def __init__(self, specs: Mapping[str, PayloadSpec]) -> None:
+        self.specs = specs
+        self._plan = _compile(specs)
+
+    def decode(self, arrays: ArrayRecord, meta: ConfigRecord) -> dict[str, Payload]:
+        """Validate and decode one reply (:class:`PayloadError` as :func:`decode_payloads`)."""
+        out = self._decode_expected(arrays, meta) if self._plan is not None else None
+        if out is None:
+            return decode_payloads(arrays, meta, self.specs)
+        check_values(out)
+        return out
+
+    def _decode_expected(self, arrays: ArrayRecord, meta: ConfigRecord) -> dict[str, Payload] | None:
+        """The payloads if the reply is exactly the expected structure, else ``None`` (nothing refused here)."""
+        plan = self._plan
+        assert plan is not None
+        if arrays.keys() != plan.keys or meta != plan.meta:
+            return None
+        out: dict[str, Payload] = {}
+        for tensor, kind, shape, tensor_meta, items in plan.tensors:
+            tensors: dict[str, torch.Tensor] = {}
+            for name, wire_key, np_dtype, arr_shape, header, nbytes, bf16 in items:
+                arr = arrays[wire_key]
+                data = arr.data
+                if arr.dtype != np_dtype or _shape_of(arr) != arr_shape or len(data) != nbytes \
+                        or not data.startswith(header):
+                    return None
+                a = np.frombuffer(data, dtype=np_dtype, offset=len(header)).reshape(arr_shape).copy()
+                t = torch.from_numpy(a)
+                tensors[name] = t.view(torch.bfloat16) if bf16 else t
+            out[tensor] = Payload(kind, shape, tensors, dict(tensor_meta))
+        return out
+
+
+class _Plan:
+    """The exact structure of a reply: array keys, metadata record, per tensor its arrays' wire form."""
+
+    __slots__ = ("keys", "meta", "tensors")
+
+    def __init__(self) -> None:
+        self.keys: set[str] = set()
+        self.meta: dict[str, object] = {}
+        self.tensors: list[tuple[str, str, tuple[int, ...], Mapping[str, object], list[tuple]]] = []
+
+
+def _compile(specs: Mapping[str, PayloadSpec]) -> _Plan | None:
+    """The :class:`_Plan` of ``specs``; ``None`` if any array has a variable dimension or an unknown dtype."""
+    plan = _Plan()
+    for tensor, spec in specs.items():
+        if SEP in tensor:
+            return None
+        plan.meta[f"{tensor}{SEP}{KIND}"] = spec.kind
+        for mk, mv in spec.meta.items():
+            plan.meta[f"{tensor}{SEP}{mk}"] = mv
+        items = []
+        for name, aspec in spec.arrays.items():
+            if None in aspec.shape or aspec.dtype not in _TORCH_TO_NUMPY and aspec.dtype != torch.bfloat16:
+                return None
+            bf16 = aspec.dtype == torch.bfloat16
+            np_dtype = "int16" if bf16 else _TORCH_TO_NUMPY[aspec.dtype]
+            if bf16:
+                plan.meta[f"{tensor}{SEP}{BF16}{name}"] = True
+            shape = tuple(int(d) for d in aspec.shape)  # type: ignore[arg-type]
+            header = _npy_header(np_dtype, shape)
+            wire_key = f"{tensor}{SEP}{name}"
+            plan.keys.add(wire_key)
+            items.append((name, wire_key, np_dtype, shape, header,
+                          len(header) + math.prod(shape) * _itemsize(np_dtype), bf16))
+        plan.tensors.append((tensor, spec.kind, spec.shape, spec.meta, items))
+    return plan
+

@@ -58,7 +58,7 @@ from conef_fl.compressors.topk import TopK
 from conef_fl.config import MethodConfig
 from conef_fl.feedback import make_compressor_for
 from conef_fl.flower import protocol as P
-from conef_fl.flower.codec import decode_payloads, encode_array, encode_payloads
+from conef_fl.flower.codec import ReplyDecoder, encode_array, encode_payloads
 from conef_fl.flower.downlink import DownlinkCompressor
 from conef_fl.flower.sampling import NodeSampler
 from conef_fl.registry import method_config
@@ -394,6 +394,7 @@ class ConEF(Strategy):
         self._downlink_bytes = (0, 0)
         self._norm_reference: float | None = None
         self._nodes_expected: int | None = None
+        self._decoder: ReplyDecoder | None = None
 
     # ------------------------------------------------------------------ keys of the inner strategy
     @property
@@ -615,7 +616,9 @@ class ConEF(Strategy):
         if not isinstance(arrays, ArrayRecord) or not isinstance(meta, ConfigRecord):
             raise PayloadError(f"reply has no ConEF payload records {P.PAYLOAD_RECORD!r}/{P.PAYLOAD_META_RECORD!r} "
                                f"(has {sorted(content.keys())}); is conef_mod in the ClientApp's mods?")
-        return decode_payloads(arrays, meta, specs)
+        if self._decoder is None or self._decoder.specs is not specs:  # compiled once per round's specs
+            self._decoder = ReplyDecoder(specs)
+        return self._decoder.decode(arrays, meta)
 
     def _metrics(self, msg: Message, server_round: int) -> tuple[float, _Info]:
         """The reply's weight and ConEF metrics, checked for type, finiteness and range."""

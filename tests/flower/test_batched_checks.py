@@ -144,12 +144,56 @@ def test_sign_numpy_helper_matches_torch_on_strided_chunks() -> None:
     assert torch.equal(flat, ref)
 
 
-@pytest.mark.parametrize("name", ["top-k", "scaled-sign", "random-block-k", "random-k", "qsgd", "identity"])
-def test_probe_of_a_stride_zero_view_gives_the_dense_probe_spec(name: str) -> None:
-    q = make_compressor(name)
+@pytest.mark.parametrize(("name", "kwargs"), [
+    ("top-k", {}), ("top-k", {"ratio": 1.0}), ("top-k", {"ratio": 0.3, "value_dtype": "bfloat16"}),
+    ("scaled-sign", {}), ("random-block-k", {}), ("random-k", {}), ("qsgd", {}), ("identity", {})])
+def test_payload_structure_gives_the_spec_of_a_real_compression(name: str, kwargs: dict) -> None:
+    """The probe (a stride-0 view of zeros, or top-k's own structure) describes what compress sends."""
+    q = make_compressor(name, **kwargs)
     for shape in [(5,), (64, 33), (300000,)]:
         spec = expected_spec(q, shape, seed=3, key="w")
         dense = q.compress(torch.zeros(shape), seed=3, key="w")
         assert spec.kind == dense.kind and spec.meta == dense.meta
         assert {k: (a.dtype, a.shape) for k, a in spec.arrays.items()} == {
             k: (t.dtype, tuple(t.shape)) for k, t in dense.arrays.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# ReplyDecoder: the structure compiled once per round gives what decode_payloads gives
+# ---------------------------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+
+from conef_fl.flower.codec import ReplyDecoder, decode_payloads  # noqa: E402
+from tests.flower.test_codec_fuzz import METHODS, _mutate, mutation, setup  # noqa: E402
+
+
+def _same_payloads(a: dict[str, Payload], b: dict[str, Payload]) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].kind == b[k].kind and a[k].shape == b[k].shape and a[k].meta == b[k].meta
+        and a[k].arrays.keys() == b[k].arrays.keys()
+        and all(x.dtype == b[k].arrays[n].dtype and torch.equal(x, b[k].arrays[n]) for n, x in a[k].arrays.items())
+        for k in a)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_reply_decoder_decodes_honest_replies_like_decode_payloads(method: str) -> None:
+    strategy, good = setup(method)
+    specs = strategy.payload_specs(1)
+    decoder = ReplyDecoder(specs)
+    for arrays, meta in good:
+        assert _same_payloads(decoder.decode(arrays, meta), decode_payloads(arrays, meta, specs))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutation())
+def test_reply_decoder_refuses_every_mutation_with_the_same_reason(case) -> None:
+    method, key, kind, r, bad_dtype = case
+    strategy, good = setup(method)
+    arrays, meta = _mutate(*good[0], key, kind, r, bad_dtype)
+    specs = strategy.payload_specs(1)
+    with pytest.raises(PayloadError) as slow:
+        decode_payloads(arrays, meta, specs)
+    with pytest.raises(PayloadError) as fast:
+        ReplyDecoder(specs).decode(arrays, meta)
+    assert str(fast.value) == str(slow.value)
