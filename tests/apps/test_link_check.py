@@ -213,3 +213,21 @@ def test_cli_alternate_needs_enough_rounds_and_a_bandwidth(tmp_path: Path, monke
         with pytest.raises(SystemExit) as exc:
             link_check.main([*argv, "--out", str(tmp_path / "x.json")])
         assert exc.value.code == 2
+
+
+def test_reanalyse_reproduces_an_alternating_run_from_its_stored_transfers(tmp_path: Path) -> None:
+    rows, links = _alternating(12, mbit=1.0, extra=-6.0)  # only ~0.56 s of the 6.56 s transfer shows
+    a = link_check.analyse_alternating(rows, links, 1.0, 0.4, 0.05)
+    c = a["calibrated_round"]
+    assert not c["within_tolerance"]
+    assert c["link_effect_spread"]["mean"] == pytest.approx(0.56)
+    # the post-hoc reading: only the upload (80 KB: 0.64 s) adds to the round
+    assert c["post_hoc_upload_only"]["upload_seconds"] == pytest.approx(0.64)
+    assert c["post_hoc_upload_only"]["within_tolerance"]
+    stored = {**a, "method": "efsgd",
+              "link_transfers": [{d: link_check.transfers(k["events"], d) for d in ("down", "up")} for k in links],
+              "link_states": [link_check.link_states(k["events"]) for k in links]}
+    again = link_check.reanalyse({"alternate": True, "rounds": 12, "runs": [stored]})["runs"][0]
+    assert again["reanalysed"] and again["round_states"] == a["round_states"]
+    assert again["calibrated_round"]["model_seconds"] == pytest.approx(c["model_seconds"])
+    assert again["calibrated_round"]["measured_seconds"] == pytest.approx(c["measured_seconds"])
