@@ -9,8 +9,9 @@ import numpy as np
 import torch
 from flwr.app import Context
 
+from clients.partition_cache import cached_partition_indices
 from conef_fl.app_config import KEYS, NODE, NODE_ONLY_KEYS, read_app_config
-from conef_fl.tasks import TaskData, load_task_data, partition_indices
+from conef_fl.tasks import TaskData, load_task_data
 
 
 def client_config(context: Context) -> Any:
@@ -54,6 +55,8 @@ class _ProcessMemo:
 
     In a simulation one process serves many virtual clients, and the ClientApp runs once
     per message: the data is parsed and partitioned once per process, not once per client.
+    A deployment starts a new process per message, so the partitions also go through the
+    on-disk cache of :mod:`clients.partition_cache` (``CONEF_FL_PARTITION_CACHE``).
     The key holds every input of the result, so the memo never changes one and no caller
     (test or app) ever has to reset it. The data files are assumed not to change while a
     run's process lives. Returned tensors are shared: callers must not modify them.
@@ -79,8 +82,9 @@ class _ProcessMemo:
         with self._lock:
             if key not in self._parts:
                 self._evict(self._parts)
-                self._parts[key] = partition_indices(
-                    task, num_partitions, cfg.partitioning, alpha=cfg.dirichlet_alpha, seed=cfg.seed
+                self._parts[key] = cached_partition_indices(
+                    task, num_partitions, cfg.partitioning, alpha=cfg.dirichlet_alpha, seed=cfg.seed,
+                    dataset=cfg.dataset, data_dir=cfg.data_dir or None,
                 )
             return self._parts[key]
 

@@ -13,6 +13,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import app as client_app
+from clients.partition_cache import ENV_VAR as PARTITION_CACHE_ENV
 from conef_fl.flower import ConEF
 from conef_fl.flower import protocol as P
 from conef_fl.flower.client_state import STATE_KEY
@@ -26,6 +27,12 @@ RUN_CONFIG = {"dataset": "digits", "partitioning": "iid", "seed": 0, "model": "a
 def identity():
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     yield
+
+
+@pytest.fixture(autouse=True)
+def private_partition_cache(tmp_path, monkeypatch):
+    """The ClientApp's on-disk partition cache goes to a temporary folder, never the user's cache."""
+    monkeypatch.setenv(PARTITION_CACHE_ENV, str(tmp_path / "partition-cache"))
 
 
 def _strategy(method: str) -> ConEF:
