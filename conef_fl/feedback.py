@@ -430,6 +430,8 @@ class ConEF(ErrorFeedback):
         fb = 1.0 - self.beta
         if self.store.linear:
             # S_new = S + C(u − Δ) = S − (1−β)C(ê) + C(p − Δ)
+            if isinstance(self.store, CountSketch) and self.store.feedback_accumulate_(buf, fb):
+                return  # both terms in one pass over the table
             if self.store.subtract_estimate_feedback_(fb):
                 self.store.accumulate_(buf)
             else:

@@ -11,6 +11,7 @@ import math
 import numpy as np
 import torch
 
+from conef_fl import native
 from conef_fl.bitpack import bits_of_bytes_table, pack_bits, pack_mask_into, packed_nbytes
 from conef_fl.compressors.base import Compressor, DecompressByAdding, Payload, flat_target
 
@@ -75,7 +76,8 @@ class ScaledSign(DecompressByAdding, Compressor):
         """``target += alpha * Q(x)``, chunk by chunk (no dense float temporary).
 
         Every entry gets ``±s`` added with ``s = float32(scale · alpha)``, rounded once:
-        on a contiguous float32 CPU target through numpy (a lookup table of ``±s`` per
+        on a contiguous float32 CPU target through the compiled kernel where it is built
+        (:mod:`conef_fl.native`), else through numpy (a lookup table of ``±s`` per
         byte, gathered into a reused chunk buffer; the same sums bit for bit as the
         torch path, which adds ``±1`` with ``alpha=s``, used everywhere else).
         """
@@ -85,7 +87,11 @@ class ScaledSign(DecompressByAdding, Compressor):
         signs = signs.to(flat.device)
         if flat.device.type == "cpu" and flat.dtype == torch.float32 and flat.is_contiguous() \
                 and not flat.requires_grad:
-            _add_signs_numpy(signs, flat, s)
+            kernels = native.ops()
+            if kernels is not None and signs.is_contiguous():  # one pass, the same sums (conef_fl.native)
+                kernels.sign_add_(flat, signs, s)
+            else:
+                _add_signs_numpy(signs, flat, s)
             return target
         d = payload.numel
         # row b: the ±1 of the eight entries of byte b (bit 1 -> +1, bit 0 -> -1)

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from conef_fl import native
 from conef_fl.error_stores.base import ErrorStore
 from conef_fl.seeding import derive_seed, make_generator
 
@@ -500,6 +501,20 @@ class CountSketch(ErrorStore):
     def _use_sparse(self) -> bool:
         return self.table.dtype in _SPARSE_DTYPES
 
+    def _native(self, *xs: torch.Tensor | None) -> Any:
+        """The compiled kernels (:mod:`conef_fl.native`) when they apply to ``xs``, else ``None``.
+
+        They apply to a CPU table and contiguous CPU operands in the compute dtype; the
+        results are bit-identical to the torch paths (``docs/design.md``, "Native kernels").
+        """
+        if self.table.device.type != "cpu":
+            return None
+        for x in xs:
+            if x is not None and (x.dtype != self._cdtype or x.device.type != "cpu" or not x.is_contiguous()
+                                  or x.requires_grad):
+                return None
+        return native.ops()
+
     def _block_split(self, start: int, k: int, what: str) -> tuple[int, int, list[tuple[int, int]]]:
         """Whole units ``[first, last)`` inside ``[start, start + k)`` and the partial pieces at its edges.
 
@@ -530,8 +545,14 @@ class CountSketch(ErrorStore):
         """``S += alpha · Pᵀ x`` for full units ``u0..`` given as rows of ``x_units`` (+ the tail unit)."""
         g = self.geometry
         u1 = u0 + x_units.shape[0]
+        kernels = self._native(x_units, tail) if u1 > u0 else None
         for r, h in enumerate(self._hashes()):
             table = self.table[r]
+            if kernels is not None:
+                crow, col, val = (h.crow, h.perm, h.sign) if u0 == 0 and u1 == h.full else h.transposed(u0, u1)
+                kernels.sketch_scatter_(table, x_units, crow, col, val, alpha, None, tail, h.tail_bucket,
+                                        alpha * h.tail_sign, 0, 1.0)
+                continue
             if u1 > u0 and x_units.dtype != self._cdtype:
                 self._scatter_index(table, h, x_units, u0, alpha)
             elif u1 > u0 and self._use_sparse():
@@ -607,6 +628,13 @@ class CountSketch(ErrorStore):
         if n == 0:
             return
         hashes = self._hashes()
+        if g.rows == 1:
+            kernels = self._native(x_units)
+            if kernels is not None:
+                h = hashes[0]
+                kernels.sketch_gather_add_(x_units, self.table[0], h.unit_buckets(u0, u0 + n),
+                                           h.unit_signs(u0, u0 + n), alpha)
+                return
         if g.rows == 1 and self._use_sparse() and x_units.dtype == self.table.dtype and u0 == 0 and n == g.full_units:
             x_units.addmm_(hashes[0].p(), self.table[0], alpha=alpha)  # the whole vector: the cached structure
             return
@@ -793,6 +821,12 @@ class CountSketch(ErrorStore):
             return None
         f0, f1 = lo // m, -(-hi // m)
         h = self._hashes()[0]
+        kernels = self._native(source)
+        if kernels is not None:
+            buf = source.reshape(-1)[f0 * m : f1 * m].clone()
+            kernels.sketch_gather_add_(buf.view(f1 - f0, m), self.table[0], h.unit_buckets(f0, f1),
+                                       h.unit_signs(f0, f1), alpha * self.estimate_scale)
+            return buf[lo - f0 * m : hi - f0 * m]
         col = h.unit_buckets(f0, f1)
         if col.dtype != torch.int32:
             col = col.to(torch.int32)
@@ -824,7 +858,7 @@ class CountSketch(ErrorStore):
             return False
         c = coeff * self.estimate_scale
         dev = self.table.device
-        factor = _bucket_loads(g.buckets, g.full_units, str(dev)).mul(-c).add_(1.0)
+        factor = self._feedback_factor(c)
         if g.tail:  # the tail unit adds load only on the first `tail` columns of its bucket
             b, _ = _tail_hash(self._row_seeds[0], g.buckets)
             fb = float(factor[b])
@@ -843,6 +877,42 @@ class CountSketch(ErrorStore):
             s = scratch[: b1 - b0]
             s.copy_(self.table[0, b0:b1]).mul_(factor[b0:b1].unsqueeze(1))
             self.table[0, b0:b1].copy_(s)
+        return True
+
+    def _feedback_factor(self, c: float) -> torch.Tensor:
+        """``1 − c·n_b`` per bucket (float32; ``n_b``: full units in bucket ``b``)."""
+        g = self.geometry
+        return _bucket_loads(g.buckets, g.full_units, str(self.table.device)).mul(-c).add_(1.0)
+
+    def feedback_accumulate_(self, x: torch.Tensor, coeff: float) -> bool:
+        """``S ← S − coeff · CS(ê) + CS(x)``: :meth:`subtract_estimate_feedback_` then :meth:`accumulate_`.
+
+        With the compiled kernels both happen in one pass over the table, bit-identical to
+        the two calls (the factor is applied and, for a 16-bit table, rounded first). Returns
+        False (nothing done) when ``rows > 1``, like :meth:`subtract_estimate_feedback_`.
+        """
+        g = self.geometry
+        if g.rows != 1:
+            return False
+        flat = x.reshape(-1)
+        if flat.numel() != g.numel:
+            raise ValueError(f"x has {flat.numel()} elements, sketch expects {g.numel}")
+        full, m = g.full_units, g.unit
+        units = flat[: full * m].view(full, m)
+        tail = flat[full * m :] if g.tail else None
+        kernels = self._native(units, tail) if full else None
+        if kernels is None:
+            self.subtract_estimate_feedback_(coeff)
+            self.accumulate_(x)
+            return True
+        c = coeff * self.estimate_scale
+        factor = self._feedback_factor(c)
+        h = self._hashes()[0]
+        tail_cols, tail_factor = 0, 1.0
+        if g.tail:  # as subtract_estimate_feedback_: the tail's columns of its bucket get (n_b + 1)
+            tail_cols, tail_factor = g.tail, float(factor[h.tail_bucket]) - c
+        kernels.sketch_scatter_(self.table[0], units, h.crow, h.perm, h.sign, 1.0, factor, tail, h.tail_bucket,
+                                h.tail_sign, tail_cols, tail_factor)
         return True
 
     def assign_(self, x: torch.Tensor) -> CountSketch:

@@ -1,0 +1,318 @@
+// Fused CPU kernels of conef-fl's count sketch and scaled-sign decoding (optional; see docs/design.md).
+//
+// Every kernel reproduces the arithmetic of the pure-torch path it replaces (conef_fl/native/__init__.py
+// says which), term by term and in the same order, so that results are bit-identical:
+//   * a sparse product row  y = fma(alpha, sum_j s_j * x_j, y)  with the sum in the order of the
+//     CSR positions (what torch's CPU CSR addmm computes);
+//   * 16-bit tables: widened to float32, accumulated in float32, rounded into the table once.
+// Work is split over buckets (update) or units (recovery), so results do not depend on the thread count.
+#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <c10/util/BFloat16.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+//: Columns summed in registers at a time by the update.
+constexpr int64_t kBlock = 64;
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+
+void check_cpu_contig(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+// Rows converted between the table's dtype and the compute dtype in bulk (vectorised where the CPU
+// has the instructions; round to nearest even, as torch's conversions; the values are finite).
+template <typename T, typename A>
+inline void load_row(const T* src, A* dst, int64_t m) {
+  for (int64_t j = 0; j < m; ++j) dst[j] = static_cast<A>(src[j]);
+}
+template <typename T, typename A>
+inline void store_row(T* dst, const A* src, int64_t m) {
+  for (int64_t j = 0; j < m; ++j) dst[j] = static_cast<T>(src[j]);
+}
+template <>
+inline void load_row<c10::BFloat16, float>(const c10::BFloat16* src, float* dst, int64_t m) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  for (int64_t j = 0; j < m; ++j) {
+    const uint32_t u = static_cast<uint32_t>(s[j]) << 16;
+    std::memcpy(dst + j, &u, 4);
+  }
+}
+template <>
+inline void store_row<c10::BFloat16, float>(c10::BFloat16* dst, const float* src, int64_t m) {
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t j = 0; j < m; ++j) {
+    uint32_t u;
+    std::memcpy(&u, src + j, 4);
+    d[j] = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+}
+#ifdef __F16C__
+template <>
+inline void load_row<c10::Half, float>(const c10::Half* src, float* dst, int64_t m) {
+  int64_t j = 0;
+  for (; j + 8 <= m; j += 8)
+    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j))));
+  for (; j < m; ++j) dst[j] = static_cast<float>(src[j]);
+}
+template <>
+inline void store_row<c10::Half, float>(c10::Half* dst, const float* src, int64_t m) {
+  int64_t j = 0;
+  for (; j + 8 <= m; j += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (; j < m; ++j) dst[j] = static_cast<c10::Half>(src[j]);
+}
+#endif
+
+// Ask for the cache lines of a row about to be read (each unit is a separate page: the hardware
+// prefetchers stop at page boundaries).
+template <typename A>
+inline void prefetch_row(const A* row, int64_t m) {
+  const char* c = reinterpret_cast<const char*>(row);
+  const int64_t bytes = m * static_cast<int64_t>(sizeof(A));
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 0);
+}
+
+// Every index of the int32/int64 tensor idx lies in [0, n) (one pass over the indices).
+bool in_range(const at::Tensor& idx, int64_t n) {
+  TORCH_CHECK(idx.scalar_type() == at::kInt || idx.scalar_type() == at::kLong, "indices must be int32 or int64");
+  const int64_t k = idx.numel();
+  bool ok = true;
+  if (idx.scalar_type() == at::kInt) {
+    const int32_t* p = idx.data_ptr<int32_t>();
+    for (int64_t i = 0; i < k; ++i) ok &= (p[i] >= 0) & (p[i] < n);
+  } else {
+    const int64_t* p = idx.data_ptr<int64_t>();
+    for (int64_t i = 0; i < k; ++i) ok &= (p[i] >= 0) & (p[i] < n);
+  }
+  return ok;
+}
+
+// table[b, :] = round( (table[b, :] * factor[b]) + alpha * sum_{p in [crow[b], crow[b+1])} val[p] * x[col[p], :] )
+// (+ the tail unit's columns in its bucket), accumulated in Acc<T>.
+template <typename T, typename I>
+void scatter_impl(at::Tensor& table, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                  const at::Tensor& val, double alpha, const c10::optional<at::Tensor>& factor,
+                  const c10::optional<at::Tensor>& tail, int64_t tail_bucket, double tail_alpha,
+                  int64_t tail_factor_cols, double tail_factor) {
+  using A = typename Acc<T>::type;
+  const int64_t W = table.size(0), m = table.size(1);
+  T* tab = table.data_ptr<T>();
+  const A* xs = x.data_ptr<A>();
+  const int32_t* cr = crow.data_ptr<int32_t>();
+  const I* cl = col.data_ptr<I>();
+  const A* vs = val.data_ptr<A>();
+  const float* fac = factor.has_value() ? factor->data_ptr<float>() : nullptr;
+  const A* tl = tail.has_value() ? tail->data_ptr<A>() : nullptr;
+  const int64_t tn = tail.has_value() ? tail->numel() : 0;
+  const A a = static_cast<A>(alpha);
+  const A ta = static_cast<A>(tail_alpha);
+  at::parallel_for(0, W, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<A> acc(m);
+    for (int64_t b = b0; b < b1; ++b) {
+      T* row = tab + b * m;
+      load_row(row, acc.data(), m);
+      if (fac != nullptr) {
+        // rounded to the table's dtype first, as the separate in-place multiplication does
+        const A f = static_cast<A>(fac[b]);
+        for (int64_t j = 0; j < m; ++j) acc[j] = acc[j] * f;
+        if (b == tail_bucket && tail_factor_cols > 0) {
+          const A tf = static_cast<A>(tail_factor);
+          load_row(row, acc.data(), tail_factor_cols);
+          for (int64_t j = 0; j < tail_factor_cols; ++j) acc[j] = acc[j] * tf;
+        }
+        store_row(row, acc.data(), m);
+        load_row(row, acc.data(), m);
+      }
+      const int32_t p0 = cr[b], p1 = cr[b + 1];
+      if (p1 > p0) {
+        // column blocks held in registers, every unit of the bucket read in turn: several rows
+        // (pages) stream at once; per column the terms are summed in CSR order
+        int64_t j0 = 0;
+        for (; j0 + kBlock <= m; j0 += kBlock) {
+          A sum[kBlock];
+          for (int64_t k = 0; k < kBlock; ++k) sum[k] = A(0);
+          for (int32_t p = p0; p < p1; ++p) {
+            const A* xr = xs + static_cast<int64_t>(cl[p]) * m + j0;
+            if (vs[p] >= A(0)) {
+              for (int64_t k = 0; k < kBlock; ++k) sum[k] = sum[k] + xr[k];
+            } else {
+              for (int64_t k = 0; k < kBlock; ++k) sum[k] = sum[k] - xr[k];
+            }
+          }
+          for (int64_t k = 0; k < kBlock; ++k) acc[j0 + k] = std::fma(a, sum[k], acc[j0 + k]);
+        }
+        if (j0 < m) {
+          const int64_t nb = m - j0;
+          A sum[kBlock];
+          for (int64_t k = 0; k < nb; ++k) sum[k] = A(0);
+          for (int32_t p = p0; p < p1; ++p) {
+            const A* xr = xs + static_cast<int64_t>(cl[p]) * m + j0;
+            if (vs[p] >= A(0)) {
+              for (int64_t k = 0; k < nb; ++k) sum[k] = sum[k] + xr[k];
+            } else {
+              for (int64_t k = 0; k < nb; ++k) sum[k] = sum[k] - xr[k];
+            }
+          }
+          for (int64_t k = 0; k < nb; ++k) acc[j0 + k] = std::fma(a, sum[k], acc[j0 + k]);
+        }
+      }
+      if (tl != nullptr && b == tail_bucket) {
+        for (int64_t j = 0; j < tn; ++j) acc[j] = std::fma(ta, tl[j], acc[j]);
+      }
+      store_row(row, acc.data(), m);
+    }
+  });
+}
+
+void sketch_scatter_(at::Tensor table, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                     const at::Tensor& val, double alpha, const c10::optional<at::Tensor>& factor,
+                     const c10::optional<at::Tensor>& tail, int64_t tail_bucket, double tail_alpha,
+                     int64_t tail_factor_cols, double tail_factor) {
+  check_cpu_contig(table, "table");
+  check_cpu_contig(x, "x");
+  check_cpu_contig(crow, "crow");
+  check_cpu_contig(col, "col");
+  check_cpu_contig(val, "val");
+  TORCH_CHECK(table.dim() == 2 && x.dim() == 2 && x.size(1) == table.size(1), "table (W, m) and x (n, m) expected");
+  TORCH_CHECK(crow.scalar_type() == at::kInt && crow.numel() == table.size(0) + 1, "crow: W + 1 int32 expected");
+  TORCH_CHECK(col.numel() == val.numel(), "col and val differ in length");
+  const auto acc_t = table.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(x.scalar_type() == acc_t && val.scalar_type() == acc_t, "x and val must be in the compute dtype");
+  if (factor.has_value()) {
+    check_cpu_contig(*factor, "factor");
+    TORCH_CHECK(factor->scalar_type() == at::kFloat && factor->numel() == table.size(0), "factor: W float32");
+  }
+  if (tail.has_value()) {
+    check_cpu_contig(*tail, "tail");
+    TORCH_CHECK(tail->scalar_type() == acc_t && tail->numel() <= table.size(1), "tail: at most m values");
+    TORCH_CHECK(tail_bucket >= 0 && tail_bucket < table.size(0), "tail_bucket out of range");
+  }
+  TORCH_CHECK(tail_factor_cols <= table.size(1), "tail_factor_cols out of range");
+  TORCH_CHECK(in_range(col, x.size(0)), "col out of range");
+#define CONEF_SCATTER(T)                                                                                   \
+  if (col.scalar_type() == at::kInt)                                                                       \
+    scatter_impl<T, int32_t>(table, x, crow, col, val, alpha, factor, tail, tail_bucket, tail_alpha,       \
+                             tail_factor_cols, tail_factor);                                               \
+  else                                                                                                     \
+    scatter_impl<T, int64_t>(table, x, crow, col, val, alpha, factor, tail, tail_bucket, tail_alpha,       \
+                             tail_factor_cols, tail_factor);
+  switch (table.scalar_type()) {
+    case at::kFloat: CONEF_SCATTER(float) break;
+    case at::kDouble: CONEF_SCATTER(double) break;
+    case at::kHalf: CONEF_SCATTER(c10::Half) break;
+    case at::kBFloat16: CONEF_SCATTER(c10::BFloat16) break;
+    default: TORCH_CHECK(false, "unsupported table dtype ", table.scalar_type());
+  }
+#undef CONEF_SCATTER
+}
+
+// target[i, :] = fma(alpha, sign[i] * table[bucket[i], :], target[i, :]): a CSR product with one non-zero
+// per row (float32/float64 tables) and torch's mixed-dtype addcmul_ with ``sign * alpha`` (16-bit tables)
+// both compute this (``sign * t`` and ``alpha * sign`` are exact: the sign is +-1).
+template <typename T, typename I>
+void gather_impl(at::Tensor& target, const at::Tensor& table, const at::Tensor& bucket, const at::Tensor& sign,
+                 double alpha) {
+  using A = typename Acc<T>::type;
+  const int64_t n = target.size(0), m = target.size(1);
+  A* tg = target.data_ptr<A>();
+  const T* tab = table.data_ptr<T>();
+  const I* bk = bucket.data_ptr<I>();
+  const A* sg = sign.data_ptr<A>();
+  const A a = static_cast<A>(alpha);
+  constexpr bool wide = std::is_same<T, A>::value;
+  at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+    std::vector<A> row(wide ? 0 : m);
+    for (int64_t i = i0; i < i1; ++i) {
+      A* y = tg + i * m;
+      const T* t = tab + static_cast<int64_t>(bk[i]) * m;
+      const A as = sg[i] < A(0) ? -a : a;
+      const A* w;
+      if constexpr (wide) {
+        w = reinterpret_cast<const A*>(t);
+      } else {
+        load_row(t, row.data(), m);
+        w = row.data();
+      }
+      for (int64_t j = 0; j < m; ++j) y[j] = std::fma(as, w[j], y[j]);
+    }
+  });
+}
+
+void sketch_gather_add_(at::Tensor target, const at::Tensor& table, const at::Tensor& bucket,
+                        const at::Tensor& sign, double alpha) {
+  check_cpu_contig(target, "target");
+  check_cpu_contig(table, "table");
+  check_cpu_contig(bucket, "bucket");
+  check_cpu_contig(sign, "sign");
+  TORCH_CHECK(table.dim() == 2 && target.dim() == 2 && target.size(1) == table.size(1),
+              "table (W, m) and target (n, m) expected");
+  TORCH_CHECK(bucket.numel() == target.size(0) && sign.numel() == target.size(0), "one bucket and sign per unit");
+  const auto acc_t = table.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(target.scalar_type() == acc_t && sign.scalar_type() == acc_t, "target and sign in the compute dtype");
+  TORCH_CHECK(in_range(bucket, table.size(0)), "bucket out of range");
+#define CONEF_GATHER(T)                                                           \
+  if (bucket.scalar_type() == at::kInt)                                           \
+    gather_impl<T, int32_t>(target, table, bucket, sign, alpha);                  \
+  else                                                                            \
+    gather_impl<T, int64_t>(target, table, bucket, sign, alpha);
+  switch (table.scalar_type()) {
+    case at::kFloat: CONEF_GATHER(float) break;
+    case at::kDouble: CONEF_GATHER(double) break;
+    case at::kHalf: CONEF_GATHER(c10::Half) break;
+    case at::kBFloat16: CONEF_GATHER(c10::BFloat16) break;
+    default: TORCH_CHECK(false, "unsupported table dtype ", table.scalar_type());
+  }
+#undef CONEF_GATHER
+}
+
+// target[i] += (bit i of signs set ? s : -s)  (bits little-endian within each byte), float32.
+void sign_add_(at::Tensor target, const at::Tensor& signs, double s) {
+  check_cpu_contig(target, "target");
+  check_cpu_contig(signs, "signs");
+  TORCH_CHECK(target.scalar_type() == at::kFloat && signs.scalar_type() == at::kByte, "float32 target, uint8 signs");
+  const int64_t d = target.numel();
+  TORCH_CHECK(signs.numel() == (d + 7) / 8, "signs must hold ceil(d / 8) bytes");
+  float* y = target.data_ptr<float>();
+  const uint8_t* bits = signs.data_ptr<uint8_t>();
+  const float sp = static_cast<float>(s), sn = -sp;
+  const int64_t nbytes = d / 8;
+  at::parallel_for(0, nbytes, 4096, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const uint32_t byte = bits[c];
+      float* yy = y + c * 8;
+      for (int k = 0; k < 8; ++k) yy[k] = yy[k] + (((byte >> k) & 1u) ? sp : sn);
+    }
+  });
+  for (int64_t i = nbytes * 8; i < d; ++i) y[i] = y[i] + (((bits[i / 8] >> (i % 8)) & 1u) ? sp : sn);
+}
+
+int64_t abi_version() { return 1; }
+
+}  // namespace
+
+TORCH_LIBRARY(conef_native, mod) {
+  mod.def("abi_version() -> int", &abi_version);
+  mod.def("sketch_scatter_(Tensor(a!) table, Tensor x, Tensor crow, Tensor col, Tensor val, float alpha, "
+          "Tensor? factor, Tensor? tail, int tail_bucket, float tail_alpha, int tail_factor_cols, "
+          "float tail_factor) -> ()", &sketch_scatter_);
+  mod.def("sketch_gather_add_(Tensor(a!) target, Tensor table, Tensor bucket, Tensor sign, float alpha) -> ()",
+          &sketch_gather_add_);
+  mod.def("sign_add_(Tensor(a!) target, Tensor signs, float s) -> ()", &sign_add_);
+}

@@ -1,0 +1,175 @@
+"""The compiled kernels (``conef_fl.native``) against the pure-torch fallback: bit-identical results.
+
+Every test runs the same operations twice, once with the kernels forced off and once on, from the
+same state, and demands equal bits (``torch.equal`` on the tables and vectors). Skipped where the
+kernels are not built (``python -m conef_fl.native build``); the fallback alone is covered by the
+rest of the suite, which ``CONEF_NATIVE=0 ./test.sh`` runs without the kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conef_fl import native
+from conef_fl.compressors.sign import ScaledSign
+from conef_fl.error_stores.base import NonFiniteError
+from conef_fl.error_stores.sketch import CountSketch, SketchGeometry
+from conef_fl.feedback import make_feedback
+from conef_fl.registry import method_config
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels not built")
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _vec(n: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # magnitudes over several decades: sums of units in a bucket round differently in other orders
+    return (torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 2)).to(dtype)
+
+
+def _both(fn, *state):
+    """``fn(*copies)`` with the kernels off and on (deep copies of ``state``); both results."""
+    out = []
+    for enabled in (False, True):
+        copies = copy.deepcopy(state)
+        with native.use_native(enabled):
+            out.append((fn(*copies), copies))
+    return out
+
+
+def _assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert torch.equal(a, b), f"max |diff| {float((a.double() - b.double()).abs().max())}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("numel", [20_011, 24_000])  # with and without a tail unit
+def test_sketch_operations_are_bit_identical(dtype: str, rows: int, numel: int) -> None:
+    geom = SketchGeometry.for_ratio(numel, 0.1, rows, unit=40)
+    sk = CountSketch(geom, seed=7, dtype=dtype)
+    cdt = torch.float64 if dtype == "float64" else torch.float32
+    sk.accumulate_(_vec(numel, 1, cdt))  # a non-zero starting table
+    x, y = _vec(numel, 2, cdt), _vec(numel, 3, cdt)
+    block = _vec(3_001, 4, cdt)
+
+    def ops(s: CountSketch, t: torch.Tensor) -> torch.Tensor:
+        with s.reuse_hashes():
+            s.accumulate_(x, alpha=0.3)
+            s.accumulate_block_(block, 1_017, alpha=-0.7)  # partial units at both edges
+            s.accumulate_block_(block[:2_000], 0)
+            s.estimate_add_(t, alpha=0.1)
+            s.estimate_block_add_(t[5_013:9_000], 5_013, alpha=-0.4)
+            s.feedback_accumulate_(x, 0.1) if rows == 1 else s.accumulate_(x)
+        return t
+
+    (t0, (s0, _)), (t1, (s1, _)) = _both(ops, sk, y)
+    _assert_same(s0.table, s1.table)
+    _assert_same(t0, t1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_feedback_update_equals_the_two_calls(dtype: str) -> None:
+    numel = 30_007  # a tail unit: its bucket's factor differs on the tail's columns
+    sk = CountSketch(SketchGeometry.for_ratio(numel, 0.1, 1, unit=64), seed=3, dtype=dtype, estimate_scale=0.5)
+    cdt = torch.float64 if dtype == "float64" else torch.float32
+    sk.accumulate_(_vec(numel, 5, cdt))
+    x = _vec(numel, 6, cdt)
+    ref = copy.deepcopy(sk)
+    with native.use_native(False):
+        assert ref.subtract_estimate_feedback_(0.1)
+        ref.accumulate_(x)
+    with native.use_native(True):
+        assert sk.feedback_accumulate_(x, 0.1)
+    _assert_same(ref.table, sk.table)
+
+
+def test_estimate_span_is_bit_identical() -> None:
+    numel = 50_000
+    sk = CountSketch(SketchGeometry.for_ratio(numel, 0.1, 1, unit=50), seed=9)
+    sk.accumulate_(_vec(numel, 7))
+    u = _vec(numel, 8)
+    (a, _), (b, _) = _both(lambda s: s.estimate_span(u, 1_234, 20_111, alpha=0.1), sk)
+    _assert_same(a, b)
+
+
+@pytest.mark.parametrize("q", ["top-k", "scaled-sign", "random-block-k", "random-k"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_conef_steps_are_bit_identical(q: str, dtype: str) -> None:
+    kw = {"k_ratio": 0.05} if q != "scaled-sign" else {}
+    cfg = method_config("conef-cs", compressor=q, beta=0.9, sketch_ratio=0.1, sketch_dtype=dtype, **kw)
+    fb = make_feedback(cfg, (300, 101), key="w")
+    results = []
+    for enabled in (False, True):
+        f = copy.deepcopy(fb)
+        payloads = []
+        with native.use_native(enabled):
+            for step in range(3):
+                u = _vec(300 * 101, 10 + step).view(300, 101)
+                payloads.append(f.step(u, seed=step, consume=step % 2 == 0))
+        results.append((f, payloads))
+    (f0, p0), (f1, p1) = results
+    _assert_same(f0.store.table, f1.store.table)
+    for a, b in zip(p0, p1, strict=True):
+        assert a.arrays.keys() == b.arrays.keys()
+        for k in a.arrays:
+            _assert_same(a.arrays[k], b.arrays[k])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_update_refused_state_unchanged(bad: float) -> None:
+    cfg = method_config("conef-cs", compressor="scaled-sign", beta=0.9, sketch_ratio=0.1)
+    fb = make_feedback(cfg, (20_000,), key="w")
+    with native.use_native(True):
+        fb.step(_vec(20_000, 1), seed=0)
+        before = fb.store.table.clone()
+        u = _vec(20_000, 2)
+        u[12_345] = bad
+        with pytest.raises(NonFiniteError):
+            fb.step(u, seed=1, consume=True)
+    assert torch.equal(fb.store.table.view(torch.uint8), before.view(torch.uint8))
+
+
+@pytest.mark.parametrize("d", [8, 13, 20_003])
+def test_sign_decode_add_is_bit_identical(d: int) -> None:
+    q = ScaledSign()
+    payload = q.compress(_vec(d, 11))
+    (a, _), (b, _) = _both(lambda t: q.decompress_add_(payload, t, alpha=-0.37), _vec(d, 12))
+    _assert_same(a, b)
+
+
+def test_kernels_refuse_bad_indices() -> None:
+    with native.use_native(True):
+        ops = native.ops()
+    table = torch.zeros(4, 3)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.sketch_gather_add_(torch.zeros(2, 3), table, torch.tensor([0, 4], dtype=torch.int32),
+                               torch.ones(2), 1.0)
+    crow = torch.tensor([0, 1, 2, 2, 2], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.sketch_scatter_(table, torch.zeros(2, 3), crow, torch.tensor([0, 2], dtype=torch.int32),
+                            torch.ones(2), 1.0, None, None, 0, 1.0, 0, 1.0)
+
+
+def test_switch_and_the_kernels_are_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real = native.ops
+
+    class Counting:
+        def __getattr__(self, name: str):
+            calls.append(name)
+            return getattr(real(), name)
+
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    assert native.ops() is None  # the switch turns them off ...
+    with native.use_native(True):
+        assert native.ops() is not None  # ... and tests can force them on
+    monkeypatch.delenv(native.ENV_SWITCH)
+    monkeypatch.setattr(native, "ops", lambda: Counting())
+    cfg = method_config("conef-cs", compressor="scaled-sign", beta=0.9, sketch_ratio=0.1, sketch_dtype="float16")
+    make_feedback(cfg, (20_000,), key="w").step(_vec(20_000, 1), seed=0)
+    assert {"sketch_gather_add_", "sketch_scatter_", "sign_add_"} <= set(calls)
