@@ -53,11 +53,23 @@ drifts linearly cancels. Same tolerance, on the mean over the paired rounds
 The first round (start-up) and the last (evaluation) are left out. Whether each check
 passed is reported, not asserted. The machine's load average is sampled during each
 deployment (``load_average``).
+
+**Revised model** (added 2026-12-02 before the 20-round confirmatory run; reported beside the
+pre-registered one, which is unchanged, with the same tolerance). Flower 1.41's SuperNode creates
+the ClientApp task before it pulls the message, so the new ``flwr-clientapp`` process starts
+while the message downloads and only asks for it after its start-up ``S``; a download hides
+behind that. :class:`ClientAppSampler` watches the deployment's ``flwr-clientapp`` processes in
+``/proc`` (start, first socket = first request to the SuperNode, CPU seconds), ``S`` is measured
+on the unlimited neighbours of each throttled round, and the revised model is
+``mean(neighbours) + up/B + max(0, down/B − S)`` (:func:`analyse_alternating`). Each deployment
+gets its own on-disk partition cache (:mod:`clients.partition_cache`): round 1's ClientApps fill
+it, so ``clientapp_cpu_seconds`` compares a ClientApp message with and without it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -67,10 +79,12 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from clients.partition_cache import ENV_VAR as PARTITION_CACHE_ENV
 from sim.time_to_accuracy import round_bytes
 
 log = logging.getLogger("sim.link_check")
@@ -96,6 +110,10 @@ REPLY_MIN_FRACTION = 0.5
 MIN_ANALYSED_ROUNDS = 4
 #: Seconds between load-average samples during a deployment.
 LOAD_SAMPLE_SECONDS = 10.0
+#: Seconds between scans of /proc for the deployment's ``flwr-clientapp`` processes (:class:`ClientAppSampler`).
+CLIENTAPP_SAMPLE_SECONDS = 0.1
+#: A ClientApp process belongs to the round whose first download started at most this long after it.
+CLIENTAPP_ROUND_LEAD_SECONDS = 1.0
 
 
 def transfers(events: Sequence[Sequence[Any]], direction: str) -> list[dict[str, float]]:
@@ -251,8 +269,40 @@ def round_states(rounds: Sequence[Mapping[str, Any]], links: Sequence[Mapping[st
     return out
 
 
+def clientapps_by_round(clientapps: Sequence[Mapping[str, Any]], rounds: Sequence[Mapping[str, Any]],
+                        links: Sequence[Mapping[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The ``flwr-clientapp`` processes (:class:`ClientAppSampler` records, seconds on the proxy's clock) of
+    each round: round r's start at its earliest download on any link (less ``CLIENTAPP_ROUND_LEAD_SECONDS``)
+    and last until the next round's; a process belongs to the round it started in."""
+    reply_min = REPLY_MIN_FRACTION * min((round_bytes(r)[0] for r in rounds), default=0.0)
+    per_link = [round_pairs(link, len(rounds), reply_min) for link in links]
+    starts: list[float | None] = []
+    for i in range(len(rounds)):
+        downs = [pairs[i]["down"]["start"] for pairs in per_link if i < len(pairs)]
+        starts.append(min(downs) - CLIENTAPP_ROUND_LEAD_SECONDS if downs else None)
+    out: list[list[dict[str, Any]]] = [[] for _ in rounds]
+    for proc in clientapps:
+        t = proc.get("start")
+        if t is None:
+            continue
+        for i, st in enumerate(starts):
+            nxt = next((x for x in starts[i + 1:] if x is not None), float("inf"))
+            if st is not None and st <= t < nxt:
+                out[i].append(dict(proc))
+                break
+    return out
+
+
+def startup_seconds(procs: Sequence[Mapping[str, Any]]) -> float | None:
+    """Mean time from a ClientApp process's start to its first socket (its first request to the SuperNode,
+    where it asks for the message): the part of a round a download can hide behind. None when none was seen."""
+    vals = [p["ready"] - p["start"] for p in procs if p.get("ready") is not None and p.get("start") is not None]
+    return statistics.fmean(vals) if vals else None
+
+
 def analyse_alternating(rounds: Sequence[Mapping[str, Any]], links: Sequence[Mapping[str, Any]], mbit: float,
-                        client_seconds: float | None, server_seconds: float | None) -> dict[str, Any]:
+                        client_seconds: float | None, server_seconds: float | None,
+                        clientapps: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """One ``--alternate`` deployment: each throttled round against the mean of its two unlimited neighbours.
 
     Per level (``round``: the ServerApp's round time; ``client``: the proxy's client span), for every
@@ -261,11 +311,30 @@ def analyse_alternating(rounds: Sequence[Mapping[str, Any]], links: Sequence[Map
     measured a round before and after, so a load that drifts linearly cancels); the check is on the means
     over those rounds, with :func:`within`'s tolerance. The unpaired variant (mean of every analysed
     unlimited round + transfer) is reported too.
+
+    **Revised model** (with ``clientapps``, the deployment's :class:`ClientAppSampler` records; labelled
+    ``revised``, the pre-registered model above is unchanged). In Flower 1.41 the SuperNode creates the
+    ClientApp task before it pulls the message, so the new ``flwr-clientapp`` process starts while the
+    message downloads and asks for it only after its start-up ``S`` (Python and Flower's imports): the
+    download adds only what is left of it then. Per paired round
+    ``revised = mean(neighbours) + up/B + max(0, down/B − S)``, with ``S`` (:func:`startup_seconds`)
+    measured on the ClientApp processes of the two *unlimited* neighbours (where no download can delay
+    it); same tolerance, same rounds. ``S`` counts from the process's start, a SuperExec poll (``--task-poll``)
+    after the task was created, so the hidden part is slightly underestimated.
     """
     if not mbit > 0:
         raise ValueError(f"mbit={mbit} is out of range; allowed: > 0 with --alternate")
     a = analyse(rounds, links, mbit, client_seconds, server_seconds)
     states = round_states(rounds, links)
+    procs = clientapps_by_round(clientapps, rounds, links) if clientapps is not None else None
+    if procs is not None:
+        a["clientapp_rounds"] = [
+            {"round": row.get("round"), "processes": len(ps), "startup_seconds": startup_seconds(ps),
+             "cpu_seconds": [p.get("cpu_seconds") for p in ps]} for row, ps in zip(rounds, procs, strict=True)]
+        cpu = [[p["cpu_seconds"] for p in ps if p.get("cpu_seconds") is not None] for ps in procs]
+        # round 1's ClientApps find the partition cache empty (run_one gives each deployment its own)
+        a["clientapp_cpu_seconds"] = {"round_1": spread(cpu[0] if cpu else []),
+                                      "later_rounds": spread([c for per in cpu[1:] for c in per])}
     bps = mbit * 1e6 / 8.0
     by_round = {row["round"]: row for row in a["rounds"]}
     idx = [row.get("round") for row in rounds]
@@ -294,9 +363,21 @@ def analyse_alternating(rounds: Sequence[Mapping[str, Any]], links: Sequence[Map
             transfer = (row["model_uplink_bytes"] + row["model_downlink_bytes"]) / bps
             base = (prev[key] + nxt[key]) / 2.0
             upload = row["model_uplink_bytes"] / bps
-            paired.append({"round": idx[i], "measured": row[key], "neighbours": base, "transfer": transfer,
-                           "model": base + transfer, "difference": row[key] - base - transfer,
-                           "upload": upload, "link_effect": row[key] - base})
+            pair = {"round": idx[i], "measured": row[key], "neighbours": base, "transfer": transfer,
+                    "model": base + transfer, "difference": row[key] - base - transfer,
+                    "upload": upload, "link_effect": row[key] - base}
+            if all(r.get("after_download_seconds") is not None for r in (row, prev, nxt)):
+                # diagnostic: how much shorter the client's work after the download was than its neighbours'
+                pair["after_download_shortening"] = ((prev["after_download_seconds"] + nxt["after_download_seconds"])
+                                                     / 2.0 - row["after_download_seconds"])
+            if procs is not None:
+                s_neigh = [x for x in (startup_seconds(procs[i - 1]), startup_seconds(procs[i + 1])) if x is not None]
+                if len(s_neigh) == 2:
+                    startup = statistics.fmean(s_neigh)
+                    revised_transfer = upload + max(0.0, row["model_downlink_bytes"] / bps - startup)
+                    pair.update({"startup": startup, "revised_transfer": revised_transfer,
+                                 "revised_model": base + revised_transfer})
+            paired.append(pair)
         unl = [by_round[idx[i]][key] for i in analysed if states[i] == 0 and by_round[idx[i]].get(key) is not None]
         thr = [by_round[idx[i]] for i in analysed if states[i] == 1 and by_round[idx[i]].get(key) is not None]
         res: dict[str, Any] = {"paired_rounds": paired, "unlimited": spread(unl),
@@ -323,6 +404,22 @@ def analyse_alternating(rounds: Sequence[Mapping[str, Any]], links: Sequence[Map
                                                                           for p in paired)),
                 },
             })
+        rev = [p for p in paired if "revised_model" in p]
+        if rev:
+            measured_rev = statistics.fmean(p["measured"] for p in rev)
+            model_rev = statistics.fmean(p["revised_model"] for p in rev)
+            transfer_rev = statistics.fmean(p["revised_transfer"] for p in rev)
+            tol_rev = ROUND_TOLERANCE * model_rev + ROUND_SLACK_SECONDS
+            res["revised"] = {
+                "n": len(rev), "measured_seconds": measured_rev, "model_seconds": model_rev,
+                "transfer_seconds": transfer_rev, "startup_seconds": statistics.fmean(p["startup"] for p in rev),
+                "error": measured_rev / model_rev - 1.0, "tolerance_seconds": tol_rev,
+                "within_tolerance": within(measured_rev, model_rev), "discriminates": transfer_rev > tol_rev,
+                "difference_spread": spread([p["measured"] - p["revised_model"] for p in rev]),
+            }
+        shortening = [p["after_download_shortening"] for p in paired if "after_download_shortening" in p]
+        if shortening:
+            res["after_download_shortening_spread"] = spread(shortening)
         if unl and thr:
             transfer_all = statistics.fmean((r["model_uplink_bytes"] + r["model_downlink_bytes"]) / bps for r in thr)
             model_all = statistics.fmean(unl) + transfer_all
@@ -354,16 +451,19 @@ def analyse(rounds: Sequence[Mapping[str, Any]], links: Sequence[Mapping[str, An
         up_model, down_model = round_bytes(row)
         entry: dict[str, Any] = {"round": row["round"], "round_seconds": row.get("round_seconds"),
                                  "model_uplink_bytes": up_model, "model_downlink_bytes": down_model}
-        spans, rates, wire = [], [], []
+        spans, rates, wire, after = [], [], [], []
         for pairs in per_link:
             if i >= len(pairs) or pairs[i]["up"] is None:
                 continue
             d, u = pairs[i]["down"], pairs[i]["up"]
             spans.append(u["end"] - d["start"])
+            after.append(u["start"] - d["end"])
             wire.append((u["bytes"], d["bytes"]))
             rates += [r for r in (measured_rate(d), measured_rate(u)) if r is not None]
         if spans:
             entry["client_span_seconds"] = statistics.fmean(spans)
+            # end of the download to the first byte of the reply: the client's work that the download did not hide
+            entry["after_download_seconds"] = statistics.fmean(after)
             entry["wire_uplink_bytes"] = statistics.fmean(w[0] for w in wire)
             entry["wire_downlink_bytes"] = statistics.fmean(w[1] for w in wire)
         if rates:
@@ -429,8 +529,6 @@ class LoadSampler:
         self._thread = threading.Thread(target=self._run, name="load-sampler", daemon=True)
 
     def _run(self) -> None:
-        import time
-
         self._t0 = time.monotonic()
         while True:
             self.samples.append([round(time.monotonic() - self._t0, 1), *os.getloadavg()])
@@ -459,6 +557,125 @@ class LoadSampler:
                 "one_minute_mean": statistics.fmean(one) if one else None}
 
 
+def _proc_stat(pid: int) -> tuple[str, int, float, float] | None:
+    """``(state, ppid, start seconds since boot, CPU seconds)`` of a process from ``/proc/<pid>/stat``; None if
+    gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(")") + 2:].split()  # after "pid (comm) "; comm may hold spaces
+    tck = os.sysconf("SC_CLK_TCK")
+    return fields[0], int(fields[1]), int(fields[19]) / tck, (int(fields[11]) + int(fields[12])) / tck
+
+
+class ClientAppSampler:
+    """Watches the ``flwr-clientapp`` processes started under this process (one per message in Flower 1.41).
+
+    Every ``every`` seconds it scans ``/proc`` for descendants of this process whose command is
+    ``flwr-clientapp`` and records, in ``time.monotonic()`` seconds: ``start`` (the kernel's start time),
+    ``ready`` (the first scan that finds a socket among its open files: its first request to the SuperNode,
+    made after Python and Flower's imports, when it asks for the message), ``end`` (the last scan that saw
+    it running) and ``cpu_seconds`` (user + system, as last seen; final once it has exited). Resolution:
+    ``every``. Linux only (without ``/proc`` it records nothing).
+    """
+
+    def __init__(self, every: float = CLIENTAPP_SAMPLE_SECONDS) -> None:
+        self.every = every
+        self.root = os.getpid()
+        self.records: dict[int, dict[str, Any]] = {}
+        self._others: set[int] = set()
+        self._finished: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="clientapp-sampler", daemon=True)
+
+    def _descendant(self, pid: int) -> bool:
+        for _ in range(16):
+            st = _proc_stat(pid)
+            if st is None or st[1] <= 1:
+                return False
+            if st[1] == self.root:
+                return True
+            pid = st[1]
+        return False
+
+    def _is_clientapp(self, pid: int) -> bool:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return any(os.path.basename(a) == b"flwr-clientapp" for a in argv[:2])
+
+    def _has_socket(self, pid: int) -> bool:
+        try:
+            with os.scandir(f"/proc/{pid}/fd") as it:
+                for e in it:
+                    with contextlib.suppress(OSError):
+                        if os.readlink(e.path).startswith("socket:"):
+                            return True
+        except OSError:
+            pass
+        return False
+
+    def scan(self) -> None:
+        """One scan of ``/proc`` (the thread calls it every ``every`` seconds)."""
+        now = time.monotonic()
+        boot_minus_mono = time.clock_gettime(time.CLOCK_BOOTTIME) - now
+        try:
+            pids = [int(n) for n in os.listdir("/proc") if n.isdigit()]
+        except OSError:
+            return
+        for pid in pids:
+            if pid in self._others:
+                continue
+            rec = self.records.get(pid)
+            if rec is None:
+                if not self._descendant(pid):
+                    self._others.add(pid)
+                    continue
+                if not self._is_clientapp(pid):
+                    continue  # maybe forked and not yet exec'd: looked at again next scan
+                st = _proc_stat(pid)
+                if st is None:
+                    continue
+                rec = self.records[pid] = {"pid": pid, "start": st[2] - boot_minus_mono, "ready": None,
+                                           "end": now, "cpu_seconds": st[3]}
+            if pid in self._finished:
+                continue
+            st = _proc_stat(pid)
+            if st is None:
+                self._finished.add(pid)
+                continue
+            rec["cpu_seconds"] = st[3]  # a zombie (exited, not yet reaped by the SuperExec) keeps its final times
+            if st[0] in ("Z", "X"):
+                self._finished.add(pid)
+                continue
+            rec["end"] = now
+            if rec["ready"] is None and self._has_socket(pid):
+                rec["ready"] = now
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.scan()
+
+    def __enter__(self) -> ClientAppSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def relative_to(self, t0: float) -> list[dict[str, Any]]:
+        """The records, in start order, with times in seconds since ``t0`` (e.g. the proxy's start)."""
+        out = []
+        for rec in sorted(self.records.values(), key=lambda r: r["start"]):
+            out.append({**rec, **{k: None if rec[k] is None else round(rec[k] - t0, 3)
+                                  for k in ("start", "ready", "end")}})
+        return out
+
+
 def run_one(method: str, mbit: float, *, supernodes: int, rounds: int, extra: Mapping[str, Any],
             task_poll: float | None = None, alternate: bool = False) -> dict[str, Any]:
     """One throttled deployment; returns its rounds, the proxy's per-link log and the load average meanwhile.
@@ -471,7 +688,10 @@ def run_one(method: str, mbit: float, *, supernodes: int, rounds: int, extra: Ma
 
     spec = ex.TASKS["mnist"]
     env = {} if task_poll is None else {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": f"{task_poll:g}"}
-    with tempfile.TemporaryDirectory(prefix="conef-linkcheck-") as tmp, LoadSampler() as load:
+    with tempfile.TemporaryDirectory(prefix="conef-linkcheck-") as tmp, LoadSampler() as load, \
+            ClientAppSampler() as apps:
+        # a partition cache of its own: round 1's ClientApps compute the partitions, later ones read them
+        env[PARTITION_CACHE_ENV] = str(Path(tmp) / "partition-cache")
         cfg = ex.run_config(spec, ex.METHODS[method], 0, rounds, Path(tmp), f"{method}-{mbit:g}mbit",
                             {"fraction-train": 1.0, "eval-every": rounds, **extra})
         cfg.pop("num-partitions", None)
@@ -479,9 +699,11 @@ def run_one(method: str, mbit: float, *, supernodes: int, rounds: int, extra: Ma
         res = run_deployment(cfg, num_supernodes=supernodes, throttle_mbit=mbit, throttle_events=events,
                              timeout=60.0 + rounds * 90.0, log_file=Path(tmp) / "flwr.log", extra_env=env,
                              throttle_alternate=alternate)
-        links = json.loads(events.read_text())["links"] if events.exists() else []
+        stats = json.loads(events.read_text()) if events.exists() else {}
+    links = stats.get("links", [])
+    clientapps = apps.relative_to(stats["t0_monotonic"]) if "t0_monotonic" in stats else []
     return {"rounds": res.rounds, "links": links, "seconds": res.seconds, "stopped_pids": res.stopped_pids,
-            "load_average": load.summary()}
+            "load_average": load.summary(), "clientapps": clientapps}
 
 
 def reanalyse(results: dict[str, Any]) -> dict[str, Any]:
@@ -508,10 +730,13 @@ def reanalyse(results: dict[str, Any]) -> dict[str, Any]:
         links = [{"transfers": lt, "events": [[t, "state", st] for t, st in sts]}
                  for lt, sts in zip(run["link_transfers"], states, strict=True)]
         c = compute.get(run["method"], {})
-        study = analyse_alternating if run.get("alternate") else analyse
-        a = study(raw_rounds, links, run["mbit"], c.get("client_seconds"), c.get("server_seconds"))
+        if run.get("alternate"):
+            a = analyse_alternating(raw_rounds, links, run["mbit"], c.get("client_seconds"), c.get("server_seconds"),
+                                    clientapps=run.get("clientapps"))
+        else:
+            a = analyse(raw_rounds, links, run["mbit"], c.get("client_seconds"), c.get("server_seconds"))
         keep = {k: run[k] for k in ("method", "deployment_seconds", "load_average", "link_bytes", "link_transfers",
-                                     "link_states") if k in run}
+                                     "link_states", "clientapps") if k in run}
         results["runs"][i] = {**a, **keep, "reanalysed": True}
     if not results.get("alternate"):
         add_unthrottled_model(results["runs"])
@@ -577,6 +802,38 @@ def markdown_alternating(results: Mapping[str, Any]) -> str:
                 f"{yes[ph.get('within_tolerance')]} | "
                 f"{_fmt(None if rate is None else 1.0 + rate, '.3f')} | "
                 f"{_fmt(la.get('one_minute_min'), '.1f')}–{_fmt(la.get('one_minute_max'), '.1f')} |")
+    revised = [r for r in results.get("runs", []) if r.get("alternate")
+               and any("revised" in r.get(f"calibrated_{level}", {}) for level in ("round", "client"))]
+    if revised:
+        lines += ["", "Revised model (labelled, not the pre-registered one): each throttled round vs the mean of its "
+                  "two unlimited neighbours + up/B + max(0, down/B − S), S = the ClientApp processes' start-up "
+                  "(process start to first request) measured in the unlimited neighbours; same tolerance.", "",
+                  "| method | link | level | paired rounds | start-up S (s) | down/B (s) "
+                  "| up/B + max(0, down/B − S) (s) | measured (s) | revised model (s) | error | within | discriminates "
+                  "| measured − revised per round: "
+                  "mean ± std [min, max] (s) | diagnostic: reply-side work shortened by (s) | ClientApp CPU-s: "
+                  "round 1 (cache empty) / later rounds |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in revised:
+            cpu = r.get("clientapp_cpu_seconds", {})
+            c1, cl = cpu.get("round_1", {}), cpu.get("later_rounds", {})
+            bps = r["mbit"] * 1e6 / 8.0
+            down = r.get("model_downlink_bytes_mean")
+            for level in ("round", "client"):
+                c = r.get(f"calibrated_{level}", {})
+                v = c.get("revised")
+                if not v:
+                    continue
+                d, sh = v.get("difference_spread", {}), c.get("after_download_shortening_spread", {})
+                lines.append(
+                    f"| {r['method']} | {r['mbit']:g} Mbit/s | {level} | {v['n']} | {_fmt(v['startup_seconds'])} | "
+                    f"{_fmt(None if down is None else down / bps)} | {_fmt(v['transfer_seconds'])} | "
+                    f"{_fmt(v['measured_seconds'])} | {_fmt(v['model_seconds'])} | {100 * v['error']:+.1f} % | "
+                    f"{yes[v['within_tolerance']]} | {'yes' if v['discriminates'] else 'no'} | "
+                    f"{_fmt(d.get('mean'), '+.2f')} ± {_fmt(d.get('std'))} [{_fmt(d.get('min'), '+.1f')}, "
+                    f"{_fmt(d.get('max'), '+.1f')}] | {_fmt(sh.get('mean'), '+.2f')} ± {_fmt(sh.get('std'))} | "
+                    f"{_fmt(c1.get('mean'))} (n={c1.get('n', 0)}) / {_fmt(cl.get('mean'))} ± {_fmt(cl.get('std'))} "
+                    f"(n={cl.get('n', 0)}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -692,9 +949,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log.error("%s at %g Mbit/s failed: %s", method, mbit, exc)
                 results["runs"].append({"method": method, "mbit": mbit, "error": str(exc)[-2000:]})
                 continue
-            study = analyse_alternating if args.alternate else analyse
-            a = study(raw["rounds"], raw["links"], mbit, c.get("client_seconds"), c.get("server_seconds"))
+            if args.alternate:
+                a = analyse_alternating(raw["rounds"], raw["links"], mbit, c.get("client_seconds"),
+                                        c.get("server_seconds"), clientapps=raw["clientapps"])
+            else:
+                a = analyse(raw["rounds"], raw["links"], mbit, c.get("client_seconds"), c.get("server_seconds"))
             a.update({"method": method, "deployment_seconds": raw["seconds"], "load_average": raw["load_average"],
+                      "clientapps": raw["clientapps"],
                       "link_bytes": [{k: v for k, v in link.items() if k != "events"} for link in raw["links"]],
                       "link_transfers": [{d: transfers(link["events"], d) for d in ("down", "up")}
                                          for link in raw["links"]],

@@ -271,8 +271,9 @@ class ThrottleProxy:
         await asyncio.sleep(0)
 
     def stats(self) -> dict[str, object]:
-        """Per listener: port, bytes each way, connections, and the chunk log (with ``record``)."""
-        return {"target": f"{self.target[0]}:{self.target[1]}",
+        """Per listener: port, bytes each way, connections, and the chunk log (with ``record``); ``t0_monotonic``:
+        the ``time.monotonic()`` the chunk log's seconds count from (system-wide on Linux)."""
+        return {"target": f"{self.target[0]}:{self.target[1]}", "t0_monotonic": self.t0,
                 "links": [{"port": k.port, "bytes_up": k.bytes_up, "bytes_down": k.bytes_down,
                            "connections": k.connections,
                            "up_rate_bytes_per_s": k.up.rate, "down_rate_bytes_per_s": k.down.rate,

@@ -4,6 +4,9 @@ and sim.deploy's ``extra_env`` plumbing; no Flower process is started here."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -231,3 +234,74 @@ def test_reanalyse_reproduces_an_alternating_run_from_its_stored_transfers(tmp_p
     assert again["reanalysed"] and again["round_states"] == a["round_states"]
     assert again["calibrated_round"]["model_seconds"] == pytest.approx(c["model_seconds"])
     assert again["calibrated_round"]["measured_seconds"] == pytest.approx(c["measured_seconds"])
+
+
+def _clientapps(links: list[dict[str, Any]], n: int, startup: float) -> list[dict[str, Any]]:
+    """Two ClientApp processes per round, started 0.2 s after the round's download began, ready after ``startup``;
+    round 1's take 9 CPU-s (partition cache empty), later ones 3."""
+    out = []
+    for i, pair in enumerate(link_check.round_pairs(links[0], n)):
+        t = pair["down"]["start"] + 0.2
+        out += [{"pid": 100 + 2 * i + k, "start": t, "ready": t + startup, "end": t + 15.0,
+                 "cpu_seconds": 9.0 if i == 0 else 3.0} for k in range(2)]
+    return out
+
+
+def test_revised_model_lets_the_clientapp_startup_hide_part_of_the_download() -> None:
+    # a 4-s start-up hides 4 s of the 5.92-s download: throttled rounds are 6.56 - 4 = 2.56 s longer
+    rows, links = _alternating(12, mbit=1.0, extra=-4.0)
+    a = link_check.analyse_alternating(rows, links, 1.0, 0.4, 0.05, clientapps=_clientapps(links, 12, 4.0))
+    c = a["calibrated_round"]
+    assert not c["within_tolerance"]  # the pre-registered model (up/B + down/B) misses by 4 s
+    v = c["revised"]
+    assert v["n"] == 4 and v["startup_seconds"] == pytest.approx(4.0)
+    assert v["transfer_seconds"] == pytest.approx(0.64 + 5.92 - 4.0)
+    assert v["model_seconds"] == pytest.approx(v["measured_seconds"]) and v["within_tolerance"]
+    assert not v["discriminates"]  # 2.56 s of link is inside ±(10 % + 1 s) of a 22.6-s round
+    assert [r["processes"] for r in a["clientapp_rounds"]] == [2] * 12
+    assert a["clientapp_cpu_seconds"]["round_1"]["mean"] == 9.0
+    assert a["clientapp_cpu_seconds"]["later_rounds"]["mean"] == 3.0
+    # a start-up longer than the download hides all of it: only the upload is left
+    slow = link_check.analyse_alternating(rows, links, 1.0, 0.4, 0.05, clientapps=_clientapps(links, 12, 8.0))
+    assert slow["calibrated_round"]["revised"]["transfer_seconds"] == pytest.approx(0.64)
+    assert slow["calibrated_round"]["revised"]["model_seconds"] == pytest.approx(20.0 + 0.64)
+    md = link_check.markdown({"alternate": True, "tolerance": {}, "runs": [{**a, "method": "efsgd"}]})
+    assert "Revised model" in md and md.count("| efsgd | 1 Mbit/s |") == 4
+    # without ClientApp records (older JSONs) there is no revised model
+    assert "revised" not in link_check.analyse_alternating(rows, links, 1.0, 0.4, 0.05)["calibrated_round"]
+
+
+def test_clientapp_sampler_records_start_first_socket_and_cpu(tmp_path: Path) -> None:
+    script = tmp_path / "flwr-clientapp"
+    script.write_text("import socket, sys\nsys.stdin.readline()\na, b = socket.socketpair()\nprint('ok', flush=True)\n"
+                      "sys.stdin.readline()\n")
+    sampler = link_check.ClientAppSampler()
+    proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60.0
+        while proc.pid not in sampler.records and time.monotonic() < deadline:
+            sampler.scan()
+            time.sleep(0.05)
+        assert sampler.records[proc.pid]["ready"] is None  # no socket yet
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "ok"
+        sampler.scan()
+        rec = sampler.records[proc.pid]
+        assert rec["ready"] is not None and rec["start"] <= rec["ready"] <= rec["end"]
+        assert rec["cpu_seconds"] >= 0.0
+        proc.stdin.close()  # the child exits; until it is reaped it is a zombie, which has ended
+        deadline = time.monotonic() + 60.0
+        while link_check._proc_stat(proc.pid)[0] != "Z" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sampler.scan()
+        end = rec["end"]
+        sampler.scan()
+        assert rec["end"] == end
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+        proc.stdout.close()
+    sampler.scan()  # gone: the record stays
+    (out,) = sampler.relative_to(rec["start"])
+    assert out["start"] == 0.0 and out["ready"] >= 0.0
