@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ENV_SWITCH", "SOURCE", "available", "build", "library_path", "ops", "use_native"]
+__all__ = ["ENV_SWITCH", "SOURCE", "available", "build", "build_attempted", "library_path", "ops", "use_native"]
 
 log = logging.getLogger(__name__)
 
@@ -104,16 +104,25 @@ def build(force: bool = False) -> Path:
     if shutil.which(cxx) is None:
         raise RuntimeError(f"no C++ compiler {cxx!r} on PATH (set CXX)")
     out.parent.mkdir(parents=True, exist_ok=True)
+    failed = out.with_suffix(".failed")
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         part = Path(tmp) / out.name
         proc = subprocess.run(_compile_command(part), capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{proc.stderr[-4000:]}")
+            msg = f"compiling {SOURCE.name} failed:\n{proc.stderr[-4000:]}"
+            failed.write_text(msg)  # not retried by the setup (build(force=True) retries)
+            raise RuntimeError(msg)
         os.replace(part, out)  # atomic: a concurrent reader sees no half-written file
-    for old in out.parent.glob("conef_native-*.so"):  # earlier builds (another source or torch)
+    for old in out.parent.glob("conef_native-*"):  # earlier builds and failures (another source or torch)
         if old != out:
             old.unlink(missing_ok=True)
     return out
+
+
+def build_attempted() -> bool:
+    """Whether the library for this source and torch exists or its build has failed before."""
+    out = library_path()
+    return out.exists() or out.with_suffix(".failed").exists()
 
 
 def _load() -> Any:
