@@ -362,6 +362,28 @@ class ConEF(ErrorFeedback):
     def stores(self) -> dict[str, ErrorStore]:
         return {"e": self.store}
 
+    def step(self, update: torch.Tensor, *, seed: int = 0, consume: bool = False) -> Payload:
+        """:meth:`ErrorFeedback.step`; with a count sketch, a non-selective Q and the compiled
+        kernels, the finite check of ``update`` is made in the same pass that adds ``(1−β)·ê``
+        (the same refusal, the error state untouched; ``docs/design.md``, "Native kernels")."""
+        if (self.beta < 1.0 and update.dtype == torch.float32 and isinstance(self.store, CountSketch)
+                and not isinstance(self.compressor, SelectiveCompressor)):
+            self._check_update(update)
+            buf = self._buffer(update.reshape(-1), consume)  # float32: a copy is exact
+            with self.store.reuse_hashes():
+                finite = self.store.estimate_add_finite_(buf, alpha=1.0 - self.beta)  # buf := p (or untouched)
+                if finite is not None:
+                    if not finite:
+                        raise NonFiniteError(f"update for {self.key!r} contains NaN or Inf; refused "
+                                             "(error state left untouched)")
+                    payload = self._compress(buf, seed)
+                    self.compressor.decompress_add_(payload, buf, alpha=-1.0)  # buf := p − Δ
+                    self._absorb_(buf)
+                    self.steps += 1
+                    return payload
+            return super().step(buf, seed=seed, consume=True)  # buf is untouched: check, then the usual step
+        return super().step(update, seed=seed, consume=consume)
+
     def _step(self, u: torch.Tensor, seed: int, consume: bool) -> Payload:
         with self.store.reuse_hashes():  # the store's hashes are computed once per step
             if self.store.linear and isinstance(self.compressor, SelectiveCompressor):

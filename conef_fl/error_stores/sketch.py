@@ -762,6 +762,37 @@ class CountSketch(ErrorStore):
                 self._add_piece_estimate_(flat[full * m :], full, 0, g.tail, a)
         return target
 
+    def estimate_add_finite_(self, target: torch.Tensor, alpha: float = 1.0) -> bool | None:
+        """:meth:`estimate_add_` that also tells whether ``target`` held only finite values before.
+
+        The compiled recovery kernel checks each value as it reads it (the finite check of an
+        update fused into its first pass). ``None`` when the kernels do not apply (not built, a
+        table of several rows, an operand not contiguous float32/float64 on the CPU): then
+        nothing is done and the caller checks and adds separately. After ``False`` the
+        target holds ``target + alpha·ê`` all the same; the table is never written.
+        """
+        g = self.geometry
+        flat = target.view(-1)
+        if flat.numel() != g.numel:
+            raise ValueError(f"target has {flat.numel()} elements, sketch expects {g.numel}")
+        full, m = g.full_units, g.unit
+        if g.rows != 1 or not full:
+            return None
+        units = flat[: full * m].view(full, m)
+        kernels = self._native(units)
+        if kernels is None:
+            return None
+        a = alpha * self.estimate_scale
+        with self.reuse_hashes():
+            h = self._hashes()[0]
+            finite = bool(kernels.sketch_gather_add_(units, self.table[0], h.unit_buckets(0, full),
+                                                     h.unit_signs(0, full), a))
+            if g.tail:
+                tail = flat[full * m :]
+                finite = finite and bool(torch.isfinite(tail).all())
+                self._add_piece_estimate_(tail, full, 0, g.tail, a)
+        return finite
+
     def estimate_at(self, indices: torch.Tensor) -> torch.Tensor:
         """ê at the given flat indices (float32, O(k·rows + n))."""
         g = self.geometry

@@ -47,7 +47,7 @@ ENV_DIR = "CONEF_NATIVE_DIR"
 #: The kernels' C++ source (shipped as package data).
 SOURCE = Path(__file__).with_name("conef_native.cpp")
 #: Version of the operators' signatures; the library reports it (``abi_version``).
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"loaded": None, "tried": False}

@@ -12,6 +12,7 @@
 #include <c10/util/Half.h>
 #include <c10/util/BFloat16.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -223,13 +224,15 @@ void sketch_scatter_(at::Tensor table, const at::Tensor& x, const at::Tensor& cr
 #undef CONEF_SCATTER
 }
 
-// target[i, :] = fma(alpha, sign[i] * table[bucket[i], :], target[i, :]): a CSR product with one non-zero
+// target[i, :] = fma(alpha, sign[i] * table[bucket[i], :], target[i, :]); returns whether every value of
+// target was finite before (the finite check of an update, fused into its first pass): a CSR product with one non-zero
 // per row (float32/float64 tables) and torch's mixed-dtype addcmul_ with ``sign * alpha`` (16-bit tables)
 // both compute this (``sign * t`` and ``alpha * sign`` are exact: the sign is +-1).
 template <typename T, typename I>
-void gather_impl(at::Tensor& target, const at::Tensor& table, const at::Tensor& bucket, const at::Tensor& sign,
+bool gather_impl(at::Tensor& target, const at::Tensor& table, const at::Tensor& bucket, const at::Tensor& sign,
                  double alpha) {
   using A = typename Acc<T>::type;
+  using Bits = typename std::conditional<std::is_same<A, double>::value, uint64_t, uint32_t>::type;
   const int64_t n = target.size(0), m = target.size(1);
   A* tg = target.data_ptr<A>();
   const T* tab = table.data_ptr<T>();
@@ -237,8 +240,10 @@ void gather_impl(at::Tensor& target, const at::Tensor& table, const at::Tensor& 
   const A* sg = sign.data_ptr<A>();
   const A a = static_cast<A>(alpha);
   constexpr bool wide = std::is_same<T, A>::value;
+  std::atomic<bool> finite{true};
   at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
     std::vector<A> row(wide ? 0 : m);
+    Bits bad = 0;  // y - y is +0 for a finite y, NaN otherwise: OR of the bit patterns
     for (int64_t i = i0; i < i1; ++i) {
       A* y = tg + i * m;
       const T* t = tab + static_cast<int64_t>(bk[i]) * m;
@@ -250,12 +255,20 @@ void gather_impl(at::Tensor& target, const at::Tensor& table, const at::Tensor& 
         load_row(t, row.data(), m);
         w = row.data();
       }
-      for (int64_t j = 0; j < m; ++j) y[j] = std::fma(as, w[j], y[j]);
+      for (int64_t j = 0; j < m; ++j) {
+        const A z = y[j] - y[j];
+        Bits zb;
+        std::memcpy(&zb, &z, sizeof(A));
+        bad |= zb;
+        y[j] = std::fma(as, w[j], y[j]);
+      }
     }
+    if (bad != 0) finite.store(false);
   });
+  return finite.load();
 }
 
-void sketch_gather_add_(at::Tensor target, const at::Tensor& table, const at::Tensor& bucket,
+bool sketch_gather_add_(at::Tensor target, const at::Tensor& table, const at::Tensor& bucket,
                         const at::Tensor& sign, double alpha) {
   check_cpu_contig(target, "target");
   check_cpu_contig(table, "table");
@@ -269,17 +282,18 @@ void sketch_gather_add_(at::Tensor target, const at::Tensor& table, const at::Te
   TORCH_CHECK(in_range(bucket, table.size(0)), "bucket out of range");
 #define CONEF_GATHER(T)                                                           \
   if (bucket.scalar_type() == at::kInt)                                           \
-    gather_impl<T, int32_t>(target, table, bucket, sign, alpha);                  \
+    return gather_impl<T, int32_t>(target, table, bucket, sign, alpha);           \
   else                                                                            \
-    gather_impl<T, int64_t>(target, table, bucket, sign, alpha);
+    return gather_impl<T, int64_t>(target, table, bucket, sign, alpha);
   switch (table.scalar_type()) {
-    case at::kFloat: CONEF_GATHER(float) break;
-    case at::kDouble: CONEF_GATHER(double) break;
-    case at::kHalf: CONEF_GATHER(c10::Half) break;
-    case at::kBFloat16: CONEF_GATHER(c10::BFloat16) break;
+    case at::kFloat: CONEF_GATHER(float)
+    case at::kDouble: CONEF_GATHER(double)
+    case at::kHalf: CONEF_GATHER(c10::Half)
+    case at::kBFloat16: CONEF_GATHER(c10::BFloat16)
     default: TORCH_CHECK(false, "unsupported table dtype ", table.scalar_type());
   }
 #undef CONEF_GATHER
+  return false;
 }
 
 // target[i] += (bit i of signs set ? s : -s)  (bits little-endian within each byte), float32.
@@ -303,7 +317,7 @@ void sign_add_(at::Tensor target, const at::Tensor& signs, double s) {
   for (int64_t i = nbytes * 8; i < d; ++i) y[i] = y[i] + (((bits[i / 8] >> (i % 8)) & 1u) ? sp : sn);
 }
 
-int64_t abi_version() { return 1; }
+int64_t abi_version() { return 2; }
 
 }  // namespace
 
@@ -312,7 +326,7 @@ TORCH_LIBRARY(conef_native, mod) {
   mod.def("sketch_scatter_(Tensor(a!) table, Tensor x, Tensor crow, Tensor col, Tensor val, float alpha, "
           "Tensor? factor, Tensor? tail, int tail_bucket, float tail_alpha, int tail_factor_cols, "
           "float tail_factor) -> ()", &sketch_scatter_);
-  mod.def("sketch_gather_add_(Tensor(a!) target, Tensor table, Tensor bucket, Tensor sign, float alpha) -> ()",
+  mod.def("sketch_gather_add_(Tensor(a!) target, Tensor table, Tensor bucket, Tensor sign, float alpha) -> bool",
           &sketch_gather_add_);
   mod.def("sign_add_(Tensor(a!) target, Tensor signs, float s) -> ()", &sign_add_);
 }

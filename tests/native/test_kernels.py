@@ -120,18 +120,25 @@ def test_conef_steps_are_bit_identical(q: str, dtype: str) -> None:
             _assert_same(a.arrays[k], b.arrays[k])
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_update_refused_state_unchanged(bad: float) -> None:
-    cfg = method_config("conef-cs", compressor="scaled-sign", beta=0.9, sketch_ratio=0.1)
-    fb = make_feedback(cfg, (20_000,), key="w")
-    with native.use_native(True):
-        fb.step(_vec(20_000, 1), seed=0)
+@pytest.mark.parametrize("enabled", [False, True])
+@pytest.mark.parametrize("where", [12_345, 20_005])  # in a full unit, in the tail unit
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_non_finite_update_refused_state_unchanged(bad: float, where: int, enabled: bool) -> None:
+    cfg = method_config("conef-cs", compressor="scaled-sign", beta=0.9, sketch_ratio=0.1, sketch_unit=40)
+    fb = make_feedback(cfg, (20_011,), key="w")
+    with native.use_native(enabled):
+        fb.step(_vec(20_011, 1), seed=0)
         before = fb.store.table.clone()
-        u = _vec(20_000, 2)
-        u[12_345] = bad
-        with pytest.raises(NonFiniteError):
-            fb.step(u, seed=1, consume=True)
-    assert torch.equal(fb.store.table.view(torch.uint8), before.view(torch.uint8))
+        for consume in (False, True):
+            u = _vec(20_011, 2)
+            u[where] = bad
+            with pytest.raises(NonFiniteError, match="NaN or Inf"):
+                fb.step(u, seed=1, consume=consume)
+            assert torch.equal(fb.store.table.view(torch.uint8), before.view(torch.uint8))
+        assert fb.steps == 1
+        big = torch.full((20_011,), 3e38)  # finite, though its float32 sum overflows: accepted
+        fb.step(big, seed=2)
+    assert fb.steps == 2
 
 
 @pytest.mark.parametrize("d", [8, 13, 20_003])
