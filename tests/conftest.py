@@ -30,8 +30,12 @@ def shakespeare_file() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _few_threads() -> None:
-    torch.set_num_threads(2)
+def _one_thread() -> None:
+    # One intra-op thread per pytest-xdist worker: the suite runs 2 workers on 2 cores, and a
+    # parallel kernel whose second thread is descheduled waits a whole scheduler slice (a GRU
+    # step measured 0.06 s with 1 thread and 0.62 s with 2 while the other worker ran). The
+    # ClientApp and ServerApp use one thread too.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture
