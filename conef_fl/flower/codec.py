@@ -227,9 +227,16 @@ class ReplyDecoder:
     expected reply is known in full: its array keys, each array's declared dtype, shape
     and ``.npy`` header, and its whole metadata record. A reply equal to that (one key-set
     and one dict comparison, then each array's declared dtype, shape, header and length)
-    passes every structure check :func:`decode_payloads` makes; its values then get the
-    same :func:`~conef_fl.validation.check_values`. Anything else goes through
+    passes every structure check :func:`decode_payloads` makes. Anything else goes through
     :func:`decode_payloads`, which accepts it or says what is wrong.
+
+    The arrays of such a reply are copied into one buffer per (array name, dtype) (all
+    ``"values"`` of a reply side by side, all ``"indices"``, ...), and each payload's
+    tensors are views of them; the value checks of
+    :func:`~conef_fl.validation.check_values` then run once per buffer
+    (:meth:`_values_ok`): NaN/Inf with one ``isfinite`` per float buffer, and all
+    ``"indices"`` segments at once. Only when these fail does
+    :func:`~conef_fl.validation.check_values` run, for the message that names the tensor.
     """
 
     def __init__(self, specs: Mapping[str, PayloadSpec]) -> None:
@@ -238,55 +245,147 @@ class ReplyDecoder:
 
     def decode(self, arrays: ArrayRecord, meta: ConfigRecord) -> dict[str, Payload]:
         """Validate and decode one reply (:class:`PayloadError` as :func:`decode_payloads`)."""
-        out = self._decode_expected(arrays, meta) if self._plan is not None else None
-        if out is None:
+        decoded = self._decode_expected(arrays, meta) if self._plan is not None else None
+        if decoded is None:
             return decode_payloads(arrays, meta, self.specs)
-        check_values(out)
+        out, buffers = decoded
+        if not self._values_ok(buffers):
+            check_values(out)  # names the first bad tensor
+            raise PayloadError("payload values are invalid (NaN/Inf or bad indices)")  # not reached
         return out
 
-    def _decode_expected(self, arrays: ArrayRecord, meta: ConfigRecord) -> dict[str, Payload] | None:
-        """The payloads if the reply is exactly the expected structure, else ``None`` (nothing refused here)."""
+    def _decode_expected(
+        self, arrays: ArrayRecord, meta: ConfigRecord
+    ) -> tuple[dict[str, Payload], list[np.ndarray]] | None:
+        """The payloads and their buffers if the reply is exactly the expected structure, else ``None``.
+
+        Nothing is refused here: a reply that differs in anything goes to :func:`decode_payloads`.
+        """
         plan = self._plan
         assert plan is not None
         if arrays.keys() != plan.keys or meta != plan.meta:
             return None
-        out: dict[str, Payload] = {}
-        for tensor, kind, shape, tensor_meta, items in plan.tensors:
-            tensors: dict[str, torch.Tensor] = {}
-            for name, wire_key, np_dtype, arr_shape, header, nbytes, bf16 in items:
-                arr = arrays[wire_key]
-                data = arr.data
-                if arr.dtype != np_dtype or _shape_of(arr) != arr_shape or len(data) != nbytes \
-                        or not data.startswith(header):
-                    return None
-                a = np.frombuffer(data, dtype=np_dtype, offset=len(header)).reshape(arr_shape).copy()
-                t = torch.from_numpy(a)
-                tensors[name] = t.view(torch.bfloat16) if bf16 else t
-            out[tensor] = Payload(kind, shape, tensors, dict(tensor_meta))
-        return out
+        buffers = [np.empty(count, dtype=dtype) for dtype, count in plan.buffers]
+        for wire_key, np_dtype, arr_shape, header, nbytes, b, lo, hi in plan.items:
+            arr = arrays[wire_key]
+            data = arr.data
+            if arr.dtype != np_dtype or _shape_of(arr) != arr_shape or len(data) != nbytes \
+                    or not data.startswith(header):
+                return None
+            if hi > lo:
+                buffers[b][lo:hi] = np.frombuffer(data, dtype=np_dtype, count=hi - lo, offset=len(header))
+        return _payloads(plan, buffers), buffers
+
+    def _values_ok(self, buffers: list[np.ndarray]) -> bool:
+        """:func:`~conef_fl.validation.check_values`'s verdict on a reply decoded into ``buffers``.
+
+        Float arrays: no NaN/Inf (float16/float32 buffers; a plan with float64 or bfloat16
+        arrays, which ``check_values`` judges after a float32 conversion, asks it instead).
+        ``"indices"`` segments: each in ``[0, numel)`` and strictly increasing exactly when
+        every neighbour pair inside a segment increases, each segment's first index is
+        ``>= 0`` and its last ``< numel``.
+        """
+        plan = self._plan
+        assert plan is not None
+        if plan.checks is None:
+            return _checks_pass(plan, buffers)
+        for b in plan.checks.floats:
+            if not np.isfinite(buffers[b]).all():
+                return False
+        seg = plan.checks.indices
+        if seg is not None:
+            idx = buffers[seg.buffer]
+            up = idx[1:] > idx[:-1]
+            up[seg.joins] = True  # the pairs across two segments are not compared
+            if not (up.all() and (idx[seg.firsts] >= 0).all() and (idx[seg.lasts] < seg.numels).all()):
+                return False
+        return True
+
+
+def _payloads(plan: _Plan, buffers: list[np.ndarray]) -> dict[str, Payload]:
+    """One :class:`Payload` per tensor whose arrays are views of ``buffers`` (one split per buffer)."""
+    pieces = [torch.from_numpy(a).split_with_sizes(sizes) for a, sizes in zip(buffers, plan.splits, strict=True)]
+    out: dict[str, Payload] = {}
+    for tensor, kind, shape, tensor_meta, parts in plan.tensors:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, b, j, arr_shape, bf16 in parts:
+            t = pieces[b][j]
+            if arr_shape is not None:
+                t = t.view(arr_shape)
+            tensors[name] = t.view(torch.bfloat16) if bf16 else t
+        out[tensor] = Payload(kind, shape, tensors, dict(tensor_meta))
+    return out
+
+
+def _checks_pass(plan: _Plan, buffers: list[np.ndarray]) -> bool:
+    """``check_values`` on the payloads of ``buffers`` (plans whose values the fused checks do not cover)."""
+    try:
+        check_values(_payloads(plan, buffers))
+    except PayloadError:
+        return False
+    return True
+
+
+class _Segments:
+    """Where a reply's ``"indices"`` arrays lie in their buffer, for the batched index check."""
+
+    __slots__ = ("buffer", "firsts", "lasts", "numels", "joins")
+
+    def __init__(self, buffer: int, spans: list[tuple[int, int, int]]) -> None:
+        spans = [(lo, hi, numel) for lo, hi, numel in spans if hi > lo]  # empty segments have nothing to check
+        self.buffer = buffer
+        self.firsts = np.array([lo for lo, _, _ in spans], dtype=np.intp)
+        self.lasts = np.array([hi - 1 for _, hi, _ in spans], dtype=np.intp)
+        self.numels = np.array([numel for _, _, numel in spans], dtype=np.int64)
+        self.joins = self.lasts[:-1]  # index into the neighbour comparisons: last of one, first of the next
+
+
+class _Checks:
+    """The batched value checks of a plan: float buffers to test for NaN/Inf and the index segments."""
+
+    __slots__ = ("floats", "indices")
+
+    def __init__(self, floats: list[int], indices: _Segments | None) -> None:
+        self.floats = floats
+        self.indices = indices
 
 
 class _Plan:
-    """The exact structure of a reply: array keys, metadata record, per tensor its arrays' wire form."""
+    """The exact structure of a reply: array keys, metadata record, and where each array goes.
 
-    __slots__ = ("keys", "meta", "tensors")
+    ``buffers``: (numpy dtype, length) per buffer; ``items``: per wire array its key, dtype,
+    shape, ``.npy`` header, total length and slot ``(buffer, lo, hi)``; ``splits``: per buffer
+    the lengths of its arrays in order; ``tensors``: per tensor its kind, shape, metadata and
+    arrays ``(name, buffer, position in the buffer's split, shape or None if 1-D, bfloat16)``;
+    ``checks``: the batched value checks (``None``: :func:`~conef_fl.validation.check_values`).
+    """
+
+    __slots__ = ("keys", "meta", "tensors", "items", "buffers", "splits", "checks")
 
     def __init__(self) -> None:
         self.keys: set[str] = set()
         self.meta: dict[str, object] = {}
         self.tensors: list[tuple[str, str, tuple[int, ...], Mapping[str, object], list[tuple]]] = []
+        self.items: list[tuple] = []
+        self.buffers: list[tuple[str, int]] = []
+        self.splits: list[list[int]] = []
+        self.checks: _Checks | None = None
 
 
 def _compile(specs: Mapping[str, PayloadSpec]) -> _Plan | None:
     """The :class:`_Plan` of ``specs``; ``None`` if any array has a variable dimension or an unknown dtype."""
     plan = _Plan()
+    slots: dict[tuple[str, str], int] = {}  # (array name, numpy dtype) -> buffer
+    sizes: list[int] = []
+    spans: dict[int, list[tuple[int, int, int]]] = {}  # buffer -> (lo, hi, numel) of "indices" arrays
+    fused = True
     for tensor, spec in specs.items():
         if SEP in tensor:
             return None
         plan.meta[f"{tensor}{SEP}{KIND}"] = spec.kind
         for mk, mv in spec.meta.items():
             plan.meta[f"{tensor}{SEP}{mk}"] = mv
-        items = []
+        parts = []
         for name, aspec in spec.arrays.items():
             if None in aspec.shape or aspec.dtype not in _TORCH_TO_NUMPY and aspec.dtype != torch.bfloat16:
                 return None
@@ -294,12 +393,28 @@ def _compile(specs: Mapping[str, PayloadSpec]) -> _Plan | None:
             np_dtype = "int16" if bf16 else _TORCH_TO_NUMPY[aspec.dtype]
             if bf16:
                 plan.meta[f"{tensor}{SEP}{BF16}{name}"] = True
+            if bf16 or aspec.dtype == torch.float64:
+                fused = False  # check_values judges these after a float32 conversion
             shape = tuple(int(d) for d in aspec.shape)  # type: ignore[arg-type]
+            count = math.prod(shape)
+            b = slots.setdefault((name, np_dtype), len(slots))
+            if b == len(sizes):
+                sizes.append(0)
+                plan.splits.append([])
+            plan.splits[b].append(count)
+            lo, hi = sizes[b], sizes[b] + count
+            sizes[b] = hi
+            if name == "indices":
+                spans.setdefault(b, []).append((lo, hi, math.prod(spec.shape)))
             header = _npy_header(np_dtype, shape)
             wire_key = f"{tensor}{SEP}{name}"
             plan.keys.add(wire_key)
-            items.append((name, wire_key, np_dtype, shape, header,
-                          len(header) + math.prod(shape) * _itemsize(np_dtype), bf16))
-        plan.tensors.append((tensor, spec.kind, spec.shape, spec.meta, items))
+            plan.items.append((wire_key, np_dtype, shape, header, len(header) + count * _itemsize(np_dtype), b, lo, hi))
+            parts.append((name, b, len(plan.splits[b]) - 1, None if shape == (count,) else shape, bf16))
+        plan.tensors.append((tensor, spec.kind, spec.shape, spec.meta, parts))
+    plan.buffers = [(dtype, sizes[b]) for (_, dtype), b in slots.items()]
+    if fused and len(spans) <= 1:
+        floats = [b for (_, dtype), b in slots.items() if np.dtype(dtype).kind == "f"]
+        indices = next((_Segments(b, s) for b, s in spans.items()), None)
+        plan.checks = _Checks(floats, indices)
     return plan
-

@@ -53,6 +53,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.fedopt import FedOpt
 
+from conef_fl.aggregate import DenseAccumulator
 from conef_fl.compressors.base import Compressor, Payload, SelectiveCompressor
 from conef_fl.compressors.topk import TopK
 from conef_fl.config import MethodConfig
@@ -223,7 +224,8 @@ class _WeightedMean:
     """``Σ w_i Δ_i / Σ w_i`` over payloads added one at a time; in compressed space when Q is all-reducible.
 
     Memory: one running compressed sum per tensor (all-reducible Q: ``Compressor.sum_into_``, added
-    in place) or one dense float32 accumulator; nothing per reply. The dense accumulator is
+    in place) or one dense float32 accumulator (added to through
+    :class:`~conef_fl.aggregate.DenseAccumulator`); nothing per reply. The dense accumulator is
     allocated through numpy, so that ``tracemalloc`` sees it on one timeline with the encoded new
     model that replaces it tensor by tensor (:meth:`release`).
     """
@@ -234,18 +236,21 @@ class _WeightedMean:
         self.running: dict[str, Payload] = {}
         self.acc = None if compressor.all_reducible else {
             k: torch.from_numpy(np.zeros(s.shape, dtype=np.float32)) for k, s in specs.items()}
+        self.dense = DenseAccumulator(compressor)
 
     def add(self, payloads: Mapping[str, Payload], weight: float) -> None:
         if self.acc is None:
             for k, p in payloads.items():
                 self.running[k] = self.q.sum_into_(self.running.get(k), p, weight)
         else:
+            acc, add_ = self.acc, self.dense.add_
             for k, p in payloads.items():
-                self.q.decompress_add_(p, self.acc[k], alpha=weight)
+                add_(p, acc[k], weight)
         self.total += weight
 
     def mean_of(self, key: str) -> torch.Tensor:
         """Dense float32 mean of one payload key (call once per key: a dense accumulator is divided in place)."""
+        self.dense.release()  # nothing more is added: its scratch goes before the new model is built
         if self.acc is None:
             p = self.running[key]
             out = torch.zeros(p.shape, dtype=torch.float32)
