@@ -397,6 +397,20 @@ def _arange_i32(n: int, device: torch.device) -> torch.Tensor:
     return a[:n]
 
 
+def _gather_kernel(kernels: Any, h: _RowHash, x_units: torch.Tensor, table: torch.Tensor, u0: int,
+                   alpha: float) -> bool:
+    """``x_units += alpha · P S`` for full units ``u0..`` through the compiled kernels; whether ``x_units`` was finite.
+
+    The whole vector goes bucket by bucket through the CSR of ``Pᵀ`` (each bucket row read
+    once); a range of units unit by unit. Both compute the same value for every element.
+    """
+    n = x_units.shape[0]
+    if u0 == 0 and n == h.full and h.perm.dtype == torch.int32:
+        return bool(kernels.sketch_gather_add_csr_(x_units, table, h.crow, h.perm, h.sign, alpha))
+    return bool(kernels.sketch_gather_add_(x_units, table, h.unit_buckets(u0, u0 + n), h.unit_signs(u0, u0 + n),
+                                           alpha))
+
+
 def unit_hashes(
     seed: int, row: int, geometry: SketchGeometry, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -631,9 +645,7 @@ class CountSketch(ErrorStore):
         if g.rows == 1:
             kernels = self._native(x_units)
             if kernels is not None:
-                h = hashes[0]
-                kernels.sketch_gather_add_(x_units, self.table[0], h.unit_buckets(u0, u0 + n),
-                                           h.unit_signs(u0, u0 + n), alpha)
+                _gather_kernel(kernels, hashes[0], x_units, self.table[0], u0, alpha)
                 return
         if g.rows == 1 and self._use_sparse() and x_units.dtype == self.table.dtype and u0 == 0 and n == g.full_units:
             x_units.addmm_(hashes[0].p(), self.table[0], alpha=alpha)  # the whole vector: the cached structure
@@ -784,9 +796,7 @@ class CountSketch(ErrorStore):
             return None
         a = alpha * self.estimate_scale
         with self.reuse_hashes():
-            h = self._hashes()[0]
-            finite = bool(kernels.sketch_gather_add_(units, self.table[0], h.unit_buckets(0, full),
-                                                     h.unit_signs(0, full), a))
+            finite = _gather_kernel(kernels, self._hashes()[0], units, self.table[0], 0, a)
             if g.tail:
                 tail = flat[full * m :]
                 finite = finite and bool(torch.isfinite(tail).all())

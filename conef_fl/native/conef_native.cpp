@@ -15,6 +15,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -268,6 +269,75 @@ bool gather_impl(at::Tensor& target, const at::Tensor& table, const at::Tensor& 
   return finite.load();
 }
 
+// The same sums as gather_impl, visited bucket by bucket through the CSR of P^T (crow, col = unit,
+// val = sign): each bucket row is widened once and stays in registers per column block while the
+// units hashed to it are updated (every unit is updated exactly once: the same values).
+template <typename T>
+bool gather_csr_impl(at::Tensor& target, const at::Tensor& table, const at::Tensor& crow, const at::Tensor& col,
+                     const at::Tensor& val, double alpha) {
+  using A = typename Acc<T>::type;
+  using Bits = typename std::conditional<std::is_same<A, double>::value, uint64_t, uint32_t>::type;
+  const int64_t W = table.size(0), m = table.size(1);
+  A* tg = target.data_ptr<A>();
+  const T* tab = table.data_ptr<T>();
+  const int32_t* cr = crow.data_ptr<int32_t>();
+  const int32_t* cl = col.data_ptr<int32_t>();
+  const A* vs = val.data_ptr<A>();
+  const A a = static_cast<A>(alpha);
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, W, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<A> row(m);
+    Bits bad = 0;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int32_t p0 = cr[b], p1 = cr[b + 1];
+      if (p1 == p0) continue;
+      load_row(tab + b * m, row.data(), m);
+      for (int64_t j0 = 0; j0 < m; j0 += kBlock) {
+        const int64_t nb = std::min(kBlock, m - j0);
+        const A* w = row.data() + j0;
+        for (int32_t p = p0; p < p1; ++p) {
+          A* y = tg + static_cast<int64_t>(cl[p]) * m + j0;
+          const A as = vs[p] < A(0) ? -a : a;
+          for (int64_t k = 0; k < nb; ++k) {
+            const A z = y[k] - y[k];
+            Bits zb;
+            std::memcpy(&zb, &z, sizeof(A));
+            bad |= zb;
+            y[k] = std::fma(as, w[k], y[k]);
+          }
+        }
+      }
+    }
+    if (bad != 0) finite.store(false);
+  });
+  return finite.load();
+}
+
+bool sketch_gather_add_csr_(at::Tensor target, const at::Tensor& table, const at::Tensor& crow,
+                            const at::Tensor& col, const at::Tensor& val, double alpha) {
+  check_cpu_contig(target, "target");
+  check_cpu_contig(table, "table");
+  check_cpu_contig(crow, "crow");
+  check_cpu_contig(col, "col");
+  check_cpu_contig(val, "val");
+  TORCH_CHECK(table.dim() == 2 && target.dim() == 2 && target.size(1) == table.size(1),
+              "table (W, m) and target (n, m) expected");
+  TORCH_CHECK(crow.scalar_type() == at::kInt && crow.numel() == table.size(0) + 1, "crow: W + 1 int32 expected");
+  TORCH_CHECK(col.scalar_type() == at::kInt && col.numel() == target.size(0) && val.numel() == target.size(0),
+              "one int32 column and one value per unit");
+  const auto acc_t = table.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(target.scalar_type() == acc_t && val.scalar_type() == acc_t, "target and val in the compute dtype");
+  TORCH_CHECK(in_range(col, target.size(0)), "col out of range");
+  switch (table.scalar_type()) {
+    case at::kFloat: return gather_csr_impl<float>(target, table, crow, col, val, alpha);
+    case at::kDouble: return gather_csr_impl<double>(target, table, crow, col, val, alpha);
+    case at::kHalf: return gather_csr_impl<c10::Half>(target, table, crow, col, val, alpha);
+    case at::kBFloat16: return gather_csr_impl<c10::BFloat16>(target, table, crow, col, val, alpha);
+    default: TORCH_CHECK(false, "unsupported table dtype ", table.scalar_type());
+  }
+  return false;
+}
+
 bool sketch_gather_add_(at::Tensor target, const at::Tensor& table, const at::Tensor& bucket,
                         const at::Tensor& sign, double alpha) {
   check_cpu_contig(target, "target");
@@ -333,5 +403,7 @@ TORCH_LIBRARY(conef_native, mod) {
           "float tail_factor) -> ()", &sketch_scatter_);
   mod.def("sketch_gather_add_(Tensor(a!) target, Tensor table, Tensor bucket, Tensor sign, float alpha) -> bool",
           &sketch_gather_add_);
+  mod.def("sketch_gather_add_csr_(Tensor(a!) target, Tensor table, Tensor crow, Tensor col, Tensor val, "
+          "float alpha) -> bool", &sketch_gather_add_csr_);
   mod.def("sign_add_(Tensor(a!) target, Tensor signs, float s) -> ()", &sign_add_);
 }

@@ -179,4 +179,4 @@ def test_switch_and_the_kernels_are_used(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(native, "ops", lambda: Counting())
     cfg = method_config("conef-cs", compressor="scaled-sign", beta=0.9, sketch_ratio=0.1, sketch_dtype="float16")
     make_feedback(cfg, (20_000,), key="w").step(_vec(20_000, 1), seed=0)
-    assert {"sketch_gather_add_", "sketch_scatter_", "sign_add_"} <= set(calls)
+    assert {"sketch_gather_add_csr_", "sketch_scatter_", "sign_add_"} <= set(calls)
