@@ -44,6 +44,12 @@ _SCRATCH_MIN = 1 << 12
 #: elements (0.8 % of its float32 bytes; the sparse product has a large fixed cost per call, so
 #: fewer, larger blocks are faster; bounded so that a step stays within 2 % of 4d).
 _BLOCK_FRACTION = 1 / 128
+#: float32/float64 tables use the compiled kernels (:mod:`conef_fl.native`) only for vectors of at
+#: least this many elements, and only where a kernel saves a whole pass (the feedback factor fused
+#: into the update, the finite check fused into the recovery): MKL's sparse product is as fast as
+#: the kernels at 10M and up to 3× faster below a few million (L3-resident; docs/benchmarks.md).
+#: 16-bit tables always use them (no torch kernel reads 16-bit rows and accumulates in float32).
+NATIVE_WIDE_MIN_NUMEL = 1 << 22
 #: Random sign bits drawn per int64 word.
 _SIGN_BITS = 62
 _SHIFTS = torch.arange(_SIGN_BITS, dtype=torch.int64)
@@ -401,11 +407,12 @@ def _gather_kernel(kernels: Any, h: _RowHash, x_units: torch.Tensor, table: torc
                    alpha: float) -> bool:
     """``x_units += alpha · P S`` for full units ``u0..`` through the compiled kernels; whether ``x_units`` was finite.
 
-    The whole vector goes bucket by bucket through the CSR of ``Pᵀ`` (each bucket row read
-    once); a range of units unit by unit. Both compute the same value for every element.
+    A whole vector of at least :data:`NATIVE_WIDE_MIN_NUMEL` elements goes bucket by bucket
+    through the CSR of ``Pᵀ`` (each bucket row read once: faster once the vector is out of
+    cache); anything else unit by unit. Both compute the same value for every element.
     """
     n = x_units.shape[0]
-    if u0 == 0 and n == h.full and h.perm.dtype == torch.int32:
+    if u0 == 0 and n == h.full and h.perm.dtype == torch.int32 and x_units.numel() >= NATIVE_WIDE_MIN_NUMEL:
         return bool(kernels.sketch_gather_add_csr_(x_units, table, h.crow, h.perm, h.sign, alpha))
     return bool(kernels.sketch_gather_add_(x_units, table, h.unit_buckets(u0, u0 + n), h.unit_signs(u0, u0 + n),
                                            alpha))
@@ -515,13 +522,17 @@ class CountSketch(ErrorStore):
     def _use_sparse(self) -> bool:
         return self.table.dtype in _SPARSE_DTYPES
 
-    def _native(self, *xs: torch.Tensor | None) -> Any:
+    def _native(self, *xs: torch.Tensor | None, fused: bool = False) -> Any:
         """The compiled kernels (:mod:`conef_fl.native`) when they apply to ``xs``, else ``None``.
 
-        They apply to a CPU table and contiguous CPU operands in the compute dtype; the
-        results are bit-identical to the torch paths (``docs/design.md``, "Native kernels").
+        They apply to a CPU table and contiguous CPU operands in the compute dtype; a
+        float32/float64 table only for a ``fused`` operation on a vector of at least
+        :data:`NATIVE_WIDE_MIN_NUMEL` elements. The results are bit-identical to the torch
+        paths (``docs/design.md``, "Native kernels").
         """
         if self.table.device.type != "cpu":
+            return None
+        if self._use_sparse() and (not fused or self.geometry.numel < NATIVE_WIDE_MIN_NUMEL):
             return None
         for x in xs:
             if x is not None and (x.dtype != self._cdtype or x.device.type != "cpu" or not x.is_contiguous()
@@ -791,7 +802,7 @@ class CountSketch(ErrorStore):
         if g.rows != 1 or not full:
             return None
         units = flat[: full * m].view(full, m)
-        kernels = self._native(units)
+        kernels = self._native(units, fused=True)
         if kernels is None:
             return None
         a = alpha * self.estimate_scale
@@ -862,12 +873,6 @@ class CountSketch(ErrorStore):
             return None
         f0, f1 = lo // m, -(-hi // m)
         h = self._hashes()[0]
-        kernels = self._native(source)
-        if kernels is not None:
-            buf = source.reshape(-1)[f0 * m : f1 * m].clone()
-            kernels.sketch_gather_add_(buf.view(f1 - f0, m), self.table[0], h.unit_buckets(f0, f1),
-                                       h.unit_signs(f0, f1), alpha * self.estimate_scale)
-            return buf[lo - f0 * m : hi - f0 * m]
         col = h.unit_buckets(f0, f1)
         if col.dtype != torch.int32:
             col = col.to(torch.int32)
@@ -941,7 +946,7 @@ class CountSketch(ErrorStore):
         full, m = g.full_units, g.unit
         units = flat[: full * m].view(full, m)
         tail = flat[full * m :] if g.tail else None
-        kernels = self._native(units, tail) if full else None
+        kernels = self._native(units, tail, fused=True) if full else None
         if kernels is None:
             self.subtract_estimate_feedback_(coeff)
             self.accumulate_(x)
