@@ -1,16 +1,19 @@
 """Optional compiled CPU kernels of the count sketch and scaled-sign decoding, with a pure-torch fallback.
 
-``conef_native.cpp`` defines three torch operators (``torch.ops.conef_native``):
+``conef_native.cpp`` defines these torch operators (``torch.ops.conef_native``):
 
 * ``sketch_scatter_``: ``S[b] ← S[b]·f_b + α·Σ_{units in b} s·x_unit`` (+ the tail unit), per
   bucket, accumulated in float32 (float64 for float64 tables) and rounded into the table once;
   the optional per-bucket factor fuses ConEF's ``S ← S − (1−β)·C(ê)`` into the update;
-* ``sketch_gather_add_``: ``x_unit += α·s·S[h(unit)]`` for every unit (one-row recovery);
+* ``sketch_gather_add_`` / ``sketch_gather_add_csr_``: ``x_unit += α·s·S[h(unit)]`` for every
+  unit (one-row recovery; unit order / bucket order), returning whether ``x`` was all finite
+  before (the finite check of an update fused into this pass);
 * ``sign_add_``: ``x_i += ±s`` from packed sign bits.
 
 Each reproduces, term by term and in the same order, the arithmetic of the torch path it
 replaces (sparse-CSR ``addmm_``, the 16-bit float32 scratch, ``addcmul_``, the numpy ``±s``
-table): results are bit-identical (``tests/native/``; ``docs/design.md``, "Native kernels").
+table): results are bit-identical (``tests/native/``; ``docs/design.md``, "Native kernels",
+also for where the sketch uses them: ``sketch.NATIVE_WIDE_MIN_NUMEL``).
 
 Built ahead of time by ``python -m conef_fl.native build`` (``scripts/setup.sh`` runs it) with
 the system's C++ compiler against the installed torch (no ninja, no pybind), into
