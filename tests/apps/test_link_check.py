@@ -266,7 +266,11 @@ def test_revised_model_lets_the_clientapp_startup_hide_part_of_the_download() ->
     assert slow["calibrated_round"]["revised"]["transfer_seconds"] == pytest.approx(0.64)
     assert slow["calibrated_round"]["revised"]["model_seconds"] == pytest.approx(20.0 + 0.64)
     md = link_check.markdown({"alternate": True, "tolerance": {}, "runs": [{**a, "method": "efsgd"}]})
-    assert "Revised model" in md and md.count("| efsgd | 1 Mbit/s |") == 4
+    assert "Revised model" in md and "Revised model 2" in md and md.count("| efsgd | 1 Mbit/s |") == 6
+    # revised model 2: the ClientApp asks at S = 4 s, then at 5 s and 7 s; the 5.92-s download is there at 7 s
+    r2 = c["revised_retry"]
+    assert r2["n"] == 4 and r2["transfer_seconds"] == pytest.approx(0.64 + 3.0)
+    assert r2["model_seconds"] == pytest.approx(20.0 + 3.64) and r2["within_tolerance"]
     # without ClientApp records (older JSONs) there is no revised model
     assert "revised" not in link_check.analyse_alternating(rows, links, 1.0, 0.4, 0.05)["calibrated_round"]
 
@@ -305,3 +309,10 @@ def test_clientapp_sampler_records_start_first_socket_and_cpu(tmp_path: Path) ->
     sampler.scan()  # gone: the record stays
     (out,) = sampler.relative_to(rec["start"])
     assert out["start"] == 0.0 and out["ready"] >= 0.0
+
+
+@pytest.mark.parametrize(("startup", "download", "wait"), [(6.0, 5.92, 0.0), (5.5, 5.92, 1.0), (4.0, 5.92, 3.0),
+                                                          (2.0, 5.92, 7.0), (0.5, 20.0, 25.0)])
+def test_retry_wait_follows_flowers_pull_backoff(startup: float, download: float, wait: float) -> None:
+    # tries at S, S+1, S+3, S+7, S+15, then every 10 s (the cap): 0.5 + 25 = 25.5 is the first try >= 20
+    assert link_check.retry_wait_seconds(startup, download) == pytest.approx(wait)
