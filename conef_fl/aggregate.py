@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from conef_fl import native
 from conef_fl.bitpack import bits_of_bytes_table, packed_nbytes
 from conef_fl.compressors.base import Compressor, Payload, flat_target, normalized_weights
 from conef_fl.compressors.sign import ScaledSign
@@ -56,10 +57,12 @@ class DenseAccumulator:
       ``TopK.decompress_add_`` calls for up to 65,536 values, without its second pass over
       the indices for their range: the receiver's decoder checked them, and ``index_add_``
       refuses an index out of range itself);
-    * **scaled sign**: ``±float32(scale · alpha)`` gathered per sign byte from a (256, 8)
-      table into reused scratch, :data:`SIGN_CHUNK` values at a time, and added with numpy
-      (``±1 · s`` is exact, so each entry is ``fl(target + (±s))``, as the compressor's
-      ``add_(±1, alpha=s)``).
+    * **scaled sign**: the compiled ``sign_add_`` of :mod:`conef_fl.native` where it is built
+      and enabled (looked up once per accumulator; the kernel ``ScaledSign.decompress_add_``
+      calls, without its per-call checks and look-ups), else ``±float32(scale · alpha)``
+      gathered per sign byte from a (256, 8) table into reused scratch, :data:`SIGN_CHUNK`
+      values at a time, and added with numpy (``±1 · s`` is exact, so each entry is
+      ``fl(target + (±s))``, as the compressor's ``add_(±1, alpha=s)``).
 
     Everything else, and any payload these paths do not recognise, goes to
     ``compressor.decompress_add_`` (which checks and refuses it).
@@ -70,6 +73,7 @@ class DenseAccumulator:
         self._sign = isinstance(compressor, ScaledSign)
         self._topk = isinstance(compressor, TopK)
         self._scratch: tuple[np.ndarray, np.ndarray] | None = None
+        self._kernels = native.ops() if self._sign else None
 
     def add_(self, payload: Payload, target: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
         """``target += alpha · Q⁻¹(payload)`` in place; returns ``target``."""
@@ -91,7 +95,10 @@ class DenseAccumulator:
                         and scale.dtype == torch.float32 and signs.device.type == "cpu" \
                         and scale.device.type == "cpu" and signs.numel() == (payload.numel + 7) // 8 \
                         and scale.numel() == 1:
-                    self._add_signs(signs.numpy(), float(scale) * alpha, flat.numpy())
+                    if self._kernels is not None and signs.is_contiguous():
+                        self._kernels.sign_add_(flat, signs, float(scale) * alpha)
+                    else:
+                        self._add_signs(signs.numpy(), float(scale) * alpha, flat.numpy())
                     return target
         self.q.decompress_add_(payload, target, alpha=alpha)
         return target

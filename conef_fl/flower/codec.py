@@ -266,11 +266,12 @@ class ReplyDecoder:
         if arrays.keys() != plan.keys or meta != plan.meta:
             return None
         buffers = [np.empty(count, dtype=dtype) for dtype, count in plan.buffers]
-        for wire_key, np_dtype, arr_shape, header, nbytes, b, lo, hi in plan.items:
-            arr = arrays[wire_key]
+        items = plan.items
+        for wire_key, arr in arrays.items():  # the keys are the plan's (checked above)
+            np_dtype, arr_shape, header, nbytes, b, lo, hi = items[wire_key]
             data = arr.data
-            if arr.dtype != np_dtype or _shape_of(arr) != arr_shape or len(data) != nbytes \
-                    or not data.startswith(header):
+            if arr.dtype != np_dtype or (arr.shape != arr_shape and _shape_of(arr) != arr_shape) \
+                    or len(data) != nbytes or not data.startswith(header):
                 return None
             if hi > lo:
                 buffers[b][lo:hi] = np.frombuffer(data, dtype=np_dtype, count=hi - lo, offset=len(header))
@@ -353,7 +354,7 @@ class _Checks:
 class _Plan:
     """The exact structure of a reply: array keys, metadata record, and where each array goes.
 
-    ``buffers``: (numpy dtype, length) per buffer; ``items``: per wire array its key, dtype,
+    ``buffers``: (numpy dtype, length) per buffer; ``items``: per wire array key its dtype,
     shape, ``.npy`` header, total length and slot ``(buffer, lo, hi)``; ``splits``: per buffer
     the lengths of its arrays in order; ``tensors``: per tensor its kind, shape, metadata and
     arrays ``(name, buffer, position in the buffer's split, shape or None if 1-D, bfloat16)``;
@@ -366,7 +367,7 @@ class _Plan:
         self.keys: set[str] = set()
         self.meta: dict[str, object] = {}
         self.tensors: list[tuple[str, str, tuple[int, ...], Mapping[str, object], list[tuple]]] = []
-        self.items: list[tuple] = []
+        self.items: dict[str, tuple] = {}
         self.buffers: list[tuple[str, int]] = []
         self.splits: list[list[int]] = []
         self.checks: _Checks | None = None
@@ -409,7 +410,7 @@ def _compile(specs: Mapping[str, PayloadSpec]) -> _Plan | None:
             header = _npy_header(np_dtype, shape)
             wire_key = f"{tensor}{SEP}{name}"
             plan.keys.add(wire_key)
-            plan.items.append((wire_key, np_dtype, shape, header, len(header) + count * _itemsize(np_dtype), b, lo, hi))
+            plan.items[wire_key] = (np_dtype, shape, header, len(header) + count * _itemsize(np_dtype), b, lo, hi)
             parts.append((name, b, len(plan.splits[b]) - 1, None if shape == (count,) else shape, bf16))
         plan.tensors.append((tensor, spec.kind, spec.shape, spec.meta, parts))
     plan.buffers = [(dtype, sizes[b]) for (_, dtype), b in slots.items()]

@@ -632,9 +632,9 @@ class ConEF(Strategy):
             raise PayloadError(f"reply must carry exactly one MetricRecord, has {len(records)}")
         metrics = records[0]
         for key, value in metrics.items():
-            values = value if isinstance(value, list) else [value]
-            if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
-                raise PayloadError(f"metric {key!r}={value!r} is not a finite number")
+            for v in value if isinstance(value, list) else (value,):
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise PayloadError(f"metric {key!r}={value!r} is not a finite number")
         weight = metrics.get(self.weighted_by_key)
         if isinstance(weight, list) or weight is None or not 0 < weight <= MAX_WEIGHT:
             raise PayloadError(f"{self.weighted_by_key}={weight!r} is out of range; allowed: (0, {MAX_WEIGHT:g}]")

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
+from conef_fl import native
 from conef_fl.aggregate import SIGN_CHUNK, DenseAccumulator
 from conef_fl.compressors import make_compressor
 from conef_fl.compressors.base import Payload
@@ -158,18 +159,24 @@ def test_honest_replies_decode_to_the_same_payloads(method: str, options: dict) 
 # DenseAccumulator: the same float32 sums as decompress_add_
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("kernels", [False, True])
 @pytest.mark.parametrize("name", ["scaled-sign", "top-k"])
 @pytest.mark.parametrize("d", [1, 10, 8 * 1000, SIGN_CHUNK, SIGN_CHUNK + 8, 3 * SIGN_CHUNK + 4003])
-def test_dense_accumulator_adds_bit_for_bit_as_decompress_add(name: str, d: int) -> None:
+def test_dense_accumulator_adds_bit_for_bit_as_decompress_add(name: str, d: int, kernels: bool) -> None:
+    """With and without the compiled kernels, against the compressor's pure numpy/torch path."""
+    if kernels and not native.available():
+        pytest.skip("native kernels not built")
     q = make_compressor(name, **({"ratio": 0.1} if name == "top-k" else {}))
     gen = torch.Generator().manual_seed(d)
     start = torch.randn(d, generator=gen)
     ours, ref = start.clone(), start.clone()
-    dense = DenseAccumulator(q)
+    with native.use_native(kernels):
+        dense = DenseAccumulator(q)
     for i, alpha in enumerate([1.0, 0.3, 1 / 7, 12.5]):
         p = q.compress(torch.randn(d, generator=gen) * (i + 1))
         dense.add_(p, ours, alpha=alpha)
-        q.decompress_add_(p, ref, alpha=alpha)
+        with native.use_native(False):
+            q.decompress_add_(p, ref, alpha=alpha)
     assert torch.equal(ours.view(torch.int32), ref.view(torch.int32))
 
 
