@@ -15,8 +15,8 @@ import torch
 
 from conef_fl import native
 from conef_fl.compressors.sign import ScaledSign
-from conef_fl.error_stores.base import NonFiniteError
 from conef_fl.error_stores import sketch as sketch_mod
+from conef_fl.error_stores.base import NonFiniteError
 from conef_fl.error_stores.sketch import CountSketch, SketchGeometry
 from conef_fl.feedback import make_feedback
 from conef_fl.registry import method_config
