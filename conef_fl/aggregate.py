@@ -74,6 +74,7 @@ class DenseAccumulator:
         self._topk = isinstance(compressor, TopK)
         self._scratch: tuple[np.ndarray, np.ndarray] | None = None
         self._kernels = native.ops() if self._sign else None
+        self._ks: dict[int, int] = {}
 
     def add_(self, payload: Payload, target: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
         """``target += alpha · Q⁻¹(payload)`` in place; returns ``target``."""
@@ -85,8 +86,7 @@ class DenseAccumulator:
                 idx, values = arrays.get("indices"), arrays.get("values")
                 if idx is not None and values is not None and idx.dtype == torch.int32 \
                         and values.dtype == torch.float32 and not idx.is_cuda and not values.is_cuda \
-                        and idx.numel() == values.numel() <= 1 << 16 \
-                        and idx.numel() == self.q.k_for(payload.numel):  # type: ignore[attr-defined]
+                        and idx.numel() == values.numel() <= 1 << 16 and idx.numel() == self._k(payload.numel):
                     flat.index_add_(0, idx, values, alpha=alpha)
                     return target
             else:
@@ -102,6 +102,13 @@ class DenseAccumulator:
                     return target
         self.q.decompress_add_(payload, target, alpha=alpha)
         return target
+
+    def _k(self, numel: int) -> int:
+        """Top-k's ``k_for(numel)``, computed once per size."""
+        k = self._ks.get(numel)
+        if k is None:
+            k = self._ks[numel] = self.q.k_for(numel)  # type: ignore[attr-defined]
+        return k
 
     def _add_signs(self, src: np.ndarray, s: float, out: np.ndarray) -> None:
         """``out += ±s`` per bit of ``src`` (bit 1 -> +s), :data:`SIGN_CHUNK` values at a time."""

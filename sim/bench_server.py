@@ -9,7 +9,8 @@ parameter MNIST CNN, encoded exactly as ``conef_mod`` sends it) and the wrapper'
 time, which a loaded machine inflates less). Peak extra memory is what
 ``aggregate_train`` allocates beyond the replies it was given: torch allocations from the
 profiler's memory events plus numpy and Python allocations from ``tracemalloc`` (measured in
-separate calls; their peaks added: an upper bound).
+separate calls; their peaks added: an upper bound). ``machine.native_kernels`` says whether the
+compiled kernels of :mod:`conef_fl.native` were used (the scaled-sign decode runs through them).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
+from conef_fl import native
 from conef_fl.flower import ConEF
 from conef_fl.flower import protocol as P
 from conef_fl.flower.codec import encode_payloads
@@ -133,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         "created_utc": datetime.datetime.fromtimestamp(t0, datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python", "-m", "sim.bench_server", *(argv if argv is not None else sys.argv[1:])]),
         "machine": {"cpu_model": _cpu_model(), "logical_cpus": os.cpu_count(), "torch_version": torch.__version__,
-                    "python_version": platform.python_version(), "torch_threads": torch.get_num_threads()},
+                    "python_version": platform.python_version(), "torch_threads": torch.get_num_threads(),
+                    "native_kernels": native.ops() is not None},
         "load_avg_start": load_start,
         "load_avg_end": _loadavg(),
         "elapsed_s": time.time() - t0,

@@ -245,14 +245,32 @@ class ReplyDecoder:
 
     def decode(self, arrays: ArrayRecord, meta: ConfigRecord) -> dict[str, Payload]:
         """Validate and decode one reply (:class:`PayloadError` as :func:`decode_payloads`)."""
+        return self.decode_sized(arrays, meta)[0]
+
+    def decode_sized(self, arrays: ArrayRecord, meta: ConfigRecord) -> tuple[dict[str, Payload], int, int]:
+        """:meth:`decode`, with the payloads' bytes (``Σ Payload.nbytes``) and the records' bytes.
+
+        The records' bytes are ``arrays.count_bytes() + meta.count_bytes()`` (Flower's count);
+        for a reply of the expected structure both sizes are known from the plan (each array's
+        length is checked; of the metadata only the values that compare equal to 0 or 1 can
+        differ in size: a ``bool`` counts 1 byte, a number 8).
+        """
         decoded = self._decode_expected(arrays, meta) if self._plan is not None else None
         if decoded is None:
-            return decode_payloads(arrays, meta, self.specs)
+            out = decode_payloads(arrays, meta, self.specs)
+            return out, sum(p.nbytes for p in out.values()), arrays.count_bytes() + meta.count_bytes()
         out, buffers = decoded
         if not self._values_ok(buffers):
             check_values(out)  # names the first bad tensor
             raise PayloadError("payload values are invalid (NaN/Inf or bad indices)")  # not reached
-        return out
+        plan = self._plan
+        assert plan is not None
+        if plan.meta_bytes is None:
+            record_bytes = plan.array_bytes + meta.count_bytes()
+        else:
+            record_bytes = plan.array_bytes + plan.meta_bytes + sum(
+                1 if isinstance(meta[k], bool) else 8 for k in plan.meta_01)
+        return out, plan.payload_bytes, record_bytes
 
     def _decode_expected(
         self, arrays: ArrayRecord, meta: ConfigRecord
@@ -327,6 +345,29 @@ def _checks_pass(plan: _Plan, buffers: list[np.ndarray]) -> bool:
     return True
 
 
+def _meta_bytes(meta: Mapping[str, object]) -> tuple[int | None, list[str]]:
+    """``ConfigRecord(meta).count_bytes()`` without the values equal to 0 or 1, and their keys.
+
+    A value that compares equal to the expected one has the same size (an ``int`` and a
+    ``float`` count 8 bytes, equal strings the same length) unless one is a ``bool`` (1 byte)
+    and the other a number: possible only for 0 and 1. ``(None, [])`` if any value is not a
+    plain scalar (each reply is then counted by Flower).
+    """
+    total, zero_one = 0, []
+    for k, v in meta.items():
+        total += len(k)
+        if isinstance(v, str):
+            total += len(v)
+        elif isinstance(v, (bool, int, float)):
+            if v == 0 or v == 1:
+                zero_one.append(k)
+            else:
+                total += 8
+        else:
+            return None, []
+    return total, zero_one
+
+
 class _Segments:
     """Where a reply's ``"indices"`` arrays lie in their buffer, for the batched index check."""
 
@@ -361,7 +402,8 @@ class _Plan:
     ``checks``: the batched value checks (``None``: :func:`~conef_fl.validation.check_values`).
     """
 
-    __slots__ = ("keys", "meta", "tensors", "items", "buffers", "splits", "checks")
+    __slots__ = ("keys", "meta", "tensors", "items", "buffers", "splits", "checks", "payload_bytes", "array_bytes",
+                 "meta_bytes", "meta_01")
 
     def __init__(self) -> None:
         self.keys: set[str] = set()
@@ -371,6 +413,13 @@ class _Plan:
         self.buffers: list[tuple[str, int]] = []
         self.splits: list[list[int]] = []
         self.checks: _Checks | None = None
+        #: ``Σ Payload.nbytes`` and ``ArrayRecord.count_bytes()`` of a reply of this structure
+        self.payload_bytes = 0
+        self.array_bytes = 0
+        #: ``ConfigRecord.count_bytes()`` of ``meta`` without the values of the keys ``meta_01``
+        #: (those equal to 0 or 1: a reply may send them as bool); ``None``: count each reply's
+        self.meta_bytes: int | None = None
+        self.meta_01: list[str] = []
 
 
 def _compile(specs: Mapping[str, PayloadSpec]) -> _Plan | None:
@@ -410,10 +459,14 @@ def _compile(specs: Mapping[str, PayloadSpec]) -> _Plan | None:
             header = _npy_header(np_dtype, shape)
             wire_key = f"{tensor}{SEP}{name}"
             plan.keys.add(wire_key)
-            plan.items[wire_key] = (np_dtype, shape, header, len(header) + count * _itemsize(np_dtype), b, lo, hi)
+            nbytes = len(header) + count * _itemsize(np_dtype)
+            plan.items[wire_key] = (np_dtype, shape, header, nbytes, b, lo, hi)
+            plan.payload_bytes += count * (2 if bf16 else _itemsize(np_dtype))
+            plan.array_bytes += nbytes + len(wire_key)
             parts.append((name, b, len(plan.splits[b]) - 1, None if shape == (count,) else shape, bf16))
         plan.tensors.append((tensor, spec.kind, spec.shape, spec.meta, parts))
     plan.buffers = [(dtype, sizes[b]) for (_, dtype), b in slots.items()]
+    plan.meta_bytes, plan.meta_01 = _meta_bytes(plan.meta)
     if fused and len(spans) <= 1:
         floats = [b for (_, dtype), b in slots.items() if np.dtype(dtype).kind == "f"]
         indices = next((_Segments(b, s) for b, s in spans.items()), None)

@@ -83,6 +83,8 @@ UNSUPPORTED: dict[type, str] = {
 }
 #: Compressors whose payload is values at distinct coordinates (the norm needs no decoding).
 _VALUE_SELECTING = (SelectiveCompressor, TopK)
+#: The arrays of a value-selecting payload whose norm is its values' norm.
+_VALUE_ARRAYS = frozenset({"values", "indices"})
 #: Largest ``num-examples`` weight a reply may claim (their sum stays finite).
 MAX_WEIGHT = 1e12
 #: Inner-strategy attributes that hold cross-round state (checkpointed).
@@ -616,6 +618,10 @@ class ConEF(Strategy):
             self.downlink.forget(node)
 
     def _decode(self, msg: Message, specs: Mapping[str, PayloadSpec]) -> dict[str, Payload]:
+        return self._decode_sized(msg, specs)[0]
+
+    def _decode_sized(self, msg: Message, specs: Mapping[str, PayloadSpec]) -> tuple[dict[str, Payload], int, int]:
+        """The reply's payloads, their bytes and its payload records' bytes (``ReplyDecoder.decode_sized``)."""
         content = msg.content
         arrays, meta = content.get(P.PAYLOAD_RECORD), content.get(P.PAYLOAD_META_RECORD)
         if not isinstance(arrays, ArrayRecord) or not isinstance(meta, ConfigRecord):
@@ -623,7 +629,7 @@ class ConEF(Strategy):
                                f"(has {sorted(content.keys())}); is conef_mod in the ClientApp's mods?")
         if self._decoder is None or self._decoder.specs is not specs:  # compiled once per round's specs
             self._decoder = ReplyDecoder(specs)
-        return self._decoder.decode(arrays, meta)
+        return self._decoder.decode_sized(arrays, meta)
 
     def _metrics(self, msg: Message, server_round: int) -> tuple[float, _Info]:
         """The reply's weight and ConEF metrics, checked for type, finiteness and range."""
@@ -657,10 +663,11 @@ class ConEF(Strategy):
     def _norm(self, payloads: Mapping[str, Payload]) -> float:
         """L2 norm of the decoded update; from the values alone for value-selecting Q (no dense tensor)."""
         q, sq = self.compressor, 0.0
+        selecting, scaled = isinstance(q, _VALUE_SELECTING), isinstance(q, SelectiveCompressor)
         for p in payloads.values():
-            if isinstance(q, _VALUE_SELECTING) and set(p.arrays) <= {"values", "indices"}:
+            if selecting and p.arrays.keys() <= _VALUE_ARRAYS:
                 # validated: distinct indices (or a seed-determined selection), so ||Q⁻¹(p)|| = scale·||values||
-                scale = q.value_scale(p.numel) if isinstance(q, SelectiveCompressor) else 1.0
+                scale = q.value_scale(p.numel) if scaled else 1.0  # type: ignore[attr-defined]
                 n = float(torch.linalg.vector_norm(p.arrays["values"], dtype=torch.float64))  # no float64 copy
                 sq += scale**2 * (n * n)
             else:
@@ -688,10 +695,9 @@ class ConEF(Strategy):
                  specs: Mapping[str, PayloadSpec]) -> tuple[float, _Info, dict[str, Payload], float]:
         """One reply's weight, statistics, decoded payloads and update norm; ``PayloadError`` etc. if it is bad."""
         weight, info = self._metrics(msg, server_round)
-        payloads = self._decode(msg, specs)
-        info["payload-bytes"] = float(sum(p.nbytes for p in payloads.values()))
-        info["record-bytes"] = float(msg.content[P.PAYLOAD_RECORD].count_bytes()
-                                     + msg.content[P.PAYLOAD_META_RECORD].count_bytes())
+        payloads, payload_bytes, record_bytes = self._decode_sized(msg, specs)
+        info["payload-bytes"] = float(payload_bytes)
+        info["record-bytes"] = float(record_bytes)
         norm = self._norm(payloads)
         if not math.isfinite(norm):
             raise PayloadError(f"update norm is {norm}")

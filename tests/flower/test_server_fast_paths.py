@@ -232,3 +232,20 @@ def test_streamed_aggregate_is_the_reference_sum_and_a_refused_reply_leaves_no_t
                                  if i != 2])
     for k, v in want.items():
         assert new[k].numpy().tobytes() == v.tobytes(), k
+
+
+@pytest.mark.parametrize(("method", "options"), [("ef-topk", {}), ("ef-topk", {"value_dtype": "bfloat16"}),
+                                                 ("ef-sign", {}), ("conef-cs", {}), ("atomo", {})])
+def test_decode_sized_counts_bytes_as_flower_and_the_payloads_do(method: str, options: dict) -> None:
+    """The plan's byte counts equal ``count_bytes`` and ``Payload.nbytes``, also with ``True`` sent for a 1."""
+    strategy, seed = _strategy(method, **options)
+    decoder = ReplyDecoder(strategy.payload_specs(1))
+    for arrays, meta in _encoded(strategy, seed, 2):
+        metas = [meta]
+        ones = [k for k, v in meta.items() if not isinstance(v, (bool, str)) and v == 1]
+        if ones:  # equal to the expected 1, so accepted, but Flower counts a bool as 1 byte
+            metas.append(ConfigRecord({**dict(meta), ones[0]: True}))
+        for m in metas:
+            payloads, payload_bytes, record_bytes = decoder.decode_sized(arrays, m)
+            assert payload_bytes == sum(p.nbytes for p in payloads.values())
+            assert record_bytes == arrays.count_bytes() + m.count_bytes()
