@@ -1,7 +1,9 @@
-"""Shared fixtures: paths to ../shared/data and skips when it is missing."""
+"""Shared fixtures: paths to ../shared/data and skips when it is missing; a private partition cache."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,26 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
 MNIST_DIR = SHARED_DATA / "mnist"
 SHAKESPEARE_FILE = SHARED_DATA / "tinyshakespeare" / "input.txt"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_partition_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Point the ClientApp's on-disk partition cache at this worker's temp folder.
+
+    The tests (and the SuperNodes and ClientApps they start, which inherit the
+    environment) never read or write the user's real cache, and the deployments of one
+    worker share their partitions as a user's runs would.
+    """
+    from clients.partition_cache import ENV_VAR
+
+    folder = tmp_path_factory.mktemp("partition-cache")
+    before = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop(ENV_VAR, None)
+    else:
+        os.environ[ENV_VAR] = before
 
 
 @pytest.fixture
