@@ -104,10 +104,12 @@ def build(force: bool = False) -> Path:
     if out.exists() and not force:
         return out
     cxx = os.environ.get("CXX") or "g++"
-    if shutil.which(cxx) is None:
-        raise RuntimeError(f"no C++ compiler {cxx!r} on PATH (set CXX)")
     out.parent.mkdir(parents=True, exist_ok=True)
     failed = out.with_suffix(".failed")
+    if shutil.which(cxx) is None:
+        msg = f"no C++ compiler {cxx!r} on PATH (set CXX)"
+        failed.write_text(msg)
+        raise RuntimeError(msg)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         part = Path(tmp) / out.name
         proc = subprocess.run(_compile_command(part), capture_output=True, text=True, check=False)
