@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from conef_fl import native
-from conef_fl.bitpack import bits_of_bytes_table, packed_nbytes
+from conef_fl.bitpack import packed_nbytes
 from conef_fl.compressors.base import Compressor, Payload, flat_target, normalized_weights
-from conef_fl.compressors.sign import ScaledSign
+from conef_fl.compressors.sign import PM_TABLE, ScaledSign
 from conef_fl.compressors.topk import TopK
 
 #: Values per chunk of the receiver's scaled-sign decode (a multiple of 8). Its scratch, reused
@@ -24,9 +24,6 @@ from conef_fl.compressors.topk import TopK
 #: (:mod:`conef_fl.compressors.sign`, bounded by its 2 %-of-4d transient limit); a server
 #: holds the dense sum anyway, and fewer chunks are fewer numpy calls per reply.
 SIGN_CHUNK = 1 << 15
-
-#: Row ``b``: the ±1 of the eight entries of byte ``b`` (bit 1 -> +1, bit 0 -> -1), float32.
-_PM_TABLE = bits_of_bytes_table("cpu").numpy().astype(np.float32) * np.float32(2) - np.float32(1)
 
 
 def average_payloads(compressor: Compressor, payloads: Sequence[Payload], weights: Sequence[float]) -> torch.Tensor:
@@ -115,7 +112,7 @@ class DenseAccumulator:
         if self._scratch is None:
             self._scratch = (np.empty(SIGN_CHUNK // 8, dtype=np.intp), np.empty((SIGN_CHUNK // 8, 8), dtype=np.float32))
         idx, pm = self._scratch
-        table = _PM_TABLE * np.float32(s)  # (256, 8): ±s, exact
+        table = PM_TABLE * np.float32(s)  # (256, 8): ±s, exact
         d = out.size
         for lo in range(0, d, SIGN_CHUNK):
             c = min(SIGN_CHUNK, d - lo)

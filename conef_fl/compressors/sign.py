@@ -116,7 +116,7 @@ class ScaledSign(DecompressByAdding, Compressor):
 
 
 #: Row ``b``: the ±1 of the eight entries of byte ``b`` (bit 1 -> +1, bit 0 -> -1), float32.
-_PM_TABLE = bits_of_bytes_table("cpu").numpy().astype(np.float32) * np.float32(2) - np.float32(1)
+PM_TABLE = bits_of_bytes_table("cpu").numpy().astype(np.float32) * np.float32(2) - np.float32(1)
 
 
 def _add_signs_numpy(signs: torch.Tensor, flat: torch.Tensor, s: float) -> None:
@@ -127,7 +127,7 @@ def _add_signs_numpy(signs: torch.Tensor, flat: torch.Tensor, s: float) -> None:
     ``±s``) are torch tensors, so memory measurements see them; numpy only computes.
     """
     d = flat.numel()
-    table = _PM_TABLE * np.float32(s)  # (256, 8): ±s, exact
+    table = PM_TABLE * np.float32(s)  # (256, 8): ±s, exact
     step = _chunk(d)
     nb_max = packed_nbytes(min(step, d), 1)
     idx = torch.empty(nb_max, dtype=torch.int64).numpy()

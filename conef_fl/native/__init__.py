@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -58,8 +59,26 @@ _state: dict[str, Any] = {"loaded": None, "tried": False}
 _forced: list[bool | None] = [None]
 
 
+def _cpu_features() -> str:
+    """The CPU's instruction-set flags (Linux ``/proc/cpuinfo``), else the platform's names.
+
+    Part of the build key because the library is compiled with ``-march=native``: a
+    ``.venv`` moved to a CPU with other instructions finds no library (the fallback runs,
+    and ``python -m conef_fl.native build`` builds one) instead of loading code that would
+    stop the process with an illegal instruction.
+    """
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
 def _build_key() -> str:
     h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(_cpu_features().encode())
     h.update(torch.__version__.encode())
     h.update((sysconfig.get_config_var("SOABI") or sys.version).encode())
     h.update(str(torch._C._GLIBCXX_USE_CXX11_ABI).encode())
