@@ -13,9 +13,8 @@ import numpy as np
 import torch
 
 from conef_fl import native
-from conef_fl.bitpack import packed_nbytes
 from conef_fl.compressors.base import Compressor, Payload, flat_target, normalized_weights
-from conef_fl.compressors.sign import PM_TABLE, ScaledSign
+from conef_fl.compressors.sign import ScaledSign, add_sign_bytes
 from conef_fl.compressors.topk import TopK
 
 #: Values per chunk of the receiver's scaled-sign decode (a multiple of 8). Its scratch, reused
@@ -112,15 +111,7 @@ class DenseAccumulator:
         if self._scratch is None:
             self._scratch = (np.empty(SIGN_CHUNK // 8, dtype=np.intp), np.empty((SIGN_CHUNK // 8, 8), dtype=np.float32))
         idx, pm = self._scratch
-        table = PM_TABLE * np.float32(s)  # (256, 8): ±s, exact
-        d = out.size
-        for lo in range(0, d, SIGN_CHUNK):
-            c = min(SIGN_CHUNK, d - lo)
-            nb = packed_nbytes(c, 1)
-            idx[:nb] = src[lo // 8 : lo // 8 + nb]
-            np.take(table, idx[:nb], axis=0, out=pm[:nb], mode="clip")  # byte values are 0..255
-            part = out[lo : lo + c]
-            np.add(part, pm[:nb].reshape(-1)[:c], out=part)
+        add_sign_bytes(src, out, s, idx, pm)
 
     def release(self) -> None:
         """Drop the scratch buffers (the next scaled-sign payload allocates them again)."""

@@ -179,6 +179,22 @@ def spread(values: Sequence[float]) -> dict[str, Any]:
             "min": min(values), "max": max(values)}
 
 
+def _model_check(paired: Sequence[dict[str, Any]], model_key: str, transfer_key: str,
+                 startup_seconds: float) -> dict[str, Any]:
+    """A (revised) model's check over paired rounds: means, error, tolerance, within, discriminating."""
+    measured = statistics.fmean(p["measured"] for p in paired)
+    model = statistics.fmean(p[model_key] for p in paired)
+    transfer = statistics.fmean(p[transfer_key] for p in paired)
+    tolerance = ROUND_TOLERANCE * model + ROUND_SLACK_SECONDS
+    return {
+        "n": len(paired), "measured_seconds": measured, "model_seconds": model,
+        "transfer_seconds": transfer, "startup_seconds": startup_seconds,
+        "error": measured / model - 1.0, "tolerance_seconds": tolerance,
+        "within_tolerance": within(measured, model), "discriminates": transfer > tolerance,
+        "difference_spread": spread([p["measured"] - p[model_key] for p in paired]),
+    }
+
+
 def within(measured: float, model: float) -> bool:
     """The calibrated check: ``|measured − model| <= ROUND_TOLERANCE · model + ROUND_SLACK_SECONDS``."""
     return abs(measured - model) <= ROUND_TOLERANCE * model + ROUND_SLACK_SECONDS
@@ -433,31 +449,12 @@ def analyse_alternating(rounds: Sequence[Mapping[str, Any]], links: Sequence[Map
             })
         rev = [p for p in paired if "revised_model" in p]
         if rev:
-            measured_rev = statistics.fmean(p["measured"] for p in rev)
-            model_rev = statistics.fmean(p["revised_model"] for p in rev)
-            transfer_rev = statistics.fmean(p["revised_transfer"] for p in rev)
-            tol_rev = ROUND_TOLERANCE * model_rev + ROUND_SLACK_SECONDS
-            res["revised"] = {
-                "n": len(rev), "measured_seconds": measured_rev, "model_seconds": model_rev,
-                "transfer_seconds": transfer_rev, "startup_seconds": statistics.fmean(p["startup"] for p in rev),
-                "error": measured_rev / model_rev - 1.0, "tolerance_seconds": tol_rev,
-                "within_tolerance": within(measured_rev, model_rev), "discriminates": transfer_rev > tol_rev,
-                "difference_spread": spread([p["measured"] - p["revised_model"] for p in rev]),
-            }
+            res["revised"] = _model_check(rev, "revised_model", "revised_transfer",
+                                          statistics.fmean(p["startup"] for p in rev))
         ret = [p for p in paired if "retry_model" in p]
         if ret:
-            measured_ret = statistics.fmean(p["measured"] for p in ret)
-            model_ret = statistics.fmean(p["retry_model"] for p in ret)
-            transfer_ret = statistics.fmean(p["retry_transfer"] for p in ret)
-            tol_ret = ROUND_TOLERANCE * model_ret + ROUND_SLACK_SECONDS
-            res["revised_retry"] = {
-                "n": len(ret), "measured_seconds": measured_ret, "model_seconds": model_ret,
-                "transfer_seconds": transfer_ret,
-                "startup_seconds": statistics.fmean(statistics.fmean(p["own_startups"]) for p in ret),
-                "error": measured_ret / model_ret - 1.0, "tolerance_seconds": tol_ret,
-                "within_tolerance": within(measured_ret, model_ret), "discriminates": transfer_ret > tol_ret,
-                "difference_spread": spread([p["measured"] - p["retry_model"] for p in ret]),
-            }
+            res["revised_retry"] = _model_check(ret, "retry_model", "retry_transfer",
+                                                statistics.fmean(statistics.fmean(p["own_startups"]) for p in ret))
         shortening = [p["after_download_shortening"] for p in paired if "after_download_shortening" in p]
         if shortening:
             res["after_download_shortening_spread"] = spread(shortening)

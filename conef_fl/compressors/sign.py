@@ -127,13 +127,35 @@ def _add_signs_numpy(signs: torch.Tensor, flat: torch.Tensor, s: float) -> None:
     ``±s``) are torch tensors, so memory measurements see them; numpy only computes.
     """
     d = flat.numel()
-    table = PM_TABLE * np.float32(s)  # (256, 8): ±s, exact
     step = _chunk(d)
     nb_max = packed_nbytes(min(step, d), 1)
     idx = torch.empty(nb_max, dtype=torch.int64).numpy()
     pm = torch.empty((nb_max, 8), dtype=torch.float32).numpy()
-    src = signs.numpy()
-    out = flat.detach().numpy()
+    add_sign_bytes(signs.numpy(), flat.detach().numpy(), s, idx, pm)
+
+
+def add_sign_bytes(src: np.ndarray, out: np.ndarray, s: float, idx: np.ndarray, pm: np.ndarray) -> None:
+    """``out += ±s`` per bit of the packed bytes ``src`` (bit 1 -> +s), in place, in chunks.
+
+    Parameters
+    ----------
+    src:
+        uint8 sign bytes, ``ceil(out.size / 8)`` of them (bit order of :mod:`conef_fl.bitpack`).
+    out:
+        Contiguous float32 values to add to.
+    s:
+        The scale; ``±1 · float32(s)`` is exact, so each entry is rounded once.
+    idx, pm:
+        Caller's scratch: ``idx`` integer (byte values), ``pm`` float32 of shape ``(len(idx), 8)``;
+        a chunk is ``8 · len(idx)`` values (the caller sizes it to its memory budget).
+    """
+    d = out.size
+    if d == 0:
+        return
+    step = 8 * idx.shape[0]
+    if step == 0:
+        raise ValueError(f"add_sign_bytes: empty scratch for {d} values; give idx at least one entry")
+    table = PM_TABLE * np.float32(s)  # (256, 8): ±s, exact
     for lo in range(0, d, step):
         c = min(step, d - lo)
         nb = packed_nbytes(c, 1)
