@@ -41,6 +41,7 @@ import torch
 
 from conef_fl.compressors import make_compressor
 from conef_fl.compressors.base import Compressor, Payload, SelectiveCompressor
+from conef_fl.compressors.sign import ScaledSign
 from conef_fl.config import MethodConfig
 from conef_fl.error_stores.base import DenseError, ErrorStore, NonFiniteError, check_finite
 from conef_fl.error_stores.decayed import make_decayed
@@ -202,9 +203,13 @@ class ErrorFeedback(ABC):
         """The three roles in turn; subclasses with a fused fast path override this."""
         p = self._compensate_(self._buffer(u, consume))
         payload = self._compress(p, seed)
+        self._absorb_residual_(payload, p)
+        return payload
+
+    def _absorb_residual_(self, payload: Payload, p: torch.Tensor) -> None:
+        """Store the error of ``p − Δ`` (``p`` may be overwritten); subclasses may fuse the two."""
         self.compressor.decompress_add_(payload, p, alpha=-1.0)  # p := p − Δ
         self._absorb_(p)
-        return payload
 
     # -- the step's two memory roles, one at a time (callers that communicate between them) -----
     def compensate_(self, update: torch.Tensor, *, consume: bool = False) -> torch.Tensor:
@@ -377,8 +382,7 @@ class ConEF(ErrorFeedback):
                         raise NonFiniteError(f"update for {self.key!r} contains NaN or Inf; refused "
                                              "(error state left untouched)")
                     payload = self._compress(buf, seed)
-                    self.compressor.decompress_add_(payload, buf, alpha=-1.0)  # buf := p − Δ
-                    self._absorb_(buf)
+                    self._absorb_residual_(payload, buf)
                     self.steps += 1
                     return payload
             return super().step(buf, seed=seed, consume=True)  # buf is untouched: check, then the usual step
@@ -444,6 +448,18 @@ class ConEF(ErrorFeedback):
             for c in range(0, sel.k, chunk):
                 self.store.accumulate_sparse_(sel.indices[c : c + chunk], values[c : c + chunk], alpha=scale)
         return payload
+
+    def _absorb_residual_(self, payload: Payload, p: torch.Tensor) -> None:
+        """As :meth:`ErrorFeedback._absorb_residual_`; with a scaled sign and a one-row count sketch
+        the compiled kernels read ``p − Δ`` on the fly in the sketch update (one pass less,
+        bit-identical; ``p`` is left as it is)."""
+        if isinstance(self.compressor, ScaledSign) and isinstance(self.store, CountSketch) \
+                and payload.kind == ScaledSign.name and p.dtype == torch.float32:
+            scale = payload.arrays["scale"]
+            s = -float(scale.to(torch.float32)) if scale.numel() == 1 else None
+            if s is not None and self.store.feedback_accumulate_signs_(p, 1.0 - self.beta, payload.arrays["signs"], s):
+                return
+        super()._absorb_residual_(payload, p)
 
     def _compensate_(self, buf: torch.Tensor) -> torch.Tensor:
         return self.store.estimate_add_(buf, alpha=1.0 - self.beta)  # buf := p = u + (1−β)ê

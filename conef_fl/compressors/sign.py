@@ -42,12 +42,22 @@ class ScaledSign(DecompressByAdding, Compressor):
 
     @torch.no_grad()
     def compress(self, x: torch.Tensor, *, seed: int = 0, key: str = "") -> Payload:
-        """Sign bits of ``x`` and the mean absolute value (``seed`` and ``key`` are unused)."""
+        """Sign bits of ``x`` and the mean absolute value (``seed`` and ``key`` are unused).
+
+        The bits of a contiguous float32 CPU ``x`` are packed by the compiled kernel where it
+        is built (:mod:`conef_fl.native`), else chunk by chunk in torch: the same bytes.
+        """
         flat = x.reshape(-1)
         d = flat.numel()
         l1 = torch.linalg.vector_norm(flat, 1, dtype=torch.float32)  # no |x| temporary
         scale = (l1 / max(d, 1)).to(torch.float32).reshape(1)
         signs = torch.empty(packed_nbytes(d, 1), dtype=torch.uint8, device=flat.device)
+        if flat.device.type == "cpu" and flat.dtype == torch.float32 and flat.is_contiguous() \
+                and not flat.requires_grad:
+            kernels = native.ops()
+            if kernels is not None:  # one pass, the same bytes (conef_fl.native)
+                kernels.sign_pack_(flat, signs)
+                return Payload(self.name, tuple(int(s) for s in x.shape), {"signs": signs, "scale": scale}, {})
         full = d - d % 8
         step = _chunk(d)
         mask = torch.empty(min(step, full), dtype=torch.bool, device=flat.device)

@@ -576,7 +576,7 @@ class CountSketch(ErrorStore):
             if kernels is not None:
                 crow, col, val = (h.crow, h.perm, h.sign) if u0 == 0 and u1 == h.full else h.transposed(u0, u1)
                 kernels.sketch_scatter_(table, x_units, crow, col, val, alpha, None, tail, h.tail_bucket,
-                                        alpha * h.tail_sign, 0, 1.0)
+                                        alpha * h.tail_sign, 0, 1.0, None, 0.0)
                 continue
             if u1 > u0 and x_units.dtype != self._cdtype:
                 self._scatter_index(table, h, x_units, u0, alpha)
@@ -943,14 +943,36 @@ class CountSketch(ErrorStore):
         flat = x.reshape(-1)
         if flat.numel() != g.numel:
             raise ValueError(f"x has {flat.numel()} elements, sketch expects {g.numel}")
+        if not self._fused_feedback(flat, coeff, None, 0.0):
+            self.subtract_estimate_feedback_(coeff)
+            self.accumulate_(x)
+        return True
+
+    def feedback_accumulate_signs_(self, x: torch.Tensor, coeff: float, signs: torch.Tensor, s: float) -> bool:
+        """``S ← S − coeff · CS(ê) + CS(x ± s)`` in one pass where the compiled kernels apply, else nothing.
+
+        ``x ± s`` is ``x`` after ``sign_add_(x, signs, s)`` (bit 1: ``+s``; the scaled sign's
+        ``x − Δ`` with ``s = −scale``), computed on the fly: ``x`` is only read. Bit-identical
+        to :meth:`ScaledSign.decompress_add_` then :meth:`feedback_accumulate_`. Returns
+        whether it was done (``False``: one row required, a CPU float32 table, the kernels
+        built, at least :data:`NATIVE_WIDE_MIN_NUMEL` elements).
+        """
+        flat = x.reshape(-1)
+        if self.geometry.rows != 1 or flat.numel() != self.geometry.numel or self._cdtype != torch.float32:
+            return False
+        if signs.dtype != torch.uint8 or signs.numel() != (flat.numel() + 7) // 8 or not signs.is_contiguous():
+            return False
+        return self._fused_feedback(flat, coeff, signs, s)
+
+    def _fused_feedback(self, flat: torch.Tensor, coeff: float, signs: torch.Tensor | None, s: float) -> bool:
+        """The one-pass ``S ← S − coeff · CS(ê) + CS(flat [± s])`` through the kernels; ``False``: not applicable."""
+        g = self.geometry
         full, m = g.full_units, g.unit
         units = flat[: full * m].view(full, m)
         tail = flat[full * m :] if g.tail else None
         kernels = self._native(units, tail, fused=True) if full else None
         if kernels is None:
-            self.subtract_estimate_feedback_(coeff)
-            self.accumulate_(x)
-            return True
+            return False
         c = coeff * self.estimate_scale
         factor = self._feedback_factor(c)
         h = self._hashes()[0]
@@ -958,7 +980,7 @@ class CountSketch(ErrorStore):
         if g.tail:  # as subtract_estimate_feedback_: the tail's columns of its bucket get (n_b + 1)
             tail_cols, tail_factor = g.tail, float(factor[h.tail_bucket]) - c
         kernels.sketch_scatter_(self.table[0], units, h.crow, h.perm, h.sign, 1.0, factor, tail, h.tail_bucket,
-                                h.tail_sign, tail_cols, tail_factor)
+                                h.tail_sign, tail_cols, tail_factor, signs, s)
         return True
 
     def assign_(self, x: torch.Tensor) -> CountSketch:

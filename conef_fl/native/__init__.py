@@ -8,7 +8,8 @@
 * ``sketch_gather_add_`` / ``sketch_gather_add_csr_``: ``x_unit += α·s·S[h(unit)]`` for every
   unit (one-row recovery; unit order / bucket order), returning whether ``x`` was all finite
   before (the finite check of an update fused into this pass);
-* ``sign_add_``: ``x_i += ±s`` from packed sign bits.
+* ``sign_add_``: ``x_i += ±s`` from packed sign bits;
+* ``sign_pack_``: the sign bits of ``x >= 0``, eight per byte (what ``pack_bits(x >= 0, 1)`` stores).
 
 Each reproduces, term by term and in the same order, the arithmetic of the torch path it
 replaces (sparse-CSR ``addmm_``, the 16-bit float32 scratch, ``addcmul_``, the numpy ``±s``
@@ -51,7 +52,7 @@ ENV_DIR = "CONEF_NATIVE_DIR"
 #: The kernels' C++ source (shipped as package data).
 SOURCE = Path(__file__).with_name("conef_native.cpp")
 #: Version of the operators' signatures; the library reports it (``abi_version``).
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"loaded": None, "tried": False}

@@ -106,13 +106,56 @@ bool in_range(const at::Tensor& idx, int64_t n) {
   return ok;
 }
 
+// sum[k] +-= x[k] for k < nb (the unit's sign: plus or minus); with a table of +-s per byte value
+// (lut != nullptr), x[k] + (+-s of bit k of bytes bb) instead of x[k], rounded once (x and bb aligned
+// to whole bytes, nb a multiple of 8).
+template <typename A>
+__attribute__((always_inline)) inline void add_unit(A* sum, const A* x, const uint8_t* bb, const A* lut, bool plus,
+                                                    int64_t nb) {
+#ifdef __AVX2__
+  if constexpr (std::is_same<A, float>::value) {
+    if (lut != nullptr) {  // +-s chosen by each lane's bit: no table loads
+      const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+      const __m256 sp = _mm256_set1_ps(lut[8 * 255]), sn = _mm256_set1_ps(lut[0]);
+      for (int64_t q = 0; q < nb / 8; ++q) {
+        const __m256i bits = _mm256_and_si256(_mm256_set1_epi32(bb[q]), lane);
+        const __m256 e = _mm256_blendv_ps(sn, sp, _mm256_castsi256_ps(_mm256_cmpeq_epi32(bits, lane)));
+        const __m256 v = _mm256_add_ps(_mm256_loadu_ps(x + q * 8), e);
+        const __m256 acc = _mm256_loadu_ps(sum + q * 8);
+        _mm256_storeu_ps(sum + q * 8, plus ? _mm256_add_ps(acc, v) : _mm256_sub_ps(acc, v));
+      }
+      return;
+    }
+  }
+#endif
+  if (lut != nullptr) {
+    A v[kBlock];
+    for (int64_t q = 0; q < nb / 8; ++q) {
+      const A* e = lut + static_cast<int64_t>(bb[q]) * 8;
+      for (int k = 0; k < 8; ++k) v[q * 8 + k] = x[q * 8 + k] + e[k];
+    }
+    if (plus) {
+      for (int64_t k = 0; k < nb; ++k) sum[k] = sum[k] + v[k];
+    } else {
+      for (int64_t k = 0; k < nb; ++k) sum[k] = sum[k] - v[k];
+    }
+    return;
+  }
+  if (plus) {
+    for (int64_t k = 0; k < nb; ++k) sum[k] = sum[k] + x[k];
+  } else {
+    for (int64_t k = 0; k < nb; ++k) sum[k] = sum[k] - x[k];
+  }
+}
+
 // table[b, :] = round( (table[b, :] * factor[b]) + alpha * sum_{p in [crow[b], crow[b+1])} val[p] * x[col[p], :] )
 // (+ the tail unit's columns in its bucket), accumulated in Acc<T>.
 template <typename T, typename I>
 void scatter_impl(at::Tensor& table, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                   const at::Tensor& val, double alpha, const c10::optional<at::Tensor>& factor,
                   const c10::optional<at::Tensor>& tail, int64_t tail_bucket, double tail_alpha,
-                  int64_t tail_factor_cols, double tail_factor) {
+                  int64_t tail_factor_cols, double tail_factor, const c10::optional<at::Tensor>& signs,
+                  double s) {
   using A = typename Acc<T>::type;
   const int64_t W = table.size(0), m = table.size(1);
   T* tab = table.data_ptr<T>();
@@ -125,8 +168,32 @@ void scatter_impl(at::Tensor& table, const at::Tensor& x, const at::Tensor& crow
   const int64_t tn = tail.has_value() ? tail->numel() : 0;
   const A a = static_cast<A>(alpha);
   const A ta = static_cast<A>(tail_alpha);
+  // with signs: every value read is x + (bit ? s : -s), rounded once (sign_add_'s sum), computed
+  // into a per-bucket buffer of its units' rows instead of being written back to x
+  const uint8_t* sb = signs.has_value() ? signs->data_ptr<uint8_t>() : nullptr;
+  const A sp = static_cast<A>(static_cast<float>(s)), sn = -sp;
+  auto bit_value = [&](int64_t g) -> A { return ((sb[g >> 3] >> (g & 7)) & 1) ? sp : sn; };
+  std::vector<A> lut;  // +-s of the eight entries of every byte value, as in sign_add_
+  if (sb != nullptr) {
+    lut.resize(256 * 8);
+    for (int v = 0; v < 256; ++v)
+      for (int k = 0; k < 8; ++k) lut[v * 8 + k] = ((v >> k) & 1) ? sp : sn;
+  }
+  // units of whole bytes (m % 8 == 0): the correction is made in registers (add_unit), else rows are
+  // corrected into a per-bucket buffer first
+  const bool aligned = sb != nullptr && m % 8 == 0;
+  const A* lut_p = aligned ? lut.data() : nullptr;
+  std::vector<A> tail_fixed;
+  if (sb != nullptr && tl != nullptr) {
+    const int64_t off = x.size(0) * m;
+    tail_fixed.resize(tn);
+    for (int64_t j = 0; j < tn; ++j)
+      tail_fixed[j] = tl[j] + bit_value(off + j);
+    tl = tail_fixed.data();
+  }
   at::parallel_for(0, W, 1, [&](int64_t b0, int64_t b1) {
     std::vector<A> acc(m);
+    std::vector<A> fixed;
     for (int64_t b = b0; b < b1; ++b) {
       T* row = tab + b * m;
       load_row(row, acc.data(), m);
@@ -143,6 +210,29 @@ void scatter_impl(at::Tensor& table, const at::Tensor& x, const at::Tensor& crow
         load_row(row, acc.data(), m);
       }
       const int32_t p0 = cr[b], p1 = cr[b + 1];
+      if (sb != nullptr && !aligned && p1 > p0) {
+        fixed.resize(static_cast<size_t>(p1 - p0) * m);
+        for (int32_t p = p0; p < p1; ++p) {
+          const int64_t g0 = static_cast<int64_t>(cl[p]) * m;
+          const A* xr = xs + g0;
+          A* fr = fixed.data() + static_cast<int64_t>(p - p0) * m;
+          int64_t j = 0;
+          for (; j < m && ((g0 + j) & 7) != 0; ++j) fr[j] = xr[j] + bit_value(g0 + j);
+          for (; j + 8 <= m; j += 8) {  // whole bytes: eight +-s from the table, one add each
+            const A* e = lut.data() + static_cast<int64_t>(sb[(g0 + j) >> 3]) * 8;
+            for (int k = 0; k < 8; ++k) fr[j + k] = xr[j + k] + e[k];
+          }
+          for (; j < m; ++j) fr[j] = xr[j] + bit_value(g0 + j);
+        }
+      }
+      // the row of position p: the unit's row of x (corrected in add_unit), or its corrected copy
+      auto row_of = [&](int32_t p) -> const A* {
+        return (sb != nullptr && !aligned) ? fixed.data() + static_cast<int64_t>(p - p0) * m
+                                           : xs + static_cast<int64_t>(cl[p]) * m;
+      };
+      auto bytes_of = [&](int32_t p, int64_t j0) -> const uint8_t* {
+        return aligned ? sb + ((static_cast<int64_t>(cl[p]) * m + j0) >> 3) : nullptr;
+      };
       if (p1 > p0) {
         // column blocks held in registers, every unit of the bucket read in turn: several rows
         // (pages) stream at once; per column the terms are summed in CSR order
@@ -150,28 +240,14 @@ void scatter_impl(at::Tensor& table, const at::Tensor& x, const at::Tensor& crow
         for (; j0 + kBlock <= m; j0 += kBlock) {
           A sum[kBlock];
           for (int64_t k = 0; k < kBlock; ++k) sum[k] = A(0);
-          for (int32_t p = p0; p < p1; ++p) {
-            const A* xr = xs + static_cast<int64_t>(cl[p]) * m + j0;
-            if (vs[p] >= A(0)) {
-              for (int64_t k = 0; k < kBlock; ++k) sum[k] = sum[k] + xr[k];
-            } else {
-              for (int64_t k = 0; k < kBlock; ++k) sum[k] = sum[k] - xr[k];
-            }
-          }
+          for (int32_t p = p0; p < p1; ++p) add_unit(sum, row_of(p) + j0, bytes_of(p, j0), lut_p, vs[p] >= A(0), kBlock);
           for (int64_t k = 0; k < kBlock; ++k) acc[j0 + k] = std::fma(a, sum[k], acc[j0 + k]);
         }
         if (j0 < m) {
           const int64_t nb = m - j0;
           A sum[kBlock];
           for (int64_t k = 0; k < nb; ++k) sum[k] = A(0);
-          for (int32_t p = p0; p < p1; ++p) {
-            const A* xr = xs + static_cast<int64_t>(cl[p]) * m + j0;
-            if (vs[p] >= A(0)) {
-              for (int64_t k = 0; k < nb; ++k) sum[k] = sum[k] + xr[k];
-            } else {
-              for (int64_t k = 0; k < nb; ++k) sum[k] = sum[k] - xr[k];
-            }
-          }
+          for (int32_t p = p0; p < p1; ++p) add_unit(sum, row_of(p) + j0, bytes_of(p, j0), lut_p, vs[p] >= A(0), nb);
           for (int64_t k = 0; k < nb; ++k) acc[j0 + k] = std::fma(a, sum[k], acc[j0 + k]);
         }
       }
@@ -186,7 +262,8 @@ void scatter_impl(at::Tensor& table, const at::Tensor& x, const at::Tensor& crow
 void sketch_scatter_(at::Tensor table, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                      const at::Tensor& val, double alpha, const c10::optional<at::Tensor>& factor,
                      const c10::optional<at::Tensor>& tail, int64_t tail_bucket, double tail_alpha,
-                     int64_t tail_factor_cols, double tail_factor) {
+                     int64_t tail_factor_cols, double tail_factor, const c10::optional<at::Tensor>& signs,
+                     double s) {
   check_cpu_contig(table, "table");
   check_cpu_contig(x, "x");
   check_cpu_contig(crow, "crow");
@@ -208,13 +285,20 @@ void sketch_scatter_(at::Tensor table, const at::Tensor& x, const at::Tensor& cr
   }
   TORCH_CHECK(tail_factor_cols <= table.size(1), "tail_factor_cols out of range");
   TORCH_CHECK(in_range(col, x.size(0)), "col out of range");
+  if (signs.has_value()) {
+    check_cpu_contig(*signs, "signs");
+    const int64_t n = x.numel() + (tail.has_value() ? tail->numel() : 0);
+    TORCH_CHECK(signs->scalar_type() == at::kByte && signs->numel() == (n + 7) / 8,
+                "signs: ceil(numel / 8) uint8 bytes expected");
+    TORCH_CHECK(acc_t == at::kFloat, "signs need a float32 compute dtype");
+  }
 #define CONEF_SCATTER(T)                                                                                   \
   if (col.scalar_type() == at::kInt)                                                                       \
     scatter_impl<T, int32_t>(table, x, crow, col, val, alpha, factor, tail, tail_bucket, tail_alpha,       \
-                             tail_factor_cols, tail_factor);                                               \
+                             tail_factor_cols, tail_factor, signs, s);                                     \
   else                                                                                                     \
     scatter_impl<T, int64_t>(table, x, crow, col, val, alpha, factor, tail, tail_bucket, tail_alpha,       \
-                             tail_factor_cols, tail_factor);
+                             tail_factor_cols, tail_factor, signs, s);
   switch (table.scalar_type()) {
     case at::kFloat: CONEF_SCATTER(float) break;
     case at::kDouble: CONEF_SCATTER(double) break;
@@ -392,7 +476,39 @@ void sign_add_(at::Tensor target, const at::Tensor& signs, double s) {
   for (int64_t i = nbytes * 8; i < d; ++i) y[i] = y[i] + (((bits[i / 8] >> (i % 8)) & 1u) ? sp : sn);
 }
 
-int64_t abi_version() { return 2; }
+// out[c] = bits of x[8c .. 8c + 7] >= 0 (bit k for x[8c + k]; NaN -> 0, -0.0 -> 1), the bytes of
+// ``pack_bits(x >= 0, 1)``; the last partial byte has zeros above the tail.
+void sign_pack_(const at::Tensor& x, at::Tensor out) {
+  check_cpu_contig(x, "x");
+  check_cpu_contig(out, "out");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && out.scalar_type() == at::kByte, "float32 x, uint8 out");
+  const int64_t d = x.numel();
+  TORCH_CHECK(out.numel() == (d + 7) / 8, "out must hold ceil(d / 8) bytes");
+  const float* xs = x.data_ptr<float>();
+  uint8_t* o = out.data_ptr<uint8_t>();
+  const int64_t nbytes = d / 8;
+  at::parallel_for(0, nbytes, 16384, [&](int64_t c0, int64_t c1) {
+    int64_t c = c0;
+#ifdef __AVX__
+    const __m256 zero = _mm256_setzero_ps();
+    for (; c < c1; ++c)
+      o[c] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(xs + c * 8), zero, _CMP_GE_OQ)));
+#endif
+    for (; c < c1; ++c) {
+      const float* v = xs + c * 8;
+      uint8_t b = 0;
+      for (int k = 0; k < 8; ++k) b |= static_cast<uint8_t>(v[k] >= 0.0f) << k;
+      o[c] = b;
+    }
+  });
+  if (nbytes * 8 < d) {
+    uint8_t b = 0;
+    for (int64_t i = nbytes * 8; i < d; ++i) b |= static_cast<uint8_t>(xs[i] >= 0.0f) << (i - nbytes * 8);
+    o[nbytes] = b;
+  }
+}
+
+int64_t abi_version() { return 3; }
 
 }  // namespace
 
@@ -400,10 +516,11 @@ TORCH_LIBRARY(conef_native, mod) {
   mod.def("abi_version() -> int", &abi_version);
   mod.def("sketch_scatter_(Tensor(a!) table, Tensor x, Tensor crow, Tensor col, Tensor val, float alpha, "
           "Tensor? factor, Tensor? tail, int tail_bucket, float tail_alpha, int tail_factor_cols, "
-          "float tail_factor) -> ()", &sketch_scatter_);
+          "float tail_factor, Tensor? signs, float s) -> ()", &sketch_scatter_);
   mod.def("sketch_gather_add_(Tensor(a!) target, Tensor table, Tensor bucket, Tensor sign, float alpha) -> bool",
           &sketch_gather_add_);
   mod.def("sketch_gather_add_csr_(Tensor(a!) target, Tensor table, Tensor crow, Tensor col, Tensor val, "
           "float alpha) -> bool", &sketch_gather_add_csr_);
   mod.def("sign_add_(Tensor(a!) target, Tensor signs, float s) -> ()", &sign_add_);
+  mod.def("sign_pack_(Tensor x, Tensor(a!) out) -> ()", &sign_pack_);
 }

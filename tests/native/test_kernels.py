@@ -150,6 +150,38 @@ def test_sign_decode_add_is_bit_identical(d: int) -> None:
     _assert_same(a, b)
 
 
+@pytest.mark.parametrize("d", [1, 8, 13, 20_003, 70_001])
+def test_sign_packing_is_bit_identical(d: int) -> None:
+    x = _vec(d, 13)
+    x[::7] = 0.0
+    x[3::11] = -0.0  # packed as +, like torch.ge(x, 0)
+    x[5::13] = float("nan")  # packed as -
+    q = ScaledSign()
+    (a, _), (b, _) = _both(lambda v: q.compress(v), x)
+    _assert_same(a.arrays["signs"], b.arrays["signs"])
+    assert torch.equal(a.arrays["scale"].view(torch.int32), b.arrays["scale"].view(torch.int32))  # NaN here
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_fused_sign_residual_update_equals_decode_then_update(dtype: str) -> None:
+    numel = 30_007  # a tail unit: its values are corrected too
+    sk = CountSketch(SketchGeometry.for_ratio(numel, 0.1, 1, unit=64), seed=3, dtype=dtype)
+    sk.accumulate_(_vec(numel, 5))
+    p = _vec(numel, 6)
+    payload = ScaledSign().compress(p)
+    s = -float(payload.arrays["scale"])
+    ref, r = copy.deepcopy(sk), p.clone()
+    with native.use_native(False):
+        ScaledSign().decompress_add_(payload, r, alpha=-1.0)
+        assert ref.feedback_accumulate_(r, 0.1)
+        assert not sk.feedback_accumulate_signs_(p, 0.1, payload.arrays["signs"], s)  # no kernels: nothing done
+    before = p.clone()
+    with native.use_native(True):
+        assert sk.feedback_accumulate_signs_(p, 0.1, payload.arrays["signs"], s)
+    _assert_same(ref.table, sk.table)
+    _assert_same(p, before)  # read only
+
+
 def test_kernels_refuse_bad_indices() -> None:
     with native.use_native(True):
         ops = native.ops()
@@ -160,7 +192,7 @@ def test_kernels_refuse_bad_indices() -> None:
     crow = torch.tensor([0, 1, 2, 2, 2], dtype=torch.int32)
     with pytest.raises(RuntimeError, match="out of range"):
         ops.sketch_scatter_(table, torch.zeros(2, 3), crow, torch.tensor([0, 2], dtype=torch.int32),
-                            torch.ones(2), 1.0, None, None, 0, 1.0, 0, 1.0)
+                            torch.ones(2), 1.0, None, None, 0, 1.0, 0, 1.0, None, 0.0)
 
 
 def test_switch_and_the_kernels_are_used(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -180,5 +212,5 @@ def test_switch_and_the_kernels_are_used(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(native, "ops", lambda: Counting())
     cfg = method_config("conef-cs", compressor="scaled-sign", beta=0.9, sketch_ratio=0.1, sketch_dtype="float16")
     make_feedback(cfg, (20_000,), key="w").step(_vec(20_000, 1), seed=0)
-    assert {"sketch_scatter_", "sign_add_"} <= set(calls)
+    assert {"sketch_scatter_", "sign_pack_"} <= set(calls)
     assert {"sketch_gather_add_", "sketch_gather_add_csr_"} & set(calls)
