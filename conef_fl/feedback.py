@@ -376,11 +376,15 @@ class ConEF(ErrorFeedback):
             self._check_update(update)
             buf = self._buffer(update.reshape(-1), consume)  # float32: a copy is exact
             with self.store.reuse_hashes():
+                if type(self.compressor) is ScaledSign:
+                    payload = self._sign_step(buf)
+                    if payload is not None:
+                        self.steps += 1
+                        return payload
                 finite = self.store.estimate_add_finite_(buf, alpha=1.0 - self.beta)  # buf := p (or untouched)
                 if finite is not None:
                     if not finite:
-                        raise NonFiniteError(f"update for {self.key!r} contains NaN or Inf; refused "
-                                             "(error state left untouched)")
+                        raise self._refusal()
                     payload = self._compress(buf, seed)
                     self._absorb_residual_(payload, buf)
                     self.steps += 1
@@ -392,7 +396,28 @@ class ConEF(ErrorFeedback):
         with self.store.reuse_hashes():  # the store's hashes are computed once per step
             if self.store.linear and isinstance(self.compressor, SelectiveCompressor):
                 return self._step_selective(u, seed, consume)
+            if type(self.compressor) is ScaledSign and isinstance(self.store, CountSketch):
+                u = self._buffer(u, consume)
+                payload = self._sign_step(u)
+                if payload is not None:
+                    return payload
+                consume = True
             return super()._step(u, seed, consume)  # compensate_, Q, absorb_
+
+    def _sign_step(self, buf: torch.Tensor) -> Payload | None:
+        """The scaled sign's whole step in one compiled call (:meth:`CountSketch.sign_step_`), checking
+        ``buf`` for NaN/Inf in its first pass; ``None`` (nothing done) where that does not apply."""
+        done = self.store.sign_step_(buf, 1.0 - self.beta)  # type: ignore[attr-defined]
+        if done is None:
+            return None
+        finite, signs, scale = done
+        if not finite:
+            raise self._refusal()
+        return Payload(ScaledSign.name, self.shape, {"signs": signs, "scale": scale}, {})
+
+    def _refusal(self) -> NonFiniteError:
+        """The refusal of an update found non-finite inside a fused pass (the error state untouched)."""
+        return NonFiniteError.refusal(f"update for {self.key!r}")
 
     def _step_selective(self, u: torch.Tensor, seed: int, consume: bool = False) -> Payload:
         q = self.compressor

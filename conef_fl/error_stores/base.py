@@ -22,6 +22,11 @@ import torch
 class NonFiniteError(ValueError):
     """An update or a state contains NaN or Inf."""
 
+    @classmethod
+    def refusal(cls, what: str) -> NonFiniteError:
+        """The refusal of ``what`` (an update), with the error state left untouched: one wording everywhere."""
+        return cls(f"{what} contains NaN or Inf; refused (error state left untouched)")
+
 
 def check_finite(x: torch.Tensor, what: str) -> None:
     """Raise :class:`NonFiniteError` if ``x`` has NaN/Inf.
@@ -36,7 +41,7 @@ def check_finite(x: torch.Tensor, what: str) -> None:
     if bool(torch.isfinite(flat.sum(dtype=torch.float64 if flat.dtype == torch.float64 else torch.float32))):
         return
     if not bool(torch.isfinite(torch.linalg.vector_norm(flat, ord=float("inf")))):
-        raise NonFiniteError(f"{what} contains NaN or Inf; refused (error state left untouched)")
+        raise NonFiniteError.refusal(what)
 
 
 class ErrorStore(ABC):

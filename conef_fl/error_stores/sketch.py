@@ -50,6 +50,10 @@ _BLOCK_FRACTION = 1 / 128
 #: the kernels at 10M and up to 3× faster below a few million (L3-resident; docs/benchmarks.md).
 #: 16-bit tables always use them (no torch kernel reads 16-bit rows and accumulates in float32).
 NATIVE_WIDE_MIN_NUMEL = 1 << 22
+#: ... except the scaled sign's fused residual update (:meth:`CountSketch.feedback_accumulate_signs_`),
+#: which saves the decode pass too and wins for units of at least this many values at any size
+#: (ResNet-18's 0.29M–2.4M tensors, units 28–230); on shorter units MKL's product is faster.
+NATIVE_SIGN_MIN_UNIT = 24
 #: Random sign bits drawn per int64 word.
 _SIGN_BITS = 62
 _SHIFTS = torch.arange(_SIGN_BITS, dtype=torch.int64)
@@ -384,6 +388,16 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape: tuple[
 
 
 @functools.lru_cache(maxsize=256)
+class _FeedbackFactor:
+    """A hash-cache entry: the per-bucket factor of ``S ← S − c·CS(ê)`` and its tail value (never written)."""
+
+    __slots__ = ("factor", "tail", "nbytes")
+
+    def __init__(self, factor: torch.Tensor, tail: float) -> None:
+        self.factor, self.tail = factor, tail
+        self.nbytes = factor.numel() * factor.element_size()
+
+
 def _bucket_loads(buckets: int, full: int, device: str) -> torch.Tensor:
     """Full units per bucket as float32 (balanced hashing: a function of the geometry; shared, never written)."""
     crow = torch.arange(buckets + 1, dtype=torch.int64, device=device).mul_(full)
@@ -522,7 +536,7 @@ class CountSketch(ErrorStore):
     def _use_sparse(self) -> bool:
         return self.table.dtype in _SPARSE_DTYPES
 
-    def _native(self, *xs: torch.Tensor | None, fused: bool = False) -> Any:
+    def _native(self, *xs: torch.Tensor | None, fused: bool = False, min_numel: int | None = None) -> Any:
         """The compiled kernels (:mod:`conef_fl.native`) when they apply to ``xs``, else ``None``.
 
         They apply to a CPU table and contiguous CPU operands in the compute dtype; a
@@ -532,7 +546,8 @@ class CountSketch(ErrorStore):
         """
         if self.table.device.type != "cpu":
             return None
-        if self._use_sparse() and (not fused or self.geometry.numel < NATIVE_WIDE_MIN_NUMEL):
+        floor = NATIVE_WIDE_MIN_NUMEL if min_numel is None else min_numel
+        if self._use_sparse() and (not fused or self.geometry.numel < floor):
             return None
         for x in xs:
             if x is not None and (x.dtype != self._cdtype or x.device.type != "cpu" or not x.is_contiguous()
@@ -926,9 +941,22 @@ class CountSketch(ErrorStore):
         return True
 
     def _feedback_factor(self, c: float) -> torch.Tensor:
-        """``1 − c·n_b`` per bucket (float32; ``n_b``: full units in bucket ``b``)."""
+        """``1 − c·n_b`` per bucket (float32; ``n_b``: full units in bucket ``b``), a new tensor."""
         g = self.geometry
         return _bucket_loads(g.buckets, g.full_units, str(self.table.device)).mul(-c).add_(1.0)
+
+    def _fused_factor(self, c: float) -> tuple[torch.Tensor, float]:
+        """:meth:`_feedback_factor` (never written) and the tail unit's bucket's factor on the tail's columns
+        (``factor[b] − c``; 1.0 without a tail unit), from the hash cache: the same every step."""
+        g = self.geometry
+
+        def build() -> _FeedbackFactor:
+            factor = self._feedback_factor(c)
+            tail = float(factor[_tail_hash(self._row_seeds[0], g.buckets)[0]]) - c if g.tail else 1.0
+            return _FeedbackFactor(factor, tail)
+
+        entry = _CACHE.get_or_build(("feedback-factor", self._row_seeds[0], g, str(self.table.device), c), build)
+        return entry.factor, entry.tail
 
     def feedback_accumulate_(self, x: torch.Tensor, coeff: float) -> bool:
         """``S ← S − coeff · CS(ê) + CS(x)``: :meth:`subtract_estimate_feedback_` then :meth:`accumulate_`.
@@ -955,7 +983,8 @@ class CountSketch(ErrorStore):
         ``x − Δ`` with ``s = −scale``), computed on the fly: ``x`` is only read. Bit-identical
         to :meth:`ScaledSign.decompress_add_` then :meth:`feedback_accumulate_`. Returns
         whether it was done (``False``: one row required, a CPU float32 table, the kernels
-        built, at least :data:`NATIVE_WIDE_MIN_NUMEL` elements).
+        built, units of at least :data:`NATIVE_SIGN_MIN_UNIT` values or a 16-bit table or at least
+        :data:`NATIVE_WIDE_MIN_NUMEL` elements).
         """
         flat = x.reshape(-1)
         if self.geometry.rows != 1 or flat.numel() != self.geometry.numel or self._cdtype != torch.float32:
@@ -964,21 +993,46 @@ class CountSketch(ErrorStore):
             return False
         return self._fused_feedback(flat, coeff, signs, s)
 
+    def sign_step_(self, x: torch.Tensor, coeff: float) -> tuple[bool, torch.Tensor, torch.Tensor] | None:
+        """A whole ConEF step with the scaled sign in one compiled call, or ``None``.
+
+        ``x`` (the update, a buffer that is overwritten) becomes ``p = x + coeff·ê``; the payload
+        is ``Q(p)``; ``S ← S − coeff·CS(ê) + CS(p − Q(p))``. Returns ``(finite, signs, scale)``;
+        when ``x`` held NaN/Inf, ``finite`` is ``False`` and the table is untouched. The same
+        bits as :meth:`estimate_add_`, :meth:`ScaledSign.compress`, then
+        :meth:`feedback_accumulate_signs_` (or the decode and :meth:`feedback_accumulate_`).
+        ``None`` (nothing done) unless: one row, a float32 CPU table, a contiguous float32 ``x``,
+        the kernels built. At every size it is faster than the separate calls (ResNet-18's 64 to
+        2.4M-value tensors, and 10M: ``docs/benchmarks.md``), so it has no size limit.
+        """
+        g = self.geometry
+        if g.rows != 1 or self.table.dtype != torch.float32 or x.numel() != g.numel:
+            return None
+        flat = x if x.dim() == 1 else x.reshape(-1)
+        kernels = self._native(flat, fused=True, min_numel=0)
+        if kernels is None:
+            return None
+        c = coeff * self.estimate_scale
+        h = self._hashes()[0]
+        factor, tail_factor = self._fused_factor(c)
+        signs = torch.empty((g.numel + 7) // 8, dtype=torch.uint8)
+        finite, scale = kernels.conef_sign_step_(flat, self.table[0], h.ubucket, h.usign, c, h.crow, h.perm, h.sign,
+                                                 factor, h.tail_bucket, h.tail_sign, tail_factor, signs)
+        return bool(finite), signs, scale
+
     def _fused_feedback(self, flat: torch.Tensor, coeff: float, signs: torch.Tensor | None, s: float) -> bool:
         """The one-pass ``S ← S − coeff · CS(ê) + CS(flat [± s])`` through the kernels; ``False``: not applicable."""
         g = self.geometry
         full, m = g.full_units, g.unit
         units = flat[: full * m].view(full, m)
         tail = flat[full * m :] if g.tail else None
-        kernels = self._native(units, tail, fused=True) if full else None
+        floor = 0 if signs is not None and m >= NATIVE_SIGN_MIN_UNIT else None
+        kernels = self._native(units, tail, fused=True, min_numel=floor) if full else None
         if kernels is None:
             return False
-        c = coeff * self.estimate_scale
-        factor = self._feedback_factor(c)
+        factor, tail_factor = self._fused_factor(coeff * self.estimate_scale)
         h = self._hashes()[0]
-        tail_cols, tail_factor = 0, 1.0
-        if g.tail:  # as subtract_estimate_feedback_: the tail's columns of its bucket get (n_b + 1)
-            tail_cols, tail_factor = g.tail, float(factor[h.tail_bucket]) - c
+        tail_cols = g.tail  # as subtract_estimate_feedback_: the tail's columns of its bucket get (n_b + 1)
         kernels.sketch_scatter_(self.table[0], units, h.crow, h.perm, h.sign, 1.0, factor, tail, h.tail_bucket,
                                 h.tail_sign, tail_cols, tail_factor, signs, s)
         return True

@@ -8,6 +8,7 @@
 // Work is split over buckets (update) or units (recovery), so results do not depend on the thread count.
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 #include <c10/util/BFloat16.h>
@@ -106,45 +107,49 @@ bool in_range(const at::Tensor& idx, int64_t n) {
   return ok;
 }
 
-// sum[k] +-= x[k] for k < nb (the unit's sign: plus or minus); with a table of +-s per byte value
-// (lut != nullptr), x[k] + (+-s of bit k of bytes bb) instead of x[k], rounded once (x and bb aligned
-// to whole bytes, nb a multiple of 8).
-template <typename A>
-__attribute__((always_inline)) inline void add_unit(A* sum, const A* x, const uint8_t* bb, const A* lut, bool plus,
-                                                    int64_t nb) {
-#ifdef __AVX2__
-  if constexpr (std::is_same<A, float>::value) {
-    if (lut != nullptr) {  // +-s chosen by each lane's bit: no table loads
-      const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-      const __m256 sp = _mm256_set1_ps(lut[8 * 255]), sn = _mm256_set1_ps(lut[0]);
-      for (int64_t q = 0; q < nb / 8; ++q) {
-        const __m256i bits = _mm256_and_si256(_mm256_set1_epi32(bb[q]), lane);
-        const __m256 e = _mm256_blendv_ps(sn, sp, _mm256_castsi256_ps(_mm256_cmpeq_epi32(bits, lane)));
-        const __m256 v = _mm256_add_ps(_mm256_loadu_ps(x + q * 8), e);
-        const __m256 acc = _mm256_loadu_ps(sum + q * 8);
-        _mm256_storeu_ps(sum + q * 8, plus ? _mm256_add_ps(acc, v) : _mm256_sub_ps(acc, v));
-      }
-      return;
-    }
-  }
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "conef_native reads packed sign bits as little-endian words"
 #endif
-  if (lut != nullptr) {
-    A v[kBlock];
-    for (int64_t q = 0; q < nb / 8; ++q) {
-      const A* e = lut + static_cast<int64_t>(bb[q]) * 8;
-      for (int k = 0; k < 8; ++k) v[q * 8 + k] = x[q * 8 + k] + e[k];
-    }
+
+// Bits [g, g + 57) of the packed bits sb (nbytes bytes), as the low bits of a word (bytes past the end read as 0).
+inline uint64_t bits_at(const uint8_t* sb, int64_t nbytes, int64_t g) {
+  const int64_t i = g >> 3;
+  uint64_t w = 0;
+  std::memcpy(&w, sb + i, static_cast<size_t>(std::min<int64_t>(8, nbytes - i)));
+  return w >> (g & 7);
+}
+
+// sum[k] +-= x[k] for k < nb <= kBlock (the unit's sign: plus or minus); with sign bits (sb != nullptr),
+// x[k] + (bit g + k of sb ? sp : sn) instead of x[k], rounded once (sign_add_'s sum).
+template <typename A>
+__attribute__((always_inline)) inline void add_unit(A* sum, const A* x, const uint8_t* sb, int64_t nbytes, int64_t g,
+                                                    A sp, A sn, bool plus, int64_t nb) {
+  if (sb == nullptr) {
     if (plus) {
-      for (int64_t k = 0; k < nb; ++k) sum[k] = sum[k] + v[k];
+      for (int64_t k = 0; k < nb; ++k) sum[k] = sum[k] + x[k];
     } else {
-      for (int64_t k = 0; k < nb; ++k) sum[k] = sum[k] - v[k];
+      for (int64_t k = 0; k < nb; ++k) sum[k] = sum[k] - x[k];
     }
     return;
   }
-  if (plus) {
-    for (int64_t k = 0; k < nb; ++k) sum[k] = sum[k] + x[k];
-  } else {
-    for (int64_t k = 0; k < nb; ++k) sum[k] = sum[k] - x[k];
+  const uint64_t w = bits_at(sb, nbytes, g);  // kBlock = 32 <= 57 bits
+  int64_t k = 0;
+#ifdef __AVX2__
+  if constexpr (std::is_same<A, float>::value) {  // +-s chosen by each lane's bit, eight lanes at a time
+    const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256 vp = _mm256_set1_ps(sp), vn = _mm256_set1_ps(sn);
+    for (; k + 8 <= nb; k += 8) {
+      const __m256i bits = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>((w >> k) & 0xffu)), lane);
+      const __m256 e = _mm256_blendv_ps(vn, vp, _mm256_castsi256_ps(_mm256_cmpeq_epi32(bits, lane)));
+      const __m256 v = _mm256_add_ps(_mm256_loadu_ps(x + k), e);
+      const __m256 acc = _mm256_loadu_ps(sum + k);
+      _mm256_storeu_ps(sum + k, plus ? _mm256_add_ps(acc, v) : _mm256_sub_ps(acc, v));
+    }
+  }
+#endif
+  for (; k < nb; ++k) {
+    const A v = x[k] + (((w >> k) & 1u) ? sp : sn);
+    sum[k] = plus ? sum[k] + v : sum[k] - v;
   }
 }
 
@@ -168,32 +173,21 @@ void scatter_impl(at::Tensor& table, const at::Tensor& x, const at::Tensor& crow
   const int64_t tn = tail.has_value() ? tail->numel() : 0;
   const A a = static_cast<A>(alpha);
   const A ta = static_cast<A>(tail_alpha);
-  // with signs: every value read is x + (bit ? s : -s), rounded once (sign_add_'s sum), computed
-  // into a per-bucket buffer of its units' rows instead of being written back to x
+  // with signs: every value read is x + (bit ? s : -s), rounded once (sign_add_'s sum), computed in
+  // registers as it is summed (add_unit) instead of being written back to x
   const uint8_t* sb = signs.has_value() ? signs->data_ptr<uint8_t>() : nullptr;
   const A sp = static_cast<A>(static_cast<float>(s)), sn = -sp;
-  auto bit_value = [&](int64_t g) -> A { return ((sb[g >> 3] >> (g & 7)) & 1) ? sp : sn; };
-  std::vector<A> lut;  // +-s of the eight entries of every byte value, as in sign_add_
-  if (sb != nullptr) {
-    lut.resize(256 * 8);
-    for (int v = 0; v < 256; ++v)
-      for (int k = 0; k < 8; ++k) lut[v * 8 + k] = ((v >> k) & 1) ? sp : sn;
-  }
-  // units of whole bytes (m % 8 == 0): the correction is made in registers (add_unit), else rows are
-  // corrected into a per-bucket buffer first
-  const bool aligned = sb != nullptr && m % 8 == 0;
-  const A* lut_p = aligned ? lut.data() : nullptr;
+  const int64_t nsb = signs.has_value() ? signs->numel() : 0;
   std::vector<A> tail_fixed;
   if (sb != nullptr && tl != nullptr) {
     const int64_t off = x.size(0) * m;
     tail_fixed.resize(tn);
     for (int64_t j = 0; j < tn; ++j)
-      tail_fixed[j] = tl[j] + bit_value(off + j);
+      tail_fixed[j] = tl[j] + (((sb[(off + j) >> 3] >> ((off + j) & 7)) & 1) ? sp : sn);
     tl = tail_fixed.data();
   }
   at::parallel_for(0, W, 1, [&](int64_t b0, int64_t b1) {
     std::vector<A> acc(m);
-    std::vector<A> fixed;
     for (int64_t b = b0; b < b1; ++b) {
       T* row = tab + b * m;
       load_row(row, acc.data(), m);
@@ -210,29 +204,6 @@ void scatter_impl(at::Tensor& table, const at::Tensor& x, const at::Tensor& crow
         load_row(row, acc.data(), m);
       }
       const int32_t p0 = cr[b], p1 = cr[b + 1];
-      if (sb != nullptr && !aligned && p1 > p0) {
-        fixed.resize(static_cast<size_t>(p1 - p0) * m);
-        for (int32_t p = p0; p < p1; ++p) {
-          const int64_t g0 = static_cast<int64_t>(cl[p]) * m;
-          const A* xr = xs + g0;
-          A* fr = fixed.data() + static_cast<int64_t>(p - p0) * m;
-          int64_t j = 0;
-          for (; j < m && ((g0 + j) & 7) != 0; ++j) fr[j] = xr[j] + bit_value(g0 + j);
-          for (; j + 8 <= m; j += 8) {  // whole bytes: eight +-s from the table, one add each
-            const A* e = lut.data() + static_cast<int64_t>(sb[(g0 + j) >> 3]) * 8;
-            for (int k = 0; k < 8; ++k) fr[j + k] = xr[j + k] + e[k];
-          }
-          for (; j < m; ++j) fr[j] = xr[j] + bit_value(g0 + j);
-        }
-      }
-      // the row of position p: the unit's row of x (corrected in add_unit), or its corrected copy
-      auto row_of = [&](int32_t p) -> const A* {
-        return (sb != nullptr && !aligned) ? fixed.data() + static_cast<int64_t>(p - p0) * m
-                                           : xs + static_cast<int64_t>(cl[p]) * m;
-      };
-      auto bytes_of = [&](int32_t p, int64_t j0) -> const uint8_t* {
-        return aligned ? sb + ((static_cast<int64_t>(cl[p]) * m + j0) >> 3) : nullptr;
-      };
       if (p1 > p0) {
         // column blocks held in registers, every unit of the bucket read in turn: several rows
         // (pages) stream at once; per column the terms are summed in CSR order
@@ -240,14 +211,20 @@ void scatter_impl(at::Tensor& table, const at::Tensor& x, const at::Tensor& crow
         for (; j0 + kBlock <= m; j0 += kBlock) {
           A sum[kBlock];
           for (int64_t k = 0; k < kBlock; ++k) sum[k] = A(0);
-          for (int32_t p = p0; p < p1; ++p) add_unit(sum, row_of(p) + j0, bytes_of(p, j0), lut_p, vs[p] >= A(0), kBlock);
+          for (int32_t p = p0; p < p1; ++p) {
+            const int64_t g = static_cast<int64_t>(cl[p]) * m + j0;
+            add_unit(sum, xs + g, sb, nsb, g, sp, sn, vs[p] >= A(0), kBlock);
+          }
           for (int64_t k = 0; k < kBlock; ++k) acc[j0 + k] = std::fma(a, sum[k], acc[j0 + k]);
         }
         if (j0 < m) {
           const int64_t nb = m - j0;
           A sum[kBlock];
           for (int64_t k = 0; k < nb; ++k) sum[k] = A(0);
-          for (int32_t p = p0; p < p1; ++p) add_unit(sum, row_of(p) + j0, bytes_of(p, j0), lut_p, vs[p] >= A(0), nb);
+          for (int32_t p = p0; p < p1; ++p) {
+            const int64_t g = static_cast<int64_t>(cl[p]) * m + j0;
+            add_unit(sum, xs + g, sb, nsb, g, sp, sn, vs[p] >= A(0), nb);
+          }
           for (int64_t k = 0; k < nb; ++k) acc[j0 + k] = std::fma(a, sum[k], acc[j0 + k]);
         }
       }
@@ -508,6 +485,46 @@ void sign_pack_(const at::Tensor& x, at::Tensor out) {
   }
 }
 
+// One ConEF step with the scaled sign on a one-row float32 count sketch, exactly as the Python path
+// computes it (every piece is the kernel or the torch operator that path calls), in one call:
+//   x := x + est_alpha * e_hat (full units: sketch_gather_add_; the tail unit: add_), refused when a
+//        value of x was not finite (then the table is untouched);
+//   scale = float32(||x||_1 / d) (torch's norm), signs = pack(x >= 0) (sign_pack_);
+//   table := table * factor + CS(x - Delta) (sketch_scatter_ with the sign bits).
+// Returns (finite, scale); the caller makes the payload of (signs, scale).
+std::tuple<bool, at::Tensor> conef_sign_step_(at::Tensor x, at::Tensor table, const at::Tensor& ubucket,
+                                              const at::Tensor& usign, double est_alpha, const at::Tensor& crow,
+                                              const at::Tensor& perm, const at::Tensor& sign,
+                                              const at::Tensor& factor, int64_t tail_bucket, double tail_sign,
+                                              double tail_factor, at::Tensor signs) {
+  check_cpu_contig(x, "x");
+  check_cpu_contig(table, "table");
+  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == at::kFloat, "x: a float32 vector");
+  TORCH_CHECK(table.dim() == 2 && table.scalar_type() == at::kFloat, "table (W, m) float32 expected");
+  const int64_t m = table.size(1), d = x.numel(), full = ubucket.numel();
+  TORCH_CHECK(full * m <= d && d - full * m < std::max<int64_t>(m, 1), "x does not match the units");
+  const int64_t tail = d - full * m;
+  TORCH_CHECK(tail == 0 || (tail_bucket >= 0 && tail_bucket < table.size(0)), "tail_bucket out of range");
+  at::Tensor units = x.narrow(0, 0, full * m).view({full, m});
+  bool finite = true;
+  if (full > 0) finite = sketch_gather_add_(units, table, ubucket, usign, est_alpha);
+  c10::optional<at::Tensor> tail_x;
+  if (tail > 0) {
+    at::Tensor t = x.narrow(0, full * m, tail);
+    finite = finite && t.isfinite().all().item<bool>();  // before the estimate is added, as the gather checks
+    t.add_(table.select(0, tail_bucket).narrow(0, 0, tail), est_alpha * tail_sign);
+    tail_x = t;
+  }
+  if (!finite) return std::make_tuple(false, at::Tensor());
+  const at::Tensor l1 = at::linalg_vector_norm(x, 1, c10::nullopt, false, at::kFloat);
+  const at::Tensor scale = l1.div(std::max<int64_t>(d, 1)).to(at::kFloat).reshape({1});
+  sign_pack_(x, signs);
+  const double s = -static_cast<double>(scale.item<float>());
+  sketch_scatter_(table, units, crow, perm, sign, 1.0, factor, tail_x, tail > 0 ? tail_bucket : 0, tail_sign,
+                  tail, tail > 0 ? tail_factor : 1.0, signs, s);
+  return std::make_tuple(true, scale);
+}
+
 int64_t abi_version() { return 3; }
 
 }  // namespace
@@ -522,5 +539,8 @@ TORCH_LIBRARY(conef_native, mod) {
   mod.def("sketch_gather_add_csr_(Tensor(a!) target, Tensor table, Tensor crow, Tensor col, Tensor val, "
           "float alpha) -> bool", &sketch_gather_add_csr_);
   mod.def("sign_add_(Tensor(a!) target, Tensor signs, float s) -> ()", &sign_add_);
+  mod.def("conef_sign_step_(Tensor(a!) x, Tensor(b!) table, Tensor ubucket, Tensor usign, float est_alpha, "
+          "Tensor crow, Tensor perm, Tensor sign, Tensor factor, int tail_bucket, float tail_sign, "
+          "float tail_factor, Tensor(c!) signs) -> (bool, Tensor)", &conef_sign_step_);
   mod.def("sign_pack_(Tensor x, Tensor(a!) out) -> ()", &sign_pack_);
 }

@@ -121,6 +121,46 @@ def test_conef_steps_are_bit_identical(q: str, dtype: str) -> None:
             _assert_same(a.arrays[k], b.arrays[k])
 
 
+@pytest.mark.parametrize(("shape", "unit"), [((64,), None), ((1000,), 3), ((7, 9, 13), 5), ((4096,), None)])
+def test_small_sign_step_in_one_call_is_bit_identical(shape: tuple[int, ...], unit: int | None) -> None:
+    extra = {"sketch_unit": unit} if unit else {}  # 1000 = 333·3 + 1 and 819 = 163·5 + 4: tail units
+    cfg = method_config("conef-cs", compressor="scaled-sign", beta=0.3, sketch_ratio=0.1, **extra)
+    numel = torch.Size(shape).numel()
+    fb = make_feedback(cfg, shape, key="w")
+    results = []
+    for enabled in (False, True):
+        f = copy.deepcopy(fb)
+        payloads = []
+        with native.use_native(enabled):
+            for step in range(4):
+                u = _vec(numel, 20 + step).view(shape)
+                payloads.append(f.step(u, seed=step, consume=step % 2 == 0) if step < 2
+                                else f.step_checked(u, seed=step, consume=step % 2 == 0))
+        results.append((f, payloads))
+    (f0, p0), (f1, p1) = results
+    _assert_same(f0.store.table, f1.store.table)
+    with native.use_native(True):  # the one-call path is the one taken
+        assert f1.store.sign_step_(_vec(numel, 30), 0.7) is not None
+    for a, b in zip(p0, p1, strict=True):
+        assert (a.kind, a.shape, a.arrays.keys()) == (b.kind, b.shape, b.arrays.keys())
+        for k in a.arrays:
+            _assert_same(a.arrays[k], b.arrays[k])
+
+
+@pytest.mark.parametrize("where", [0, 999])  # in a full unit, in the tail unit
+def test_small_sign_step_refuses_non_finite_with_the_table_untouched(where: int) -> None:
+    cfg = method_config("conef-cs", compressor="scaled-sign", sketch_ratio=0.1, sketch_unit=3)
+    fb = make_feedback(cfg, (1000,), key="w")
+    with native.use_native(True):
+        fb.step(_vec(1000, 1), seed=0)
+        before = fb.store.table.clone()
+        u = _vec(1000, 2)
+        u[where] = float("nan")
+        with pytest.raises(NonFiniteError, match="NaN or Inf"):
+            fb.step_checked(u, seed=1)  # a caller that skipped the check is still refused
+        assert torch.equal(fb.store.table, before) and fb.steps == 1
+
+
 @pytest.mark.parametrize("enabled", [False, True])
 @pytest.mark.parametrize("where", [12_345, 20_005])  # in a full unit, in the tail unit
 @pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
@@ -163,9 +203,10 @@ def test_sign_packing_is_bit_identical(d: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_fused_sign_residual_update_equals_decode_then_update(dtype: str) -> None:
+@pytest.mark.parametrize("unit", [64, 57, 3])  # units of whole bytes, and units that start mid-byte
+def test_fused_sign_residual_update_equals_decode_then_update(dtype: str, unit: int) -> None:
     numel = 30_007  # a tail unit: its values are corrected too
-    sk = CountSketch(SketchGeometry.for_ratio(numel, 0.1, 1, unit=64), seed=3, dtype=dtype)
+    sk = CountSketch(SketchGeometry.for_ratio(numel, 0.1, 1, unit=unit), seed=3, dtype=dtype)
     sk.accumulate_(_vec(numel, 5))
     p = _vec(numel, 6)
     payload = ScaledSign().compress(p)
