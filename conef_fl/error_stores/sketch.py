@@ -54,6 +54,10 @@ NATIVE_WIDE_MIN_NUMEL = 1 << 22
 #: which saves the decode pass too and wins for units of at least this many values at any size
 #: (ResNet-18's 0.29M–2.4M tensors, units 28–230); on shorter units MKL's product is faster.
 NATIVE_SIGN_MIN_UNIT = 24
+#: ... and float32 sketches of at most this many elements (ResNet-18's 48 smallest tensors) use them
+#: for the whole recovery (one call, :meth:`CountSketch.estimate_add_`) and the fused update: there
+#: a call's fixed cost (Python, dispatch, MKL's setup) is most of the work.
+NATIVE_SMALL_MAX_NUMEL = int(__import__("os").environ.get("SMALL", str(1 << 16)))
 #: Random sign bits drawn per int64 word.
 _SIGN_BITS = 62
 _SHIFTS = torch.arange(_SIGN_BITS, dtype=torch.int64)
@@ -793,12 +797,26 @@ class CountSketch(ErrorStore):
         if flat.numel() != g.numel:
             raise ValueError(f"target has {flat.numel()} elements, sketch expects {g.numel}")
         a = alpha * self.estimate_scale
+        if self._recover_small(flat, a) is not None:
+            return target
         full, m = g.full_units, g.unit
         with self.reuse_hashes():
             self._estimate_units_add_(flat[: full * m].view(full, m), 0, a)
             if g.tail:
                 self._add_piece_estimate_(flat[full * m :], full, 0, g.tail, a)
         return target
+
+    def _recover_small(self, flat: torch.Tensor, a: float) -> bool | None:
+        """``flat += a·P S`` (tail unit too) in one compiled call for a small one-row float32 sketch;
+        whether ``flat`` was finite before, or ``None`` (nothing done)."""
+        g = self.geometry
+        if g.rows != 1 or g.numel > NATIVE_SMALL_MAX_NUMEL or self.table.dtype != torch.float32:
+            return None
+        kernels = self._native(flat, fused=True, min_numel=0)
+        if kernels is None:
+            return None
+        h = self._hashes()[0]
+        return bool(kernels.sketch_recover_(flat, self.table[0], h.ubucket, h.usign, a, h.tail_bucket, h.tail_sign))
 
     def estimate_add_finite_(self, target: torch.Tensor, alpha: float = 1.0) -> bool | None:
         """:meth:`estimate_add_` that also tells whether ``target`` held only finite values before.
@@ -813,6 +831,9 @@ class CountSketch(ErrorStore):
         flat = target.view(-1)
         if flat.numel() != g.numel:
             raise ValueError(f"target has {flat.numel()} elements, sketch expects {g.numel}")
+        small = self._recover_small(flat, alpha * self.estimate_scale)
+        if small is not None:
+            return small
         full, m = g.full_units, g.unit
         if g.rows != 1 or not full:
             return None
@@ -1026,7 +1047,7 @@ class CountSketch(ErrorStore):
         full, m = g.full_units, g.unit
         units = flat[: full * m].view(full, m)
         tail = flat[full * m :] if g.tail else None
-        floor = 0 if signs is not None and m >= NATIVE_SIGN_MIN_UNIT else None
+        floor = 0 if (signs is not None and m >= NATIVE_SIGN_MIN_UNIT) or g.numel <= NATIVE_SMALL_MAX_NUMEL else None
         kernels = self._native(units, tail, fused=True, min_numel=floor) if full else None
         if kernels is None:
             return False

@@ -485,6 +485,30 @@ void sign_pack_(const at::Tensor& x, at::Tensor out) {
   }
 }
 
+// x := x + alpha * e_hat for a whole vector (1-D float32) of a one-row float32 sketch, in one call: the full
+// units by sketch_gather_add_, the tail unit (x's last d - full*m values) by add_ of its bucket's
+// first columns times alpha * tail_sign, as CountSketch.estimate_add_ does. Returns whether every value of x
+// was finite before.
+bool sketch_recover_(at::Tensor x, const at::Tensor& table, const at::Tensor& ubucket, const at::Tensor& usign,
+                     double alpha, int64_t tail_bucket, double tail_sign) {
+  check_cpu_contig(x, "x");
+  check_cpu_contig(table, "table");
+  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == at::kFloat, "x: a float32 vector");
+  TORCH_CHECK(table.dim() == 2 && table.scalar_type() == at::kFloat, "table (W, m) float32 expected");
+  const int64_t m = table.size(1), d = x.numel(), full = ubucket.numel();
+  TORCH_CHECK(full * m <= d && d - full * m < std::max<int64_t>(m, 1), "x does not match the units");
+  const int64_t tail = d - full * m;
+  TORCH_CHECK(tail == 0 || (tail_bucket >= 0 && tail_bucket < table.size(0)), "tail_bucket out of range");
+  bool finite = true;
+  if (full > 0) finite = sketch_gather_add_(x.narrow(0, 0, full * m).view({full, m}), table, ubucket, usign, alpha);
+  if (tail > 0) {
+    at::Tensor t = x.narrow(0, full * m, tail);
+    finite = finite && t.isfinite().all().item<bool>();  // before the estimate is added, as the gather checks
+    t.add_(table.select(0, tail_bucket).narrow(0, 0, tail), alpha * tail_sign);
+  }
+  return finite;
+}
+
 // One ConEF step with the scaled sign on a one-row float32 count sketch, exactly as the Python path
 // computes it (every piece is the kernel or the torch operator that path calls), in one call:
 //   x := x + est_alpha * e_hat (full units: sketch_gather_add_; the tail unit: add_), refused when a
@@ -497,24 +521,12 @@ std::tuple<bool, at::Tensor> conef_sign_step_(at::Tensor x, at::Tensor table, co
                                               const at::Tensor& perm, const at::Tensor& sign,
                                               const at::Tensor& factor, int64_t tail_bucket, double tail_sign,
                                               double tail_factor, at::Tensor signs) {
-  check_cpu_contig(x, "x");
-  check_cpu_contig(table, "table");
-  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == at::kFloat, "x: a float32 vector");
-  TORCH_CHECK(table.dim() == 2 && table.scalar_type() == at::kFloat, "table (W, m) float32 expected");
   const int64_t m = table.size(1), d = x.numel(), full = ubucket.numel();
-  TORCH_CHECK(full * m <= d && d - full * m < std::max<int64_t>(m, 1), "x does not match the units");
-  const int64_t tail = d - full * m;
-  TORCH_CHECK(tail == 0 || (tail_bucket >= 0 && tail_bucket < table.size(0)), "tail_bucket out of range");
+  const int64_t tail = d - full * m;  // checked by sketch_recover_
   at::Tensor units = x.narrow(0, 0, full * m).view({full, m});
-  bool finite = true;
-  if (full > 0) finite = sketch_gather_add_(units, table, ubucket, usign, est_alpha);
+  const bool finite = sketch_recover_(x, table, ubucket, usign, est_alpha, tail_bucket, tail_sign);
   c10::optional<at::Tensor> tail_x;
-  if (tail > 0) {
-    at::Tensor t = x.narrow(0, full * m, tail);
-    finite = finite && t.isfinite().all().item<bool>();  // before the estimate is added, as the gather checks
-    t.add_(table.select(0, tail_bucket).narrow(0, 0, tail), est_alpha * tail_sign);
-    tail_x = t;
-  }
+  if (tail > 0) tail_x = x.narrow(0, full * m, tail);
   if (!finite) return std::make_tuple(false, at::Tensor());
   const at::Tensor l1 = at::linalg_vector_norm(x, 1, c10::nullopt, false, at::kFloat);
   const at::Tensor scale = l1.div(std::max<int64_t>(d, 1)).to(at::kFloat).reshape({1});
@@ -539,6 +551,8 @@ TORCH_LIBRARY(conef_native, mod) {
   mod.def("sketch_gather_add_csr_(Tensor(a!) target, Tensor table, Tensor crow, Tensor col, Tensor val, "
           "float alpha) -> bool", &sketch_gather_add_csr_);
   mod.def("sign_add_(Tensor(a!) target, Tensor signs, float s) -> ()", &sign_add_);
+  mod.def("sketch_recover_(Tensor(a!) x, Tensor table, Tensor ubucket, Tensor usign, float alpha, int tail_bucket, "
+          "float tail_sign) -> bool", &sketch_recover_);
   mod.def("conef_sign_step_(Tensor(a!) x, Tensor(b!) table, Tensor ubucket, Tensor usign, float est_alpha, "
           "Tensor crow, Tensor perm, Tensor sign, Tensor factor, int tail_bucket, float tail_sign, "
           "float tail_factor, Tensor(c!) signs) -> (bool, Tensor)", &conef_sign_step_);
