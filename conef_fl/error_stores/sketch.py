@@ -57,7 +57,7 @@ NATIVE_SIGN_MIN_UNIT = 24
 #: ... and float32 sketches of at most this many elements (ResNet-18's 48 smallest tensors) use them
 #: for the whole recovery (one call, :meth:`CountSketch.estimate_add_`) and the fused update: there
 #: a call's fixed cost (Python, dispatch, MKL's setup) is most of the work.
-NATIVE_SMALL_MAX_NUMEL = int(__import__("os").environ.get("SMALL", str(1 << 16)))
+NATIVE_SMALL_MAX_NUMEL = 1 << 16
 #: Random sign bits drawn per int64 word.
 _SIGN_BITS = 62
 _SHIFTS = torch.arange(_SIGN_BITS, dtype=torch.int64)
