@@ -1038,7 +1038,8 @@ class CountSketch(ErrorStore):
         factor, tail_factor = self._fused_factor(c)
         signs = torch.empty((g.numel + 7) // 8, dtype=torch.uint8)
         finite, scale = kernels.conef_sign_step_(flat, self.table[0], h.ubucket, h.usign, c, h.crow, h.perm, h.sign,
-                                                 factor, h.tail_bucket, h.tail_sign, tail_factor, signs)
+                                                 factor, h.tail_bucket, h.tail_sign, tail_factor, signs,
+                                                 g.numel >= NATIVE_WIDE_MIN_NUMEL)  # recovery order: _gather_kernel's
         return bool(finite), signs, scale
 
     def _fused_feedback(self, flat: torch.Tensor, coeff: float, signs: torch.Tensor | None, s: float) -> bool:

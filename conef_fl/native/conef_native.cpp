@@ -485,6 +485,18 @@ void sign_pack_(const at::Tensor& x, at::Tensor out) {
   }
 }
 
+// The tail unit's part of the recovery (x's values past the full units): whether they were finite before,
+// then add_ of its bucket's first columns times alpha * tail_sign (CountSketch._add_piece_estimate_'s call).
+bool recover_tail(at::Tensor& x, const at::Tensor& table, int64_t full, double alpha, int64_t tail_bucket,
+                  double tail_sign) {
+  const int64_t m = table.size(1), tail = x.numel() - full * m;
+  if (tail <= 0) return true;
+  at::Tensor t = x.narrow(0, full * m, tail);
+  const bool finite = t.isfinite().all().item<bool>();  // before the estimate is added, as the gather checks
+  t.add_(table.select(0, tail_bucket).narrow(0, 0, tail), alpha * tail_sign);
+  return finite;
+}
+
 // x := x + alpha * e_hat for a whole vector (1-D float32) of a one-row float32 sketch, in one call: the full
 // units by sketch_gather_add_, the tail unit (x's last d - full*m values) by add_ of its bucket's
 // first columns times alpha * tail_sign, as CountSketch.estimate_add_ does. Returns whether every value of x
@@ -501,12 +513,7 @@ bool sketch_recover_(at::Tensor x, const at::Tensor& table, const at::Tensor& ub
   TORCH_CHECK(tail == 0 || (tail_bucket >= 0 && tail_bucket < table.size(0)), "tail_bucket out of range");
   bool finite = true;
   if (full > 0) finite = sketch_gather_add_(x.narrow(0, 0, full * m).view({full, m}), table, ubucket, usign, alpha);
-  if (tail > 0) {
-    at::Tensor t = x.narrow(0, full * m, tail);
-    finite = finite && t.isfinite().all().item<bool>();  // before the estimate is added, as the gather checks
-    t.add_(table.select(0, tail_bucket).narrow(0, 0, tail), alpha * tail_sign);
-  }
-  return finite;
+  return recover_tail(x, table, full, alpha, tail_bucket, tail_sign) && finite;
 }
 
 // One ConEF step with the scaled sign on a one-row float32 count sketch, exactly as the Python path
@@ -520,11 +527,21 @@ std::tuple<bool, at::Tensor> conef_sign_step_(at::Tensor x, at::Tensor table, co
                                               const at::Tensor& usign, double est_alpha, const at::Tensor& crow,
                                               const at::Tensor& perm, const at::Tensor& sign,
                                               const at::Tensor& factor, int64_t tail_bucket, double tail_sign,
-                                              double tail_factor, at::Tensor signs) {
+                                              double tail_factor, at::Tensor signs, bool csr_order) {
+  check_cpu_contig(x, "x");
+  check_cpu_contig(table, "table");
+  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == at::kFloat, "x: a float32 vector");
+  TORCH_CHECK(table.dim() == 2 && table.scalar_type() == at::kFloat, "table (W, m) float32 expected");
   const int64_t m = table.size(1), d = x.numel(), full = ubucket.numel();
-  const int64_t tail = d - full * m;  // checked by sketch_recover_
+  TORCH_CHECK(full * m <= d && d - full * m < std::max<int64_t>(m, 1), "x does not match the units");
+  const int64_t tail = d - full * m;
+  TORCH_CHECK(tail == 0 || (tail_bucket >= 0 && tail_bucket < table.size(0)), "tail_bucket out of range");
   at::Tensor units = x.narrow(0, 0, full * m).view({full, m});
-  const bool finite = sketch_recover_(x, table, ubucket, usign, est_alpha, tail_bucket, tail_sign);
+  // large vectors recover bucket by bucket (the CSR of P^T, as CountSketch's _gather_kernel chooses): the same sums
+  const bool finite = csr_order && full > 0
+      ? recover_tail(x, table, full, est_alpha, tail_bucket, tail_sign) &
+            sketch_gather_add_csr_(units, table, crow, perm, sign, est_alpha)
+      : sketch_recover_(x, table, ubucket, usign, est_alpha, tail_bucket, tail_sign);
   c10::optional<at::Tensor> tail_x;
   if (tail > 0) tail_x = x.narrow(0, full * m, tail);
   if (!finite) return std::make_tuple(false, at::Tensor());
@@ -555,6 +572,6 @@ TORCH_LIBRARY(conef_native, mod) {
           "float tail_sign) -> bool", &sketch_recover_);
   mod.def("conef_sign_step_(Tensor(a!) x, Tensor(b!) table, Tensor ubucket, Tensor usign, float est_alpha, "
           "Tensor crow, Tensor perm, Tensor sign, Tensor factor, int tail_bucket, float tail_sign, "
-          "float tail_factor, Tensor(c!) signs) -> (bool, Tensor)", &conef_sign_step_);
+          "float tail_factor, Tensor(c!) signs, bool csr_order) -> (bool, Tensor)", &conef_sign_step_);
   mod.def("sign_pack_(Tensor x, Tensor(a!) out) -> ()", &sign_pack_);
 }
