@@ -497,20 +497,27 @@ bool recover_tail(at::Tensor& x, const at::Tensor& table, int64_t full, double a
   return finite;
 }
 
+// The checks of a whole-vector recovery's operands; returns the tail unit's length.
+int64_t check_whole_vector(const at::Tensor& x, const at::Tensor& table, int64_t full, int64_t tail_bucket) {
+  check_cpu_contig(x, "x");
+  check_cpu_contig(table, "table");
+  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == at::kFloat, "x: a float32 vector");
+  TORCH_CHECK(table.dim() == 2 && table.scalar_type() == at::kFloat, "table (W, m) float32 expected");
+  const int64_t m = table.size(1), d = x.numel();
+  TORCH_CHECK(full * m <= d && d - full * m < std::max<int64_t>(m, 1), "x does not match the units");
+  const int64_t tail = d - full * m;
+  TORCH_CHECK(tail == 0 || (tail_bucket >= 0 && tail_bucket < table.size(0)), "tail_bucket out of range");
+  return tail;
+}
+
 // x := x + alpha * e_hat for a whole vector (1-D float32) of a one-row float32 sketch, in one call: the full
 // units by sketch_gather_add_, the tail unit (x's last d - full*m values) by add_ of its bucket's
 // first columns times alpha * tail_sign, as CountSketch.estimate_add_ does. Returns whether every value of x
 // was finite before.
 bool sketch_recover_(at::Tensor x, const at::Tensor& table, const at::Tensor& ubucket, const at::Tensor& usign,
                      double alpha, int64_t tail_bucket, double tail_sign) {
-  check_cpu_contig(x, "x");
-  check_cpu_contig(table, "table");
-  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == at::kFloat, "x: a float32 vector");
-  TORCH_CHECK(table.dim() == 2 && table.scalar_type() == at::kFloat, "table (W, m) float32 expected");
-  const int64_t m = table.size(1), d = x.numel(), full = ubucket.numel();
-  TORCH_CHECK(full * m <= d && d - full * m < std::max<int64_t>(m, 1), "x does not match the units");
-  const int64_t tail = d - full * m;
-  TORCH_CHECK(tail == 0 || (tail_bucket >= 0 && tail_bucket < table.size(0)), "tail_bucket out of range");
+  const int64_t m = table.size(1), full = ubucket.numel();
+  check_whole_vector(x, table, full, tail_bucket);
   bool finite = true;
   if (full > 0) finite = sketch_gather_add_(x.narrow(0, 0, full * m).view({full, m}), table, ubucket, usign, alpha);
   return recover_tail(x, table, full, alpha, tail_bucket, tail_sign) && finite;
@@ -528,14 +535,8 @@ std::tuple<bool, at::Tensor> conef_sign_step_(at::Tensor x, at::Tensor table, co
                                               const at::Tensor& perm, const at::Tensor& sign,
                                               const at::Tensor& factor, int64_t tail_bucket, double tail_sign,
                                               double tail_factor, at::Tensor signs, bool csr_order) {
-  check_cpu_contig(x, "x");
-  check_cpu_contig(table, "table");
-  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == at::kFloat, "x: a float32 vector");
-  TORCH_CHECK(table.dim() == 2 && table.scalar_type() == at::kFloat, "table (W, m) float32 expected");
   const int64_t m = table.size(1), d = x.numel(), full = ubucket.numel();
-  TORCH_CHECK(full * m <= d && d - full * m < std::max<int64_t>(m, 1), "x does not match the units");
-  const int64_t tail = d - full * m;
-  TORCH_CHECK(tail == 0 || (tail_bucket >= 0 && tail_bucket < table.size(0)), "tail_bucket out of range");
+  const int64_t tail = check_whole_vector(x, table, full, tail_bucket);
   at::Tensor units = x.narrow(0, 0, full * m).view({full, m});
   // large vectors recover bucket by bucket (the CSR of P^T, as CountSketch's _gather_kernel chooses): the same sums
   const bool finite = csr_order && full > 0
