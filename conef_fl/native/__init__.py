@@ -41,7 +41,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["ENV_SWITCH", "SOURCE", "available", "build", "build_attempted", "library_path", "ops", "use_native"]
+__all__ = ["ENV_SWITCH", "SOURCE", "available", "build", "build_attempted", "library_path", "ops", "source_path",
+           "use_native"]
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,30 @@ def _cpu_features() -> str:
     return f"{platform.machine()} {platform.processor()}"
 
 
+#: File in the library folder naming the source the last build compiled (see :func:`source_path`).
+_SOURCE_RECORD = "source-path"
+
+
+def source_path() -> Path:
+    """The kernels' source: next to this module, else the one the last build recorded.
+
+    A Flower app runs from its FAB, which holds only Python files (Flower's built-in FAB
+    patterns exclude ``.cpp``): there this module has no source beside it, and the build
+    key comes from the installed package's source that ``scripts/setup.sh`` compiled (the
+    library folder is the environment's, shared by the FAB's processes). The operators'
+    ``abi_version`` is checked on load either way.
+    """
+    if SOURCE.exists():
+        return SOURCE
+    try:
+        recorded = Path((library_dir() / _SOURCE_RECORD).read_text().strip())
+    except OSError:
+        return SOURCE
+    return recorded if recorded.name == SOURCE.name and recorded.is_file() else SOURCE
+
+
 def _build_key() -> str:
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256(source_path().read_bytes())
     h.update(_cpu_features().encode())
     h.update(torch.__version__.encode())
     h.update((sysconfig.get_config_var("SOABI") or sys.version).encode())
@@ -120,8 +143,11 @@ def build(force: bool = False) -> Path:
     RuntimeError
         If no compiler is found or compilation fails (the message has the compiler's output).
     """
+    if not SOURCE.exists():  # this module runs from a copy without its source (a FAB): nothing to compile
+        raise RuntimeError(f"kernel source {SOURCE} is missing; build from the installed package")
     out = library_path()
     if out.exists() and not force:
+        _record_source(out.parent)
         return out
     cxx = os.environ.get("CXX") or "g++"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -138,10 +164,25 @@ def build(force: bool = False) -> Path:
             failed.write_text(msg)  # not retried by the setup (build(force=True) retries)
             raise RuntimeError(msg)
         os.replace(part, out)  # atomic: a concurrent reader sees no half-written file
+    _record_source(out.parent)
     for old in out.parent.glob("conef_native-*"):  # earlier builds and failures (another source or torch)
         if old != out:
             old.unlink(missing_ok=True)
     return out
+
+
+def _record_source(folder: Path) -> None:
+    """Name this source in ``folder`` for code that runs from a FAB (:func:`source_path`); atomic."""
+    record = folder / _SOURCE_RECORD
+    text = str(SOURCE.resolve())
+    try:
+        if record.read_text() == text:
+            return
+    except OSError:
+        pass
+    part = folder / f".{_SOURCE_RECORD}.{os.getpid()}"
+    part.write_text(text)
+    os.replace(part, record)
 
 
 def build_attempted() -> bool:

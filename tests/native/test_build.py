@@ -25,3 +25,23 @@ def test_the_switch_turns_the_kernels_off(monkeypatch: pytest.MonkeyPatch) -> No
     assert native.ops() is None
     with native.use_native(False):
         assert native.ops() is None
+
+
+def test_code_running_from_a_fab_loads_the_installed_kernels(tmp_path: Path) -> None:
+    """A Flower FAB holds only the Python files: the kernels still load (the source the build recorded)."""
+    import subprocess
+    import sys
+
+    if not native.available():
+        pytest.skip("native kernels not built")
+    native.build()  # records the source (idempotent)
+    pkg = Path(native.__file__).parents[1]
+    for f in pkg.rglob("*.py"):  # what a FAB carries of conef_fl: no .cpp
+        dst = tmp_path / f.relative_to(pkg.parent)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(f.read_bytes())
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import conef_fl.native as n; "
+            "print(n.SOURCE.exists(), n.source_path() != n.SOURCE, n.ops() is not None, n.__file__)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True,
+                         timeout=120).stdout.split()
+    assert out[:3] == ["False", "True", "True"] and out[3].startswith(str(tmp_path))
