@@ -121,10 +121,12 @@ def test_conef_steps_are_bit_identical(q: str, dtype: str) -> None:
             _assert_same(a.arrays[k], b.arrays[k])
 
 
-@pytest.mark.parametrize(("shape", "unit"), [((64,), None), ((1000,), 3), ((7, 9, 13), 5), ((4096,), None)])
-def test_small_sign_step_in_one_call_is_bit_identical(shape: tuple[int, ...], unit: int | None) -> None:
+@pytest.mark.parametrize(("shape", "unit", "scale"), [((64,), None, 1.0), ((1000,), 3, 0.5), ((7, 9, 13), 5, 1.0),
+                                                      ((4096,), None, 0.7)])
+def test_small_sign_step_in_one_call_is_bit_identical(shape: tuple[int, ...], unit: int | None, scale: float) -> None:
     extra = {"sketch_unit": unit} if unit else {}  # 1000 = 333·3 + 1 and 819 = 163·5 + 4: tail units
-    cfg = method_config("conef-cs", compressor="scaled-sign", beta=0.3, sketch_ratio=0.1, **extra)
+    cfg = method_config("conef-cs", compressor="scaled-sign", beta=0.3, sketch_ratio=0.1, estimate_scale=scale,
+                        **extra)
     numel = torch.Size(shape).numel()
     fb = make_feedback(cfg, shape, key="w")
     results = []
