@@ -50,11 +50,7 @@ _BLOCK_FRACTION = 1 / 128
 #: the kernels at 10M and up to 3× faster below a few million (L3-resident; docs/benchmarks.md).
 #: 16-bit tables always use them (no torch kernel reads 16-bit rows and accumulates in float32).
 NATIVE_WIDE_MIN_NUMEL = 1 << 22
-#: ... except the scaled sign's fused residual update (:meth:`CountSketch.feedback_accumulate_signs_`),
-#: which saves the decode pass too and wins for units of at least this many values at any size
-#: (ResNet-18's 0.29M–2.4M tensors, units 28–230); on shorter units MKL's product is faster.
-NATIVE_SIGN_MIN_UNIT = 24
-#: ... and float32 sketches of at most this many elements (ResNet-18's 48 smallest tensors) use them
+#: ... except float32 sketches of at most this many elements (ResNet-18's 48 smallest tensors) use them
 #: for the whole recovery (one call, :meth:`CountSketch.estimate_add_`) and the fused update: there
 #: a call's fixed cost (Python, dispatch, MKL's setup) is most of the work.
 NATIVE_SMALL_MAX_NUMEL = 1 << 16
@@ -391,7 +387,6 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape: tuple[
     return out
 
 
-@functools.lru_cache(maxsize=256)
 class _FeedbackFactor:
     """A hash-cache entry: the per-bucket factor of ``S ← S − c·CS(ê)`` and its tail value (never written)."""
 
@@ -402,6 +397,7 @@ class _FeedbackFactor:
         self.nbytes = factor.numel() * factor.element_size()
 
 
+@functools.lru_cache(maxsize=256)
 def _bucket_loads(buckets: int, full: int, device: str) -> torch.Tensor:
     """Full units per bucket as float32 (balanced hashing: a function of the geometry; shared, never written)."""
     crow = torch.arange(buckets + 1, dtype=torch.int64, device=device).mul_(full)
@@ -1003,9 +999,10 @@ class CountSketch(ErrorStore):
         ``x ± s`` is ``x`` after ``sign_add_(x, signs, s)`` (bit 1: ``+s``; the scaled sign's
         ``x − Δ`` with ``s = −scale``), computed on the fly: ``x`` is only read. Bit-identical
         to :meth:`ScaledSign.decompress_add_` then :meth:`feedback_accumulate_`. Returns
-        whether it was done (``False``: one row required, a CPU float32 table, the kernels
-        built, units of at least :data:`NATIVE_SIGN_MIN_UNIT` values or a 16-bit table or at least
-        :data:`NATIVE_WIDE_MIN_NUMEL` elements).
+        whether it was done (``False``: one row required, a CPU table, the kernels built, and for
+        a float32 table at most :data:`NATIVE_SMALL_MAX_NUMEL` or at least
+        :data:`NATIVE_WIDE_MIN_NUMEL` elements). ConEF uses it for 16-bit tables; float32 tables
+        take the whole step in one call (:meth:`sign_step_`).
         """
         flat = x.reshape(-1)
         if self.geometry.rows != 1 or flat.numel() != self.geometry.numel or self._cdtype != torch.float32:
@@ -1048,7 +1045,7 @@ class CountSketch(ErrorStore):
         full, m = g.full_units, g.unit
         units = flat[: full * m].view(full, m)
         tail = flat[full * m :] if g.tail else None
-        floor = 0 if (signs is not None and m >= NATIVE_SIGN_MIN_UNIT) or g.numel <= NATIVE_SMALL_MAX_NUMEL else None
+        floor = 0 if g.numel <= NATIVE_SMALL_MAX_NUMEL else None
         kernels = self._native(units, tail, fused=True, min_numel=floor) if full else None
         if kernels is None:
             return False
