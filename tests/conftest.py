@@ -1,8 +1,10 @@
-"""Shared fixtures: paths to ../shared/data and skips when it is missing; a private partition cache."""
+"""Shared fixtures: paths to ../shared/data and skips when it is missing; a private partition cache and Ray folder."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +35,26 @@ def _private_partition_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterat
         os.environ.pop(ENV_VAR, None)
     else:
         os.environ[ENV_VAR] = before
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_ray_temp_dir() -> Iterator[Path]:
+    """Give every Ray instance the tests start (in process, or in the SuperLinks, SuperNodes and
+    app processes they launch, which inherit the environment) a temp folder of this worker,
+    removed at the end: Ray would otherwise leave a session folder in /tmp/ray per simulation.
+
+    A short path under the system temp folder (``RAY_TMPDIR``): Ray's socket paths below a
+    pytest ``tmp_path`` exceed the 107-byte AF_UNIX limit and Ray hangs.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="cf-ray-"))
+    before = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("RAY_TMPDIR", None)
+    else:
+        os.environ["RAY_TMPDIR"] = before
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

@@ -119,7 +119,7 @@ def _run(tmp_path: Path, which: str) -> dict:
     script = tmp_path / "user_app.py"
     script.write_text(APP)
     out = tmp_path / f"{which}.json"
-    # (no RAY_TMPDIR under tmp_path: Ray's socket paths there exceed the 107-byte AF_UNIX limit and it hangs)
+    # (RAY_TMPDIR: the short per-worker folder of conftest._private_ray_temp_dir, not tmp_path)
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_DEDUP_LOGS": "0"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, str(script), which, str(out), str(ROUNDS)], cwd=tmp_path, env=env,
